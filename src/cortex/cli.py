@@ -1,0 +1,111 @@
+"""`cortex` command line: up (dev stack), serve (gateway), schemas (wire format)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from cortex.natsserver import NatsServerError
+from cortex.protocol.catalogue import DEFAULT_MODEL, CatalogueError
+from cortex.protocol.config import ConfigError
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def _up(args: argparse.Namespace) -> int:
+    from cortex.devstack import DevOptions, default_state_dir, run
+
+    _logging("WARNING" if not args.verbose else "INFO")
+    opts = DevOptions(
+        model=args.model,
+        models_config=args.models_config,
+        listen=args.listen,
+        metrics_listen=args.metrics_listen,
+        nats_port=args.nats_port,
+        nats_http_port=args.nats_http_port,
+        state_dir=args.state_dir or default_state_dir(),
+    )
+    # SIGTERM (systemd, `timeout`, an IDE's stop button) takes the same clean path as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        return asyncio.run(run(opts))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cortex import config
+    from cortex.gateway.app import build_app
+
+    settings = config.load(
+        args.config,
+        models_config=args.models_config,
+        **{"gateway.listen": args.listen, "nats.servers": [args.nats] if args.nats else None},
+    )
+    _logging(settings.log_level)
+    host, port = config.split_host_port(settings.gateway.listen)
+    uvicorn.run(build_app(settings), host=host, port=port, log_level="warning", lifespan="on")
+    return 0
+
+
+def _schemas(args: argparse.Namespace) -> int:
+    from cortex.protocol import schemas
+
+    if args.check:
+        stale = schemas.drift(args.dir)
+        if stale:
+            print(f"schemas out of date: {', '.join(stale)}; run `cortex schemas`", file=sys.stderr)
+            return 1
+        print("schemas up to date")
+        return 0
+    for path in schemas.write(args.dir):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cortex", description="LLM fleet gateway over NATS")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="all-in-one dev stack: NATS, one neuron, the gateway")
+    up.add_argument("--model", default=DEFAULT_MODEL.id, help="catalogue id or alias to serve")
+    up.add_argument("--models-config", type=Path, help="models.toml (default: the built-in catalogue)")
+    up.add_argument("--listen", default="127.0.0.1:31313")
+    up.add_argument("--metrics-listen", default="127.0.0.1:31314")
+    up.add_argument("--nats-port", type=int, default=4222)
+    up.add_argument("--nats-http-port", type=int, default=8222)
+    up.add_argument("--state-dir", type=Path, help="JetStream store and logs (default ~/.cache/cortex/dev)")
+    up.add_argument("-v", "--verbose", action="store_true", help="log gateway activity")
+    up.set_defaults(func=_up)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", type=Path, help="cortex.toml (env vars CORTEX_... override it)")
+    serve.add_argument("--listen", help="host:port, overrides [gateway] listen")
+    serve.add_argument("--nats", help="NATS server URL, overrides [nats] servers")
+    serve.add_argument("--models-config", type=Path, help="models.toml catalogue")
+    serve.set_defaults(func=_serve)
+
+    schemas = sub.add_parser("schemas", help="write schemas/*.json from the wire models")
+    schemas.add_argument("--dir", type=Path, default=Path("schemas"))
+    schemas.add_argument("--check", action="store_true", help="exit 1 if the files differ from the code")
+    schemas.set_defaults(func=_schemas)
+
+    args = parser.parse_args(argv)
+    try:
+        sys.exit(args.func(args))
+    except (ConfigError, CatalogueError, NatsServerError) as exc:
+        sys.exit(f"cortex: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""cortex.toml: where the gateway listens, where NATS is, which catalogue it serves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cortex.protocol.config import NatsSettings, load_settings
+
+
+class GatewaySection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = "127.0.0.1:31313"
+    metrics_listen: str | None = Field("127.0.0.1:31314", description="Prometheus /metrics; unset to disable.")
+    accept_timeout: float = Field(5.0, gt=0, description="Seconds a neuron has to accept a job.")
+    idle_timeout: float = Field(120.0, gt=0, description="Seconds a running job may stay silent.")
+
+
+class CortexSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gateway: GatewaySection = Field(default_factory=GatewaySection)
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    models_config: Path | None = Field(None, description="models.toml; the built-in catalogue if unset.")
+    log_level: str = "INFO"
+
+
+def load(path: Path | None, **overrides: object) -> CortexSettings:
+    return load_settings(CortexSettings, path, "CORTEX", **overrides)
+
+
+def split_host_port(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)

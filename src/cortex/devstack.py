@@ -1,0 +1,138 @@
+"""`cortex up`: NATS, one neuron and the gateway on 127.0.0.1, serving the default model.
+
+nats-server and the neuron run as child processes in their own sessions, so Ctrl-C
+reaches only us and we stop them in order: gateway, neuron (drains), then NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from cortex import natsserver
+from cortex.config import CortexSettings, GatewaySection, split_host_port
+from cortex.gateway.app import build_app
+from cortex.protocol.catalogue import Catalogue
+from cortex.protocol.config import NatsSettings
+
+
+@dataclass
+class DevOptions:
+    model: str
+    models_config: Path | None
+    listen: str
+    metrics_listen: str
+    nats_port: int
+    nats_http_port: int
+    state_dir: Path
+    node: str = "dev"
+    load_timeout: float = 600.0
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cortex" / "dev"
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def run(opts: DevOptions) -> int:
+    catalogue = Catalogue.load(opts.models_config)
+    spec = catalogue.resolve(opts.model)
+    if spec is None:
+        _say(f"cortex up: model {opts.model!r} is not in the catalogue; known: {', '.join(catalogue.names())}")
+        return 2
+    nats_url = f"nats://127.0.0.1:{opts.nats_port}"
+    _say(f"starting NATS on {nats_url} (state in {opts.state_dir})")
+    nats_proc = natsserver.start(
+        port=opts.nats_port,
+        http_port=opts.nats_http_port,
+        workdir=opts.state_dir,
+        log_file=opts.state_dir / "nats.log",
+    )
+    neuron_proc: subprocess.Popen[bytes] | None = None
+    server: uvicorn.Server | None = None
+    try:
+        neuron_args = [sys.executable, "-m", "neuron.cli", "serve", "--nats", nats_url, "--node", opts.node]
+        neuron_args += ["--model", spec.id]
+        if opts.models_config:
+            neuron_args += ["--models-config", str(opts.models_config)]
+        _say(f"starting neuron {opts.node!r}; it loads {spec.id} from {spec.source}")
+        # Blocking is fine here: nothing is served yet.
+        neuron_proc = subprocess.Popen(neuron_args, stdin=subprocess.DEVNULL, start_new_session=True)  # noqa: ASYNC220
+
+        settings = CortexSettings(
+            gateway=GatewaySection(listen=opts.listen, metrics_listen=opts.metrics_listen),
+            nats=NatsSettings(servers=[nats_url]),
+            models_config=opts.models_config,
+        )
+        app = build_app(settings, catalogue)
+        host, port = split_host_port(opts.listen)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+        serving = asyncio.create_task(server.serve())
+        while not server.started:
+            if serving.done():
+                await serving
+                return 1
+            await asyncio.sleep(0.05)
+        gateway = app.state.gateway
+        ready = asyncio.create_task(gateway.fleet.wait_for(lambda f: spec.id in f.ready_models(), opts.load_timeout))
+        while not ready.done():
+            if neuron_proc.poll() is not None:
+                ready.cancel()
+                _say(f"cortex up: the neuron exited with {neuron_proc.returncode} before {spec.id} was ready")
+                server.should_exit = True
+                await serving
+                return 1
+            if serving.done():
+                break
+            await asyncio.wait({ready, serving}, timeout=0.5)
+        if ready.done() and not ready.cancelled() and ready.exception() is None:
+            _say(_banner(opts, spec.id, spec.aliases, nats_url))
+        await serving
+        return 0
+    finally:
+        if server is not None:
+            server.should_exit = True
+        if neuron_proc is not None and neuron_proc.poll() is None:
+            _say("stopping the neuron")
+            neuron_proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(neuron_proc.wait, 40)
+            if neuron_proc.poll() is None:
+                neuron_proc.kill()
+        _say("stopping NATS")
+        natsserver.stop(nats_proc)
+        _say("stopped")
+
+
+def _banner(opts: DevOptions, model: str, aliases: list[str], nats_url: str) -> str:
+    alias = aliases[0] if aliases else model
+    base = f"http://{opts.listen}"
+    return f"""
+cortex is ready: {model}{f" (alias {alias})" if aliases else ""} on node {opts.node}
+
+  OpenAI API   {base}/v1
+  metrics      http://{opts.metrics_listen}/metrics
+  NATS         {nats_url}   (monitoring http://127.0.0.1:{opts.nats_http_port})
+
+try it:
+  curl {base}/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{{"model": "{alias}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+
+watch the traffic (nats CLI):
+  nats -s {nats_url} sub 'cortex.>'
+  nats -s {nats_url} kv watch cortex_nodes
+  nats -s {nats_url} micro ls
+
+Ctrl-C stops everything.
+"""

@@ -1,0 +1,1 @@
+"""Dialect translation: pure functions between HTTP API shapes and the job protocol. No I/O."""

@@ -1,0 +1,32 @@
+"""build_app(): the FastAPI application; its lifespan owns the Gateway."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from cortex import __version__
+from cortex.config import CortexSettings
+from cortex.gateway import errors, routes
+from cortex.gateway.service import Gateway
+from cortex.protocol.catalogue import Catalogue
+
+
+def build_app(settings: CortexSettings, catalogue: Catalogue | None = None) -> FastAPI:
+    gateway = Gateway(settings, catalogue or Catalogue.load(settings.models_config))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.aclose()
+
+    app = FastAPI(title="cortex", version=__version__, lifespan=lifespan)
+    app.state.gateway = gateway
+    errors.install(app)
+    app.include_router(routes.router)
+    return app

@@ -1,0 +1,121 @@
+"""Sends a job to a node that holds its model and opens its event stream.
+
+Retries the next holder while the job has produced nothing: on no-responders, a retryable
+error (`busy`, `model_not_loaded`, `shutting_down`) or an accept timeout. Errors that
+surface before the first token become HTTP statuses; later ones are in-band events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cortex.placement.fleet import FleetView
+from cortex.placement.policy import rank_holders
+from cortex.protocol.errors import RETRYABLE, ErrorCode, JobFailed, NoCapacity, TransportError
+from cortex.protocol.messages import Accepted, Failed, InferenceJob
+from cortex.transport.nats import JobClient, JobStream
+
+log = logging.getLogger(__name__)
+
+
+class OpenJob:
+    """A job a node accepted and started. Iterate `events()`; always `aclose()`."""
+
+    def __init__(self, dispatcher: Dispatcher, stream: JobStream, events: AsyncIterator[Any], first: Any) -> None:
+        self.stream = stream
+        self.node = stream.node or "?"
+        self._dispatcher = dispatcher
+        self._events = events
+        self._first = first
+        self._closed = False
+
+    async def events(self) -> AsyncIterator[Any]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        async for event in self._events:
+            yield event
+
+    async def cancel(self) -> None:
+        """Stops generation on the node if the job is still running there."""
+        if not self.stream.finished:
+            with contextlib.suppress(TransportError, NoCapacity):
+                if await self.stream.cancel():
+                    log.info("job %s cancelled on %s: the client left", self.stream.job.job_id, self.node)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._dispatcher._release(self.node)
+        await self._events.aclose()  # type: ignore[attr-defined]
+
+
+class Dispatcher:
+    def __init__(self, client: JobClient, fleet: FleetView, *, accept_timeout: float, idle_timeout: float) -> None:
+        self._client = client
+        self._fleet = fleet
+        self._accept_timeout = accept_timeout
+        self._idle_timeout = idle_timeout
+        self._in_flight: Counter[str] = Counter()
+
+    def _release(self, node: str) -> None:
+        self._in_flight[node] -= 1
+        if self._in_flight[node] <= 0:
+            del self._in_flight[node]
+
+    async def open(self, job: InferenceJob) -> OpenJob:
+        holders = self._fleet.holders(job.model)
+        # With no holder in view (a gateway that just started, say), the queue group may still have one.
+        candidates: list[str | None] = list(rank_holders(holders, self._in_flight)) or [None]
+        busy = 0
+        for node in candidates:
+            stream = await self._client.submit(
+                job, node, accept_timeout=self._accept_timeout, idle_timeout=self._idle_timeout
+            )
+            events = aiter(stream)
+            try:
+                first = await self._first_output(events)
+            except (NoCapacity, TransportError) as exc:
+                log.info("job %s not taken by %s: %s", job.job_id, node or "the queue group", exc)
+                with contextlib.suppress(TransportError, NoCapacity):
+                    await stream.cancel()
+                await events.aclose()  # type: ignore[attr-defined]
+                continue
+            except JobFailed as exc:
+                await events.aclose()  # type: ignore[attr-defined]
+                if not exc.retryable:
+                    raise
+                busy += exc.code is ErrorCode.busy
+                log.info("job %s refused by %s: %s", job.job_id, node, exc.message)
+                continue
+            self._in_flight[stream.node or "?"] += 1
+            return OpenJob(self, stream, events, first)
+        if busy:
+            raise NoCapacity(
+                f"every node serving {job.model} is at capacity; retry shortly", code=ErrorCode.busy, retryable=True
+            )
+        if holders:
+            raise NoCapacity(f"the nodes serving {job.model} did not accept the job; retry shortly")
+        raise NoCapacity(
+            f"{job.model} is not loaded on any node; add it to a neuron's default_models "
+            "or load it with `nats req cortex.node.<node>.load`"
+        )
+
+    async def _first_output(self, events: AsyncIterator[Any]) -> Any:
+        """Reads `accepted` and the event after it; a failure among them raises JobFailed."""
+        first = await anext(events)
+        if isinstance(first, Failed):
+            raise JobFailed(first.message, code=first.code, retryable=first.code in RETRYABLE)
+        if not isinstance(first, Accepted):
+            raise TransportError(f"expected `accepted` first, got `{first.type}`", code=ErrorCode.internal)
+        second = await anext(events, None)
+        if second is None:
+            raise TransportError("the job ended without a result", code=ErrorCode.internal)
+        if isinstance(second, Failed):
+            raise JobFailed(second.message, code=second.code, retryable=False)
+        return second

@@ -1,0 +1,69 @@
+"""Errors at the HTTP boundary: every failure leaves in OpenAI's error envelope."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cortex.dialects.openai import error_body
+from cortex.protocol.errors import CortexError, ErrorCode
+
+log = logging.getLogger(__name__)
+
+# code -> (HTTP status, OpenAI error type)
+_STATUS: dict[ErrorCode, tuple[int, str]] = {
+    ErrorCode.invalid_request: (400, "invalid_request_error"),
+    ErrorCode.model_not_found: (404, "invalid_request_error"),
+    ErrorCode.busy: (429, "rate_limit_error"),
+    ErrorCode.model_not_loaded: (503, "service_unavailable_error"),
+    ErrorCode.shutting_down: (503, "service_unavailable_error"),
+    ErrorCode.transport: (503, "service_unavailable_error"),
+    ErrorCode.timeout: (504, "timeout_error"),
+    ErrorCode.node_lost: (502, "server_error"),
+    ErrorCode.cancelled: (499, "server_error"),
+}
+
+
+def status_for(code: ErrorCode) -> tuple[int, str]:
+    return _STATUS.get(code, (500, "server_error"))
+
+
+def error_response(exc: CortexError) -> JSONResponse:
+    status, type_ = status_for(exc.code)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse(error_body(exc.message, type_, exc.code.value), status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('msg')}", None
+    if first.get("type") == "extra_forbidden":
+        return f"unrecognized request argument supplied: {'.'.join(loc)}", ".".join(loc)
+    field = ".".join(loc) or "body"
+    return f"invalid `{field}`: {first.get('msg')}", field
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(CortexError)
+    async def _cortex(_: Request, exc: CortexError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", None, param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)

@@ -1,0 +1,84 @@
+"""Gateway: the long-lived state behind the HTTP app. NATS, the fleet view, the dispatcher."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from nats.aio.client import Client
+from prometheus_client import start_http_server
+
+from cortex.config import CortexSettings, split_host_port
+from cortex.gateway.dispatch import Dispatcher
+from cortex.gateway.metrics import GatewayMetrics
+from cortex.placement.fleet import FleetView
+from cortex.protocol.catalogue import Catalogue
+from cortex.protocol.errors import ModelNotFound
+from cortex.protocol.subjects import Subjects
+from cortex.transport.nats import JobClient, connect, nodes_bucket, watch_bucket
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(self, settings: CortexSettings, catalogue: Catalogue) -> None:
+        self.settings = settings
+        self.catalogue = catalogue
+        self.subjects = Subjects(settings.nats.prefix)
+        self.fleet = FleetView()
+        self.metrics = GatewayMetrics()
+        self.nc: Client | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._client: JobClient | None = None
+        self._follow: asyncio.Task[None] | None = None
+        self._metrics_server: Any = None
+
+    async def start(self) -> None:
+        nats = self.settings.nats
+        self.nc = await connect(nats.servers, "cortex gateway", **nats.connect_options())
+        kv = await nodes_bucket(self.nc)
+        self._follow = asyncio.create_task(self.fleet.follow(watch_bucket(kv)))
+        self._client = JobClient(self.nc, self.subjects)
+        await self._client.start()
+        gw = self.settings.gateway
+        self.dispatcher = Dispatcher(
+            self._client, self.fleet, accept_timeout=gw.accept_timeout, idle_timeout=gw.idle_timeout
+        )
+        if gw.metrics_listen:
+            host, port = split_host_port(gw.metrics_listen)
+            self._metrics_server, _ = start_http_server(port, host, registry=self.metrics.registry)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await self.fleet.synced.wait()
+        log.info("gateway connected to %s; fleet: %s", nats.servers, self.fleet.ready_models() or "no models yet")
+
+    async def aclose(self) -> None:
+        if self._follow is not None:
+            self._follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._follow
+            self._follow = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+            self.nc = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    def resolve_model(self, name: str) -> str:
+        spec = self.catalogue.resolve(name)
+        if spec is not None:
+            return spec.id
+        if name in self.fleet.ready_models():
+            return name
+        raise ModelNotFound(f"the model `{name}` does not exist; GET /v1/models lists the models served here")

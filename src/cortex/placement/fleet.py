@@ -1,0 +1,96 @@
+"""FleetView: every node's latest heartbeat, from the KV watcher, held in memory.
+
+Liveness is judged by local receive time, not the sender's clock: a node whose heartbeat
+has not been refreshed for three of its intervals (plus a grace second) is treated as gone
+even before its key's TTL marker arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from cortex.protocol.messages import Heartbeat, ModelState, ModelStatus
+
+log = logging.getLogger(__name__)
+
+_GRACE_S = 1.0
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    heartbeat: Heartbeat
+    seen_at: float
+
+    def alive(self, now: float) -> bool:
+        return now - self.seen_at <= 3 * self.heartbeat.interval_s + _GRACE_S
+
+
+@dataclass(frozen=True)
+class Holder:
+    node: str
+    model: ModelStatus
+
+
+class FleetView:
+    def __init__(self) -> None:
+        self._nodes: dict[str, NodeRecord] = {}
+        self.synced = asyncio.Event()
+        self._changed = asyncio.Condition()
+
+    def apply(self, node: str, payload: bytes | None) -> None:
+        if payload is None:
+            if self._nodes.pop(node, None) is not None:
+                log.info("node %s left the fleet", node)
+            return
+        try:
+            heartbeat = Heartbeat.model_validate_json(payload)
+        except ValidationError as exc:
+            log.warning("ignoring malformed heartbeat of %s: %s", node, exc.errors()[0]["msg"])
+            return
+        if node not in self._nodes:
+            log.info("node %s joined the fleet", node)
+        self._nodes[node] = NodeRecord(heartbeat, time.monotonic())
+
+    async def follow(self, updates: AsyncIterator[tuple[str, bytes | None] | None]) -> None:
+        async for update in updates:
+            if update is None:
+                self.synced.set()
+            else:
+                self.apply(*update)
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def wait_for(self, predicate, timeout: float) -> bool:
+        """Waits until `predicate(self)` holds after some heartbeat; False on timeout."""
+        async with asyncio.timeout(timeout):
+            async with self._changed:
+                await self._changed.wait_for(lambda: predicate(self))
+        return True
+
+    def nodes(self) -> list[Heartbeat]:
+        now = time.monotonic()
+        return [r.heartbeat for r in self._nodes.values() if r.alive(now)]
+
+    def holders(self, model_id: str) -> list[Holder]:
+        """Nodes where the model is ready and that take jobs."""
+        return [
+            Holder(hb.node, m)
+            for hb in self.nodes()
+            if not hb.draining
+            for m in hb.models
+            if m.id == model_id and m.state is ModelState.ready
+        ]
+
+    def ready_models(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for hb in self.nodes():
+            for m in hb.models:
+                if m.state is ModelState.ready and not hb.draining:
+                    out.setdefault(m.id, []).append(hb.node)
+        return out

@@ -1,0 +1,85 @@
+"""Config plumbing shared by gateway and neuron: TOML file, then env vars, then CLI flags.
+
+Env vars are `<PREFIX>_<FIELD>`, with `__` between nested fields:
+`NEURON_NATS__SERVERS='["nats://a:4222"]'`, `CORTEX_GATEWAY__LISTEN=0.0.0.0:31313`.
+A value that starts with `[` or `{` is read as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cortex.protocol.subjects import DEFAULT_PREFIX
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class NatsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    servers: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    prefix: str = DEFAULT_PREFIX
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    credentials: Path | None = Field(None, description="A .creds file (JWT + nkey).")
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def connect_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.user:
+            options["user"], options["password"] = self.user, self.password
+        if self.token:
+            options["token"] = self.token
+        if self.credentials:
+            options["user_credentials"] = str(self.credentials)
+        if self.tls_ca or self.tls_cert:
+            import ssl
+
+            context = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
+            if self.tls_cert:
+                context.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
+            options["tls"] = context
+        return options
+
+
+def load_settings(cls: type[T], path: Path | None, env_prefix: str, **overrides: Any) -> T:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for name, value in os.environ.items():
+        if name.startswith(env_prefix + "_"):
+            keys = name[len(env_prefix) + 1 :].lower().split("__")
+            _set(data, keys, json.loads(value) if value[:1] in "[{" else value)
+    for name, value in overrides.items():
+        if value is not None:
+            _set(data, name.split("."), value)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        where = str(path) if path else "configuration"
+        problems = "; ".join(f"`{'.'.join(str(p) for p in err['loc'])}`: {err['msg']}" for err in exc.errors())
+        raise ConfigError(f"{where}: {problems} (env vars {env_prefix}_... apply too)") from None
+
+
+def _set(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        data = data.setdefault(key, {})
+    data[keys[-1]] = value

@@ -1,0 +1,62 @@
+"""Error codes that travel on the wire, and the exception tree both sides raise.
+
+CortexError                     base: carries a stable ErrorCode
+├── InvalidRequest              the job itself is wrong; retrying will not help
+├── ModelNotFound               no catalogue entry or loaded model by that name
+├── NoCapacity                  nobody can serve it now (no holder, all busy, draining)
+├── JobFailed                   a neuron answered with an error event
+└── TransportError              NATS is unreachable or did not answer in time
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    invalid_request = "invalid_request"
+    model_not_found = "model_not_found"
+    model_not_loaded = "model_not_loaded"
+    busy = "busy"
+    cancelled = "cancelled"
+    shutting_down = "shutting_down"
+    load_failed = "load_failed"
+    timeout = "timeout"
+    node_lost = "node_lost"
+    transport = "transport"
+    internal = "internal"
+
+
+# Codes a gateway may retry on another node: the job never started producing output.
+RETRYABLE = frozenset({ErrorCode.busy, ErrorCode.shutting_down, ErrorCode.model_not_loaded})
+
+
+class CortexError(Exception):
+    code: ErrorCode = ErrorCode.internal
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.retryable = retryable
+
+
+class InvalidRequest(CortexError):
+    code = ErrorCode.invalid_request
+
+
+class ModelNotFound(CortexError):
+    code = ErrorCode.model_not_found
+
+
+class NoCapacity(CortexError):
+    code = ErrorCode.model_not_loaded
+
+
+class JobFailed(CortexError):
+    pass
+
+
+class TransportError(CortexError):
+    code = ErrorCode.transport

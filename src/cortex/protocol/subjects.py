@@ -1,0 +1,72 @@
+"""NATS subject and KV names. Every name cortex puts on the wire is built here.
+
+`model_key` turns a model id into one subject token (and a valid KV key). Letters,
+digits and `-` stay as they are; every other byte becomes `_XX`, its two-digit
+uppercase hex code. `_` itself is escaped (`_5F`), so the encoding is injective and
+an operator can compute it by hand:
+
+    HuggingFaceTB/SmolLM2-135M-Instruct  ->  HuggingFaceTB_2FSmolLM2-135M-Instruct
+    qwen2.5:7b                           ->  qwen2_2E5_3A7b
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_SAFE = re.compile(rb"[A-Za-z0-9-]")
+
+DEFAULT_PREFIX = "cortex"
+NODES_BUCKET = "cortex_nodes"
+PLACEMENT_BUCKET = "cortex_placement"
+JOB_QUEUE_GROUP = "neurons"
+CONTROL_SERVICE = "neuron"
+
+
+def model_key(model_id: str) -> str:
+    if not model_id:
+        raise ValueError("model id must not be empty")
+    out = []
+    for byte in model_id.encode():
+        ch = bytes([byte])
+        out.append(ch.decode() if _SAFE.fullmatch(ch) else f"_{byte:02X}")
+    return "".join(out)
+
+
+def model_id_from_key(key: str) -> str:
+    out = bytearray()
+    i = 0
+    while i < len(key):
+        if key[i] == "_":
+            out.append(int(key[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(ord(key[i]))
+            i += 1
+    return out.decode()
+
+
+def valid_node_name(node: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9_-]+", node))
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """Subject builders for one deployment prefix (`cortex` unless configured)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def infer(self, model_id: str) -> str:
+        return f"{self.prefix}.infer.{model_key(model_id)}"
+
+    def infer_node(self, model_id: str, node: str) -> str:
+        return f"{self.prefix}.infer.{model_key(model_id)}.{node}"
+
+    def control_group(self, node: str) -> str:
+        return f"{self.prefix}.node.{node}"
+
+    def control(self, node: str, verb: str) -> str:
+        return f"{self.prefix}.node.{node}.{verb}"
+
+    def events(self, kind: str) -> str:
+        return f"{self.prefix}.events.{kind}"

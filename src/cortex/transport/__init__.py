@@ -1,0 +1,1 @@
+"""NATS transport: the only part of cortex that imports `nats`."""

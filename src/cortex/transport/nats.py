@@ -1,0 +1,256 @@
+"""Connection lifetime, the job stream over a shared reply inbox, and NATS error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
+
+from cortex.protocol.errors import (
+    CortexError,
+    ErrorCode,
+    JobFailed,
+    NoCapacity,
+    TransportError,
+)
+from cortex.protocol.messages import (
+    JOB_EVENT,
+    Accepted,
+    CancelReply,
+    CancelRequest,
+    Done,
+    Failed,
+    InferenceJob,
+)
+from cortex.protocol.subjects import NODES_BUCKET, Subjects
+
+log = logging.getLogger(__name__)
+
+_STATUS = "Status"
+_NO_RESPONDERS = "503"
+
+
+@contextlib.contextmanager
+def map_nats_errors(what: str) -> Iterator[None]:
+    """Turn nats-py's exceptions into cortex's, naming what we were doing."""
+    try:
+        yield
+    except CortexError:
+        raise
+    except nats.errors.NoRespondersError as exc:
+        raise NoCapacity(f"{what}: nobody is listening") from exc
+    except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+        raise TransportError(f"{what}: NATS did not answer in time", code=ErrorCode.timeout) from exc
+    except (nats.errors.ConnectionClosedError, nats.errors.NoServersError, OSError) as exc:
+        raise TransportError(f"{what}: NATS is unreachable ({exc})") from exc
+    except nats.errors.Error as exc:
+        raise TransportError(f"{what}: {exc}") from exc
+
+
+async def connect(servers: list[str], name: str, **options: Any) -> Client:
+    async def _error_cb(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    async def _disconnected_cb() -> None:
+        log.warning("nats: disconnected")
+
+    async def _reconnected_cb() -> None:
+        log.info("nats: reconnected")
+
+    with map_nats_errors(f"connecting to {', '.join(servers)}"):
+        return await nats.connect(
+            servers=servers,
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+            error_cb=_error_cb,
+            disconnected_cb=_disconnected_cb,
+            reconnected_cb=_reconnected_cb,
+            **options,
+        )
+
+
+async def nodes_bucket(nc: Client, *, replicas: int = 1) -> KeyValue:
+    """The heartbeat bucket, created on first use with per-message TTLs and limit markers.
+
+    Limit markers make an expired heartbeat visible to watchers as a delete, so every
+    gateway sees a dead node go without polling.
+    """
+    js = nc.jetstream()
+    with map_nats_errors(f"opening KV bucket {NODES_BUCKET}"):
+        try:
+            return await js.key_value(NODES_BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            pass
+        config = KeyValueConfig(
+            bucket=NODES_BUCKET,
+            description="cortex neuron heartbeats, one key per node",
+            history=1,
+            replicas=replicas,
+            limit_marker_ttl=1.0,
+        )
+        try:
+            return await js.create_key_value(config)
+        except nats.js.errors.BadRequestError:
+            # Another process created it between our look-up and our create.
+            return await js.key_value(NODES_BUCKET)
+
+
+class JobStream:
+    """The events of one submitted job, in order, ending at the empty end marker.
+
+    Iterating raises `NoCapacity` when nobody holds the subject (NATS no-responders),
+    `TransportError` when the neuron goes quiet for longer than the timeouts allow, and
+    yields `Failed` events as they come (the caller decides what they mean).
+    """
+
+    def __init__(
+        self,
+        client: JobClient,
+        job: InferenceJob,
+        token: str,
+        queue: asyncio.Queue[Msg],
+        accept_timeout: float,
+        idle_timeout: float,
+    ) -> None:
+        self.job = job
+        self.node: str | None = None
+        self.finished = False
+        self._client = client
+        self._token = token
+        self._queue = queue
+        self._accept_timeout = accept_timeout
+        self._idle_timeout = idle_timeout
+        self._next_seq = 0
+
+    def __aiter__(self) -> AsyncIterator[Accepted | Any]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[Any]:
+        try:
+            while True:
+                timeout = self._accept_timeout if self.node is None else self._idle_timeout
+                try:
+                    msg = await asyncio.wait_for(self._queue.get(), timeout)
+                except TimeoutError:
+                    where = f"node {self.node}" if self.node else "any neuron"
+                    raise TransportError(
+                        f"no answer from {where} for job {self.job.job_id} within {timeout:g}s",
+                        code=ErrorCode.timeout if self.node is None else ErrorCode.node_lost,
+                    ) from None
+                if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
+                    raise NoCapacity(f"no neuron is subscribed for model {self.job.model}")
+                if not msg.data:
+                    self.finished = True
+                    return
+                event = JOB_EVENT.validate_json(msg.data)
+                if event.seq != self._next_seq:
+                    raise TransportError(
+                        f"job {self.job.job_id}: event {event.seq} arrived, expected {self._next_seq}",
+                        code=ErrorCode.internal,
+                    )
+                self._next_seq += 1
+                if isinstance(event, Accepted):
+                    self.node = event.node
+                if isinstance(event, Done | Failed):
+                    self.finished = True
+                yield event
+        finally:
+            self._client._forget(self._token)
+
+    async def cancel(self) -> bool:
+        """Ask the node to stop this job. Returns whether the node still had it."""
+        if self.finished or self.node is None:
+            return False
+        return await self._client.cancel(self.node, self.job.job_id)
+
+
+class JobClient:
+    """Submits jobs and demultiplexes their events from one wildcard inbox subscription.
+
+    One subscription for all jobs means no SUB/UNSUB round trip per request.
+    """
+
+    def __init__(self, nc: Client, subjects: Subjects) -> None:
+        self._nc = nc
+        self._subjects = subjects
+        self._prefix = nc.new_inbox()
+        self._queues: dict[str, asyncio.Queue[Msg]] = {}
+        self._sub: Any = None
+        self._counter = 0
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_msg)
+
+    async def aclose(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_msg(self, msg: Msg) -> None:
+        token = msg.subject[len(self._prefix) + 1 :]
+        queue = self._queues.get(token)
+        if queue is not None:
+            queue.put_nowait(msg)
+
+    def _forget(self, token: str) -> None:
+        self._queues.pop(token, None)
+
+    async def submit(
+        self,
+        job: InferenceJob,
+        node: str | None = None,
+        *,
+        accept_timeout: float = 5.0,
+        idle_timeout: float = 120.0,
+    ) -> JobStream:
+        subject = self._subjects.infer_node(job.model, node) if node else self._subjects.infer(job.model)
+        self._counter += 1
+        token = str(self._counter)
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._queues[token] = queue
+        with map_nats_errors(f"publishing job {job.job_id}"):
+            await self._nc.publish(subject, job.to_bytes(), reply=f"{self._prefix}.{token}")
+        return JobStream(self, job, token, queue, accept_timeout, idle_timeout)
+
+    async def cancel(self, node: str, job_id: str) -> bool:
+        subject = self._subjects.control(node, "cancel")
+        with map_nats_errors(f"cancelling job {job_id} on {node}"):
+            reply = await self._nc.request(subject, CancelRequest(job_id=job_id).to_bytes(), timeout=2.0)
+        return CancelReply.model_validate_json(reply.data).found
+
+
+def raise_for_failed(event: Failed) -> None:
+    raise JobFailed(event.message, code=event.code, retryable=event.retryable)
+
+
+async def watch_bucket(kv: KeyValue) -> AsyncIterator[tuple[str, bytes | None] | None]:
+    """Every key's current value, then `None` (initial snapshot done), then each change.
+
+    A deleted, purged or expired key yields `(key, None)`.
+    """
+    with map_nats_errors(f"watching KV bucket {kv._name}"):
+        watcher = await kv.watch(">")
+    try:
+        async for entry in watcher:
+            if entry is None:
+                yield None
+            elif entry.operation in ("DEL", "PURGE"):
+                yield entry.key, None
+            else:
+                yield entry.key, entry.value
+    finally:
+        with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+            await watcher.stop()

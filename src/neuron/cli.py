@@ -1,0 +1,48 @@
+"""`neuron serve`: run the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cortex.protocol.config import ConfigError
+from neuron import config
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="neuron", description="cortex model-serving daemon")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="connect to NATS and serve models")
+    serve.add_argument("--config", type=Path, help="neuron.toml (env vars NEURON_... override it)")
+    serve.add_argument("--node", help="node name (default: the host name)")
+    serve.add_argument("--nats", help="NATS server URL, overrides [nats] servers")
+    serve.add_argument("--models-config", type=Path, help="models.toml catalogue")
+    serve.add_argument("--model", action="append", dest="models", help="load this model at start (repeatable)")
+    serve.add_argument("--heartbeat-interval", type=float)
+    args = parser.parse_args(argv)
+
+    try:
+        settings = config.load(
+            args.config,
+            node=args.node,
+            models_config=args.models_config,
+            default_models=args.models,
+            heartbeat_interval=args.heartbeat_interval,
+            **{"nats.servers": [args.nats] if args.nats else None},
+        )
+    except ConfigError as exc:
+        sys.exit(f"neuron: {exc}")
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from neuron.daemon import run  # torch is imported only once the config is valid
+
+    run(settings)
+
+
+if __name__ == "__main__":
+    main()

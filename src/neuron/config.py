@@ -1,0 +1,36 @@
+"""neuron.toml: what this node is called, where NATS is, which devices and models it serves."""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cortex.protocol.config import NatsSettings, load_settings
+
+
+def default_node_name() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0]) or "node"
+
+
+class NeuronSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    node: str = Field(default_factory=default_node_name, pattern=r"^[A-Za-z0-9_-]+$")
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    devices: list[str] | None = Field(None, description="`cpu`, `cuda:0`, ...; all devices if unset.")
+    max_batch: int = Field(4, ge=1, description="Jobs per model generating at once.")
+    max_queue: int = Field(16, ge=0, description="Jobs per model waiting beyond max_batch; then `busy`.")
+    default_models: list[str] = Field(default_factory=list, description="Catalogue ids or aliases to load.")
+    models_config: Path | None = Field(None, description="models.toml; the built-in catalogue if unset.")
+    hf_cache_dir: Path | None = None
+    offline: bool = False
+    heartbeat_interval: float = Field(2.0, gt=0)
+    drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds in-flight jobs may finish.")
+    log_level: str = "INFO"
+
+
+def load(path: Path | None, **overrides: object) -> NeuronSettings:
+    return load_settings(NeuronSettings, path, "NEURON", **overrides)

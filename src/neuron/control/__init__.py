@@ -1,0 +1,1 @@
+"""The neuron's control plane: a nats.micro service per node."""

@@ -1,0 +1,94 @@
+"""`neuron` nats.micro service: load, unload, status, cancel on `<prefix>.node.<node>.<verb>`.
+
+`nats micro ls` lists every neuron; `nats req cortex.node.<node>.status ''` asks one.
+Failures answer with a micro error (`Nats-Service-Error-Code`) and a ServiceErrorBody.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from nats.aio.client import Client
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+from pydantic import BaseModel, ValidationError
+
+from cortex.protocol.errors import ErrorCode
+from cortex.protocol.messages import (
+    CancelReply,
+    CancelRequest,
+    LoadRequest,
+    ModelReply,
+    ModelStatus,
+    ServiceErrorBody,
+    StatusReply,
+    UnloadRequest,
+)
+from cortex.protocol.subjects import CONTROL_SERVICE, Subjects
+from neuron import __version__
+
+
+class ControlError(Exception):
+    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class Controller(Protocol):
+    async def load(self, request: LoadRequest) -> ModelStatus: ...
+    async def unload(self, request: UnloadRequest) -> ModelStatus: ...
+    def status(self) -> StatusReply: ...
+    def cancel(self, request: CancelRequest) -> CancelReply: ...
+
+
+async def start_control(nc: Client, node: str, subjects: Subjects, controller: Controller) -> Service:
+    service = await add_service(
+        nc,
+        name=CONTROL_SERVICE,
+        version=__version__,
+        description=f"cortex neuron on node {node}",
+        metadata={"node": node},
+    )
+    group = service.add_group(name=subjects.control_group(node))
+
+    async def load(body: LoadRequest) -> BaseModel:
+        return ModelReply(model=await controller.load(body))
+
+    async def unload(body: UnloadRequest) -> BaseModel:
+        return ModelReply(model=await controller.unload(body))
+
+    async def status(_: BaseModel) -> BaseModel:
+        return controller.status()
+
+    async def cancel(body: CancelRequest) -> BaseModel:
+        return controller.cancel(body)
+
+    await group.add_endpoint(name="load", handler=_endpoint(LoadRequest, load))
+    await group.add_endpoint(name="unload", handler=_endpoint(UnloadRequest, unload))
+    await group.add_endpoint(name="status", handler=_endpoint(None, status))
+    await group.add_endpoint(name="cancel", handler=_endpoint(CancelRequest, cancel))
+    return service
+
+
+def _endpoint(
+    body_type: type[BaseModel] | None, handle: Callable[..., Awaitable[BaseModel]]
+) -> Callable[[Request], Awaitable[None]]:
+    async def handler(request: Request) -> None:
+        try:
+            body = body_type.model_validate_json(request.data or b"{}") if body_type else None
+            reply = await handle(body)
+        except ValidationError as exc:
+            await _error(request, 400, ErrorCode.invalid_request, f"invalid request: {exc}")
+        except ControlError as exc:
+            await _error(request, exc.status, exc.code, exc.message)
+        else:
+            await request.respond(reply.model_dump_json(exclude_none=True).encode())
+
+    return handler
+
+
+async def _error(request: Request, status: int, code: ErrorCode, message: str) -> None:
+    body = ServiceErrorBody(code=code, message=message).to_bytes()
+    await request.respond_error(str(status), message, data=body)

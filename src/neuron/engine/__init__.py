@@ -1,0 +1,1 @@
+"""Generation: one worker thread per device, stepping every active job in turn."""

@@ -1,0 +1,35 @@
+"""What a generation reports to the asyncio side. The job relay turns these into wire events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from cortex.protocol.errors import ErrorCode
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    finish_reason: Literal["stop", "length", "cancelled"]
+    stop_sequence: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    queue_ms: float
+    prefill_ms: float
+    decode_ms: float
+    ttft_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Crashed:
+    code: ErrorCode
+    message: str
+
+
+Output = Text | Finished | Crashed

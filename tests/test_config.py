@@ -1,0 +1,49 @@
+"""Config files: the shipped examples load, and env vars override them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cortex import config as cortex_config
+from cortex.protocol.catalogue import Catalogue
+from cortex.protocol.config import ConfigError
+from neuron import config as neuron_config
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def test_example_gateway_config_loads() -> None:
+    settings = cortex_config.load(DEPLOY / "cortex.toml")
+    assert settings.gateway.listen == "0.0.0.0:31313"
+    assert len(settings.nats.servers) == 3
+
+
+def test_example_neuron_config_loads_and_its_default_model_is_in_the_example_catalogue() -> None:
+    settings = neuron_config.load(DEPLOY / "neuron.toml")
+    catalogue = Catalogue.load(DEPLOY / "models.toml")
+    assert settings.node == "gpu-a"
+    assert all(catalogue.resolve(name) for name in settings.default_models)
+
+
+def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEURON_MAX_BATCH", "9")
+    monkeypatch.setenv("NEURON_NATS__SERVERS", '["nats://elsewhere:4222"]')
+    settings = neuron_config.load(DEPLOY / "neuron.toml")
+    assert settings.max_batch == 9
+    assert settings.nats.servers == ["nats://elsewhere:4222"]
+
+
+def test_bad_value_names_the_file_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "neuron.toml"
+    path.write_text('max_batch = "lots"\n')
+    with pytest.raises(ConfigError, match=r"neuron\.toml: `max_batch`"):
+        neuron_config.load(path)
+
+
+def test_unknown_field_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cortex.toml"
+    path.write_text('[gateway]\nlisten = "127.0.0.1:1"\nlisten_port = 3\n')
+    with pytest.raises(ConfigError, match=r"gateway\.listen_port"):
+        cortex_config.load(path)

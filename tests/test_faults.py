@@ -1,0 +1,86 @@
+"""Clients that leave, neurons that die or are stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+import nats
+import nats.js.errors
+
+from tests.conftest import HEARTBEAT_S, nats_request, start_neuron, wait_until
+
+TINY = "test/tiny-llama"
+LONG = {"model": TINY, "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 8000}
+
+
+def _jobs(nats_url: str, node: str) -> list[dict]:
+    return nats_request(nats_url, f"cortex.node.{node}.status")["jobs"]
+
+
+def test_client_disconnect_mid_stream_stops_generation_on_the_neuron(gateway, neuron, nats_url) -> None:
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json={**LONG, "stream": True}, timeout=30) as r:
+        lines = r.iter_lines()
+        for _ in range(5):
+            next(lines)
+        running = _jobs(nats_url, "t1")
+        assert len(running) == 1 and running[0]["state"] == "running"
+        left_at = time.monotonic()
+    # Leaving the `with` closed the connection after a handful of the 8000 tokens.
+    wait_until(lambda: _jobs(nats_url, "t1") == [], 3.0, "the neuron to drop the job")
+    assert time.monotonic() - left_at < 3.0
+    assert "cancelled (request" in neuron.output()
+
+
+def test_client_disconnect_while_waiting_for_a_whole_answer_stops_generation(gateway, neuron, nats_url) -> None:
+    try:
+        httpx.post(f"{gateway.url}/v1/chat/completions", json=LONG, timeout=1.5)
+    except httpx.ReadTimeout:
+        pass
+    wait_until(lambda: _jobs(nats_url, "t1") == [], 3.0, "the neuron to drop the job")
+
+
+def test_killed_neuron_leaves_the_fleet_within_its_heartbeat_ttl(spawn, nats_url, models_toml, gateway) -> None:
+    victim = start_neuron(spawn, nats_url, models_toml, "victim", "test/tiny-llama-b")
+    gateway.wait_for_model("test/tiny-llama-b")
+    victim.stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_until(lambda: "test/tiny-llama-b" not in gateway.models(), 10, "the dead node's model to leave /v1/models")
+    # TTL is 3 heartbeats; the KV marker arrives within about a second of expiry.
+    assert time.monotonic() - killed_at <= 3 * HEARTBEAT_S + 2.0
+    body = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={"model": "test/tiny-llama-b", "messages": [{"role": "user", "content": "x"}]},
+        timeout=10,
+    )
+    assert body.status_code == 503
+
+
+def test_sigterm_finishes_in_flight_jobs_then_removes_the_heartbeat(spawn, nats_url, models_toml, gateway) -> None:
+    node = start_neuron(spawn, nats_url, models_toml, "leaving", "test/tiny-llama-c")
+    gateway.wait_for_model("test/tiny-llama-c")
+    body = {"model": "test/tiny-llama-c", "messages": [{"role": "user", "content": "x"}], "max_tokens": 600}
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json={**body, "stream": True}, timeout=30) as r:
+        lines = r.iter_lines()
+        next(lines)
+        node.popen.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert any('"finish_reason":"length"' in line for line in rest), "the in-flight job ran to its end"
+    assert node.popen.wait(20) == 0
+    assert "test/tiny-llama-c" not in gateway.models()
+    assert asyncio.run(_heartbeat_key_exists(nats_url, "leaving")) is False
+
+
+async def _heartbeat_key_exists(nats_url: str, node: str) -> bool:
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await nc.jetstream().key_value("cortex_nodes")
+        await kv.get(node)
+        return True
+    except nats.js.errors.KeyNotFoundError:  # KeyDeletedError is a subclass
+        return False
+    finally:
+        await nc.close()

@@ -1,0 +1,127 @@
+"""A neuron on a real nats-server: jobs over NATS, the control service, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import nats
+import pytest
+
+from cortex.protocol.messages import JOB_EVENT, Accepted, ChatMessage, Delta, Done, InferenceJob, SamplingParams
+from cortex.protocol.subjects import Subjects, model_key
+from tests.conftest import nats_request
+
+TINY = "test/tiny-llama"
+
+
+async def _run_job(nats_url: str, job: InferenceJob, subject: str) -> tuple[list, list[bytes]]:
+    """Publishes a job and returns (parsed events, raw payloads) up to and including the end marker."""
+    nc = await nats.connect(nats_url)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(subject, job.to_bytes(), reply=inbox)
+    raw: list[bytes] = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=30)
+            raw.append(msg.data)
+            if not msg.data:
+                break
+    finally:
+        await nc.close()
+    return [JOB_EVENT.validate_json(r) for r in raw[:-1]], raw
+
+
+def _job(job_id: str, max_tokens: int = 12) -> InferenceJob:
+    return InferenceJob(
+        job_id=job_id,
+        request_id=f"req-{job_id}",
+        model=TINY,
+        messages=[ChatMessage(role="user", content="Count to five.")],
+        sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0),
+    )
+
+
+async def test_job_over_nats_streams_ordered_gap_free_events_then_the_end_marker(nats_url, neuron) -> None:
+    events, raw = await _run_job(nats_url, _job("order-1"), Subjects().infer(TINY))
+    assert raw[-1] == b"", "the stream ends with an empty message"
+    assert [e.seq for e in events] == list(range(len(events)))
+    assert isinstance(events[0], Accepted) and events[0].node == "t1"
+    assert all(isinstance(e, Delta) for e in events[1:-1])
+    done = events[-1]
+    assert isinstance(done, Done)
+    assert done.finish_reason == "length"
+    assert done.usage.completion_tokens == 12
+    assert sum(e.tokens for e in events[1:-1]) == 12, "deltas account for every generated token"
+
+
+async def test_node_addressed_subject_reaches_that_node(nats_url, neuron) -> None:
+    events, _ = await _run_job(nats_url, _job("addressed-1", 3), Subjects().infer_node(TINY, "t1"))
+    assert events[0].node == "t1"
+    assert isinstance(events[-1], Done)
+
+
+async def test_job_for_a_model_nobody_serves_gets_no_responders(nats_url, neuron) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        with pytest.raises(nats.errors.NoRespondersError):
+            await nc.request(Subjects().infer("nobody/serves-this"), _job("nr").to_bytes(), timeout=5)
+    finally:
+        await nc.close()
+
+
+def test_greedy_generation_is_deterministic(nats_url, neuron) -> None:
+    texts = []
+    for i in range(2):
+        events, _ = asyncio.run(_run_job(nats_url, _job(f"det-{i}"), Subjects().infer(TINY)))
+        texts.append("".join(e.text for e in events if isinstance(e, Delta)))
+    assert texts[0] == texts[1]
+    assert texts[0]
+
+
+async def test_micro_service_is_discoverable_like_nats_micro_ls(nats_url, neuron) -> None:
+    # `nats micro ls` sends $SRV.INFO and collects every reply.
+    nc = await nats.connect(nats_url)
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("$SRV.INFO.neuron", b"", reply=inbox)
+        info = json.loads((await sub.next_msg(timeout=5)).data)
+    finally:
+        await nc.close()
+    assert info["name"] == "neuron"
+    assert info["metadata"]["node"] == "t1"
+    subjects = {e["subject"] for e in info["endpoints"]}
+    assert subjects == {f"cortex.node.t1.{v}" for v in ("load", "unload", "status", "cancel")}
+
+
+def test_status_reports_the_ready_model_and_devices(nats_url, neuron) -> None:
+    status = nats_request(nats_url, "cortex.node.t1.status")
+    hb = status["heartbeat"]
+    assert hb["node"] == "t1"
+    assert any(d["id"] == "cpu" and d["total_mb"] > 0 for d in hb["devices"])
+    model = next(m for m in hb["models"] if m["id"] == TINY)
+    assert model["state"] == "ready"
+    assert model["key"] == model_key(TINY)
+    assert model["memory_mb"] > 0
+
+
+def test_load_of_a_missing_source_is_refused_with_a_reason(nats_url, neuron, tmp_path) -> None:
+    request = {"model": {"id": "ghost/model", "source": f"file:{tmp_path}/missing"}, "wait": True}
+    reply = nats_request(nats_url, "cortex.node.t1.load", request, timeout=30)
+    assert reply == {"code": "load_failed", "message": f"model ghost/model: {tmp_path}/missing does not exist"}
+
+
+def test_heartbeat_is_in_the_kv_bucket(nats_url, neuron) -> None:
+    async def read() -> dict:
+        nc = await nats.connect(nats_url)
+        try:
+            kv = await nc.jetstream().key_value("cortex_nodes")
+            return json.loads((await kv.get("t1")).value)
+        finally:
+            await nc.close()
+
+    hb = asyncio.run(read())
+    assert hb["node"] == "t1"
+    assert hb["interval_s"] == 1.0
