@@ -132,3 +132,11 @@ def test_health(gateway, neuron) -> None:
     assert body["status"] == "ok"
     assert body["nodes"] >= 1
     assert TINY in body["models"]
+
+
+def test_prompt_beyond_nats_max_payload_is_413_naming_the_limit(openai_client) -> None:  # noqa: ANN001
+    huge = "x" * (9 * 1024 * 1024)  # nats.conf allows 8 MB
+    with pytest.raises(openai.APIStatusError) as err:
+        openai_client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": huge}])
+    assert err.value.status_code == 413
+    assert "max_payload is 8388608 bytes" in err.value.body["message"]

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import nats.errors
 from nats.aio.client import Client
@@ -30,8 +30,8 @@ from cortex.protocol.messages import (
     Usage,
 )
 from cortex.protocol.subjects import JOB_QUEUE_GROUP, Subjects
-from neuron.engine.generation import Generation
-from neuron.engine.outputs import Crashed, Finished, Output, Text
+from neuron.engine.outputs import Crashed, Finished, Text
+from neuron.engine.worker import JobHandle
 from neuron.models import ModelEntry, ModelTable
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,8 @@ class _Reply:
 class _Running:
     job: InferenceJob
     entry: ModelEntry
-    generation: Generation
+    handle: JobHandle
     task: asyncio.Task[None] | None = None
-    started: float = field(default_factory=time.time)
 
 
 class JobRelay:
@@ -105,9 +104,9 @@ class JobRelay:
 
     def in_flight(self, model_id: str) -> tuple[int, int]:
         """(running, queued) for a model."""
-        gens = [r.generation for r in self._jobs.values() if r.entry.spec.id == model_id]
-        running = sum(1 for g in gens if g.state == "running")
-        return running, len(gens) - running
+        handles = [r.handle for r in self._jobs.values() if r.entry.spec.id == model_id]
+        running = sum(1 for h in handles if h.running)
+        return running, len(handles) - running
 
     def statuses(self) -> list[JobStatus]:
         return [
@@ -115,8 +114,8 @@ class JobRelay:
                 job_id=r.job.job_id,
                 request_id=r.job.request_id,
                 model=r.job.model,
-                state="running" if r.generation.state == "running" else "queued",
-                generated_tokens=r.generation.generated,
+                state="running" if r.handle.running else "queued",
+                generated_tokens=r.handle.generated,
             )
             for r in self._jobs.values()
         ]
@@ -125,7 +124,7 @@ class JobRelay:
         running = self._jobs.get(job_id)
         if running is None:
             return False
-        running.generation.cancel()
+        running.handle.cancel()
         log.info("job %s cancelled (request %s)", job_id, running.job.request_id)
         return True
 
@@ -146,7 +145,7 @@ class JobRelay:
         if pending:
             log.warning("cancelling %d jobs still running after %.0fs", len(pending), timeout)
             for running in jobs:
-                running.generation.cancel()
+                running.handle.cancel()
             await asyncio.wait(pending, timeout=5.0)
 
     async def _on_job(self, msg: Msg) -> None:
@@ -174,32 +173,22 @@ class JobRelay:
             self._start(job, entry, reply)
 
     def _start(self, job: InferenceJob, entry: ModelEntry, reply: _Reply) -> None:
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[Output] = asyncio.Queue()
         assert entry.loaded is not None and entry.worker is not None
-
-        def sink(output: Output) -> None:  # runs on the device thread
-            loop.call_soon_threadsafe(outputs.put_nowait, output)
-
         queued = max(0, sum(self.in_flight(entry.spec.id)) - self._max_batch + 1)
-        running = _Running(job, entry, Generation(job, entry.loaded, sink))
+        accepted = Accepted(
+            job_id=job.job_id, seq=0, node=self._node, device=entry.worker.device.id, queue_position=queued
+        )
+        running = _Running(job, entry, entry.worker.start_job(job, entry.loaded))
         self._jobs[job.job_id] = running
         entry.last_used = time.time()
-        running.task = asyncio.create_task(self._relay(running, reply, outputs, entry.worker.device.id, queued))
+        running.task = asyncio.create_task(self._relay(running, reply, accepted))
 
-    async def _relay(
-        self, running: _Running, reply: _Reply, outputs: asyncio.Queue[Output], device: str, queued: int
-    ) -> None:
+    async def _relay(self, running: _Running, reply: _Reply, accepted: Accepted) -> None:
         job = running.job
         log.info("job %s accepted: model=%s request=%s", job.job_id, job.model, job.request_id)
         try:
-            await reply.send(
-                Accepted(job_id=job.job_id, seq=reply.seq, node=self._node, device=device, queue_position=queued)
-            )
-            assert running.entry.worker is not None
-            running.entry.worker.submit(running.generation)
-            while True:
-                out = await outputs.get()
+            await reply.send(accepted)
+            async for out in running.handle.outputs():
                 if isinstance(out, Text):
                     await reply.send(Delta(job_id=job.job_id, seq=reply.seq, text=out.text, tokens=out.tokens))
                 elif isinstance(out, Finished):
@@ -212,16 +201,14 @@ class JobRelay:
                         out.completion_tokens,
                         out.ttft_ms,
                     )
-                    break
                 elif isinstance(out, Crashed):
                     await reply.send(Failed(job_id=job.job_id, seq=reply.seq, code=out.code, message=out.message))
                     log.warning("job %s failed: %s", job.job_id, out.message)
-                    break
             await reply.end()
         except nats.errors.Error as exc:
             # The inbox is unreachable: nobody can read the rest, so stop generating.
             log.warning("job %s: cannot publish to its reply inbox (%s); cancelling", job.job_id, exc)
-            running.generation.cancel()
+            running.handle.cancel()
         finally:
             self._jobs.pop(job.job_id, None)
             running.entry.last_used = time.time()

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 # code -> (HTTP status, OpenAI error type)
 _STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.invalid_request: (400, "invalid_request_error"),
+    ErrorCode.payload_too_large: (413, "invalid_request_error"),
     ErrorCode.model_not_found: (404, "invalid_request_error"),
     ErrorCode.busy: (429, "rate_limit_error"),
     ErrorCode.model_not_loaded: (503, "service_unavailable_error"),

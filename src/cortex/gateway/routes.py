@@ -74,7 +74,7 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
     model_id = gw.resolve_model(body.model)
     job_id = uuid.uuid4().hex
     job = openai.to_job(body, model_id, job_id=job_id, request_id=request_id)
-    outcome = Outcome(model=model_id, api="openai.chat")
+    outcome = Outcome(model=model_id, api="openai.chat", request_id=request_id)
     headers = {"x-request-id": request_id}
     try:
         opened = await unless_disconnected(request, gw.dispatcher.open(job))

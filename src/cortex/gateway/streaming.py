@@ -57,6 +57,7 @@ class Outcome:
 
     model: str
     api: str
+    request_id: str
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     done: Done | None = None
@@ -64,6 +65,19 @@ class Outcome:
 
     def record(self, metrics: GatewayMetrics, node: str) -> None:
         now = time.perf_counter()
+        usage = self.done.usage if self.done else None
+        log.info(
+            "request %s %s model=%s node=%s status=%s tokens=%s+%s ttft=%s total=%.0fms",
+            self.request_id,
+            self.api,
+            self.model,
+            node,
+            self.status,
+            usage.prompt_tokens if usage else "-",
+            usage.completion_tokens if usage else "-",
+            f"{(self.first_token_at - self.started) * 1000:.0f}ms" if self.first_token_at else "-",
+            (now - self.started) * 1000,
+        )
         metrics.requests.labels(self.model, node, self.api, self.status).inc()
         metrics.duration.labels(self.model).observe(now - self.started)
         if self.first_token_at is not None:

@@ -15,6 +15,7 @@ from enum import StrEnum
 
 class ErrorCode(StrEnum):
     invalid_request = "invalid_request"
+    payload_too_large = "payload_too_large"
     model_not_found = "model_not_found"
     model_not_loaded = "model_not_loaded"
     busy = "busy"

@@ -19,6 +19,7 @@ from nats.js.kv import KeyValue
 from cortex.protocol.errors import (
     CortexError,
     ErrorCode,
+    InvalidRequest,
     JobFailed,
     NoCapacity,
     TransportError,
@@ -217,12 +218,19 @@ class JobClient:
         idle_timeout: float = 120.0,
     ) -> JobStream:
         subject = self._subjects.infer_node(job.model, node) if node else self._subjects.infer(job.model)
+        payload = job.to_bytes()
+        if len(payload) > self._nc.max_payload:
+            raise InvalidRequest(
+                f"the request is {len(payload)} bytes as a job; NATS max_payload is {self._nc.max_payload} bytes. "
+                "Shorten the conversation, or raise max_payload in nats.conf",
+                code=ErrorCode.payload_too_large,
+            )
         self._counter += 1
         token = str(self._counter)
         queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._queues[token] = queue
         with map_nats_errors(f"publishing job {job.job_id}"):
-            await self._nc.publish(subject, job.to_bytes(), reply=f"{self._prefix}.{token}")
+            await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}")
         return JobStream(self, job, token, queue, accept_timeout, idle_timeout)
 
     async def cancel(self, node: str, job_id: str) -> bool:

@@ -1,10 +1,10 @@
 """DeviceWorker: one thread owns one device. Loads, unloads and every forward pass run on it.
 
 The asyncio side talks to it through a queue: `call()` runs a function there and awaits
-the result; `submit()` hands over a Generation. Between commands the thread steps every
-active generation once, round-robin, so jobs (and models) on a device share it fairly and
-a cancelled job stops within one token. A batching scheduler can replace the stepping
-without changing this interface.
+the result; `start_job()` queues a job and returns a JobHandle whose outputs stream back.
+Between commands the thread steps every active generation once, round-robin, so jobs
+(and models) on a device share it fairly and a cancelled job stops within one token.
+A batching scheduler can replace the stepping without changing this interface.
 """
 
 from __future__ import annotations
@@ -15,18 +15,48 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import torch
 
-from cortex.protocol.messages import DeviceInfo
+from cortex.protocol.messages import DeviceInfo, InferenceJob
 from neuron.engine.generation import Generation
+from neuron.engine.outputs import Crashed, Finished, Output
+from neuron.sources.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _STOP = object()
+
+
+class JobHandle:
+    """One submitted job: its outputs as an async stream, and a way to stop it."""
+
+    def __init__(self, generation: Generation, outputs: asyncio.Queue[Output]) -> None:
+        self._generation = generation
+        self._outputs = outputs
+
+    @property
+    def running(self) -> bool:
+        return self._generation.state == "running"
+
+    @property
+    def generated(self) -> int:
+        return self._generation.generated
+
+    def cancel(self) -> None:
+        """Thread-safe; generation stops before its next token and ends with `cancelled`."""
+        self._generation.cancel()
+
+    async def outputs(self) -> AsyncIterator[Output]:
+        """Text pieces, then exactly one Finished or Crashed."""
+        while True:
+            output = await self._outputs.get()
+            yield output
+            if isinstance(output, Finished | Crashed):
+                return
 
 
 class DeviceWorker:
@@ -58,8 +88,17 @@ class DeviceWorker:
         self._inbox.put((fn, args, future))
         return await asyncio.wrap_future(future)
 
-    def submit(self, generation: Generation) -> None:
+    def start_job(self, job: InferenceJob, model: LoadedModel) -> JobHandle:
+        """Queues a job on this device; call from the event loop that will read its outputs."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[Output] = asyncio.Queue()
+
+        def sink(output: Output) -> None:  # runs on the device thread
+            loop.call_soon_threadsafe(outputs.put_nowait, output)
+
+        generation = Generation(job, model, sink)
         self._inbox.put(generation)
+        return JobHandle(generation, outputs)
 
     def _run(self) -> None:
         with torch.inference_mode():
