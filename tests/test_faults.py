@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 
@@ -13,7 +14,13 @@ import nats.js.errors
 from tests.conftest import HEARTBEAT_S, nats_request, start_neuron, wait_until
 
 TINY = "test/tiny-llama"
-LONG = {"model": TINY, "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 8000}
+# Greedy: the random model then never samples its end-of-sequence token by chance.
+LONG = {
+    "model": TINY,
+    "messages": [{"role": "user", "content": "Go on forever."}],
+    "max_tokens": 8000,
+    "temperature": 0,
+}
 
 
 def _jobs(nats_url: str, node: str) -> list[dict]:
@@ -84,3 +91,26 @@ async def _heartbeat_key_exists(nats_url: str, node: str) -> bool:
         return False
     finally:
         await nc.close()
+
+
+def test_client_that_leaves_while_its_job_is_queued_frees_the_queue_slot(gateway, neuron, nats_url) -> None:
+    # Fill the node's max_batch (4) with long streams, so the next job waits in the queue.
+    readers = []  # a line iterator that is dropped closes its response, so keep them
+    with contextlib.ExitStack() as streams:
+        for _ in range(4):
+            resp = streams.enter_context(
+                httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json={**LONG, "stream": True}, timeout=30)
+            )
+            readers.append(resp.iter_lines())
+            next(readers[-1])
+        wait_until(lambda: len(_jobs(nats_url, "t1")) == 4, 5, "four running jobs")
+        try:
+            httpx.post(f"{gateway.url}/v1/chat/completions", json=LONG, timeout=1.5)
+        except httpx.ReadTimeout:
+            pass
+        wait_until(
+            lambda: [j["state"] for j in _jobs(nats_url, "t1")] == ["running"] * 4,
+            3.0,
+            "the queued job of the client that left to be dropped",
+        )
+    wait_until(lambda: _jobs(nats_url, "t1") == [], 3.0, "the streams' jobs to be dropped")

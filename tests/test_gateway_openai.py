@@ -134,7 +134,7 @@ def test_health(gateway, neuron) -> None:
     assert TINY in body["models"]
 
 
-def test_prompt_beyond_nats_max_payload_is_413_naming_the_limit(openai_client) -> None:  # noqa: ANN001
+def test_prompt_beyond_nats_max_payload_is_413_naming_the_limit(openai_client) -> None:
     huge = "x" * (9 * 1024 * 1024)  # nats.conf allows 8 MB
     with pytest.raises(openai.APIStatusError) as err:
         openai_client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": huge}])

@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
+
 from cortex.placement.fleet import FleetView
 from cortex.placement.policy import rank_holders
 from cortex.protocol.errors import RETRYABLE, ErrorCode, JobFailed, NoCapacity, TransportError
@@ -93,6 +95,12 @@ class Dispatcher:
                 busy += exc.code is ErrorCode.busy
                 log.info("job %s refused by %s: %s", job.job_id, node, exc.message)
                 continue
+            except BaseException:
+                # Cancelled (the client left) while the job waited in a queue or in prefill.
+                with anyio.CancelScope(shield=True), contextlib.suppress(TransportError, NoCapacity):
+                    await stream.cancel()
+                    await events.aclose()  # type: ignore[attr-defined]
+                raise
             self._in_flight[stream.node or "?"] += 1
             return OpenJob(self, stream, events, first)
         if busy:

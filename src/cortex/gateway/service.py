@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from nats.aio.client import Client
+from nats.js.kv import KeyValue
 from prometheus_client import start_http_server
 
 from cortex.config import CortexSettings, split_host_port
@@ -16,7 +17,7 @@ from cortex.gateway.metrics import GatewayMetrics
 from cortex.placement.fleet import FleetView
 from cortex.protocol.catalogue import Catalogue
 from cortex.protocol.errors import ModelNotFound
-from cortex.protocol.subjects import Subjects
+from cortex.protocol.subjects import NODES_BUCKET, Subjects
 from cortex.transport.nats import JobClient, connect, nodes_bucket, watch_bucket
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class Gateway:
         nats = self.settings.nats
         self.nc = await connect(nats.servers, "cortex gateway", **nats.connect_options())
         kv = await nodes_bucket(self.nc)
-        self._follow = asyncio.create_task(self.fleet.follow(watch_bucket(kv)))
+        self._follow = asyncio.create_task(self._follow_fleet(kv))
         self._client = JobClient(self.nc, self.subjects)
         await self._client.start()
         gw = self.settings.gateway
@@ -53,6 +54,17 @@ class Gateway:
             async with asyncio.timeout(2.0):
                 await self.fleet.synced.wait()
         log.info("gateway connected to %s; fleet: %s", nats.servers, self.fleet.ready_models() or "no models yet")
+
+    async def _follow_fleet(self, kv: KeyValue) -> None:
+        """Keeps the fleet view fed; a broken watch is started again (it replays every key first)."""
+        while True:
+            try:
+                await self.fleet.follow(watch_bucket(kv))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("watching %s failed (%s); watching again in 1s", NODES_BUCKET, exc)
+            await asyncio.sleep(1.0)
 
     async def aclose(self) -> None:
         if self._follow is not None:

@@ -122,11 +122,13 @@ class JobStream:
         job: InferenceJob,
         token: str,
         queue: asyncio.Queue[Msg],
+        target: str | None,
         accept_timeout: float,
         idle_timeout: float,
     ) -> None:
         self.job = job
         self.node: str | None = None
+        self._target = target
         self.finished = False
         self._client = client
         self._token = token
@@ -172,9 +174,10 @@ class JobStream:
 
     async def cancel(self) -> bool:
         """Ask the node to stop this job. Returns whether the node still had it."""
-        if self.finished or self.node is None:
+        node = self.node or self._target
+        if self.finished or node is None:
             return False
-        return await self._client.cancel(self.node, self.job.job_id)
+        return await self._client.cancel(node, self.job.job_id)
 
 
 class JobClient:
@@ -231,7 +234,7 @@ class JobClient:
         self._queues[token] = queue
         with map_nats_errors(f"publishing job {job.job_id}"):
             await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}")
-        return JobStream(self, job, token, queue, accept_timeout, idle_timeout)
+        return JobStream(self, job, token, queue, node, accept_timeout, idle_timeout)
 
     async def cancel(self, node: str, job_id: str) -> bool:
         subject = self._subjects.control(node, "cancel")
