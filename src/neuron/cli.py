@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from cortex.protocol.config import ConfigError
+from cortex.protocol.errors import CortexError
 from neuron import config
 
 
@@ -41,7 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     from neuron.daemon import run  # torch is imported only once the config is valid
 
-    run(settings)
+    try:
+        run(settings)
+    except CortexError as exc:
+        sys.exit(f"neuron: {exc.message}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,6 +13,9 @@ from cortex.config import CortexSettings
 from cortex.gateway import errors, routes
 from cortex.gateway.service import Gateway
 from cortex.protocol.catalogue import Catalogue
+from cortex.protocol.errors import CortexError
+
+log = logging.getLogger(__name__)
 
 
 def build_app(settings: CortexSettings, catalogue: Catalogue | None = None) -> FastAPI:
@@ -19,7 +23,12 @@ def build_app(settings: CortexSettings, catalogue: Catalogue | None = None) -> F
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await gateway.start()
+        try:
+            await gateway.start()
+        except CortexError as exc:
+            log.error("gateway cannot start: %s", exc.message)
+            await gateway.aclose()
+            raise
         try:
             yield
         finally:

@@ -58,28 +58,45 @@ def map_nats_errors(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: {exc}") from exc
 
 
-async def connect(servers: list[str], name: str, **options: Any) -> Client:
+async def connect(servers: list[str], name: str, *, first_timeout: float = 10.0, **options: Any) -> Client:
+    """Connects, retrying for `first_timeout` seconds; once connected, reconnects forever."""
+    client: list[Client] = []
+
     async def _error_cb(exc: Exception) -> None:
-        log.warning("nats: %s", exc)
+        if client:  # before the first connection, the timeout error below says it once
+            log.warning("nats: %s", exc)
 
     async def _disconnected_cb() -> None:
-        log.warning("nats: disconnected")
+        if not (client and client[0].is_closed):  # a close we asked for is not news
+            log.warning("nats: disconnected")
 
     async def _reconnected_cb() -> None:
         log.info("nats: reconnected")
 
-    with map_nats_errors(f"connecting to {', '.join(servers)}"):
-        return await nats.connect(
-            servers=servers,
-            name=name,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=5,
-            error_cb=_error_cb,
-            disconnected_cb=_disconnected_cb,
-            reconnected_cb=_reconnected_cb,
-            **options,
+    try:
+        nc = await asyncio.wait_for(
+            nats.connect(
+                servers=servers,
+                name=name,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=5,
+                error_cb=_error_cb,
+                disconnected_cb=_disconnected_cb,
+                reconnected_cb=_reconnected_cb,
+                **options,
+            ),
+            first_timeout,
         )
+    except TimeoutError:
+        raise TransportError(
+            f"cannot reach NATS at {', '.join(servers)} within {first_timeout:g}s: is nats-server running "
+            "there? (`cortex up` starts one for development)"
+        ) from None
+    except nats.errors.Error as exc:
+        raise TransportError(f"connecting to NATS at {', '.join(servers)} failed: {exc}") from exc
+    client.append(nc)
+    return nc
 
 
 async def nodes_bucket(nc: Client, *, replicas: int = 1) -> KeyValue:

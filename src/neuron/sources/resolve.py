@@ -91,7 +91,7 @@ def _from_hub(ref: str, spec: ModelSpec, cache_dir: Path | None, offline: bool) 
             revision=revision or None,
             cache_dir=cache_dir,
             allow_patterns=patterns,
-            local_files_only=offline or None,
+            local_files_only=offline,  # HF_HUB_OFFLINE=1 makes huggingface_hub offline as well
         )
     except LocalEntryNotFoundError as exc:
         raise SourceError(
