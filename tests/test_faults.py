@@ -49,20 +49,32 @@ def test_client_disconnect_while_waiting_for_a_whole_answer_stops_generation(gat
     wait_until(lambda: _jobs(nats_url, "t1") == [], 3.0, "the neuron to drop the job")
 
 
-def test_killed_neuron_leaves_the_fleet_within_its_heartbeat_ttl(spawn, nats_url, models_toml, gateway) -> None:
+def test_killed_neuron_ends_its_streams_and_leaves_the_fleet_within_its_heartbeat_ttl(
+    spawn, nats_url, models_toml, gateway
+) -> None:
     victim = start_neuron(spawn, nats_url, models_toml, "victim", "test/tiny-llama-b")
     gateway.wait_for_model("test/tiny-llama-b")
-    victim.stop(signal.SIGKILL)
-    killed_at = time.monotonic()
-    wait_until(lambda: "test/tiny-llama-b" not in gateway.models(), 10, "the dead node's model to leave /v1/models")
-    # TTL is 3 heartbeats; the KV marker arrives within about a second of expiry.
-    assert time.monotonic() - killed_at <= 3 * HEARTBEAT_S + 2.0
-    body = httpx.post(
+    body = {**LONG, "model": "test/tiny-llama-b", "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        next(lines)
+        victim.stop(signal.SIGKILL)
+        killed_at = time.monotonic()
+        rest = [line for line in lines if line]
+        stream_ended_at = time.monotonic()
+    # TTL is 3 heartbeats; the KV marker (or the gateway's own staleness check) follows within ~1s.
+    budget = 3 * HEARTBEAT_S + 2.0
+    assert stream_ended_at - killed_at <= budget
+    assert rest[-1] == "data: [DONE]"
+    assert '"code":"node_lost"' in rest[-2]
+    wait_until(lambda: "test/tiny-llama-b" not in gateway.models(), budget, "the dead node's model to leave")
+    assert time.monotonic() - killed_at <= budget
+    resp = httpx.post(
         f"{gateway.url}/v1/chat/completions",
         json={"model": "test/tiny-llama-b", "messages": [{"role": "user", "content": "x"}]},
         timeout=10,
     )
-    assert body.status_code == 503
+    assert resp.status_code == 503
 
 
 def test_sigterm_finishes_in_flight_jobs_then_removes_the_heartbeat(spawn, nats_url, models_toml, gateway) -> None:

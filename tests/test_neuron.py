@@ -125,3 +125,33 @@ def test_heartbeat_is_in_the_kv_bucket(nats_url, neuron) -> None:
     hb = asyncio.run(read())
     assert hb["node"] == "t1"
     assert hb["interval_s"] == 1.0
+
+
+async def test_broadcast_cancel_stops_a_job_whose_node_the_sender_does_not_know(nats_url, neuron) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish(Subjects().infer(TINY), _job("bcast-1", max_tokens=8000).to_bytes(), reply=inbox)
+        assert isinstance(JOB_EVENT.validate_json((await sub.next_msg(timeout=10)).data), Accepted)
+        await nc.publish("cortex.cancel", json.dumps({"job_id": "bcast-1"}).encode())
+        while True:
+            data = (await sub.next_msg(timeout=5)).data
+            event = JOB_EVENT.validate_json(data)
+            if isinstance(event, Done):
+                break
+    finally:
+        await nc.close()
+    assert event.finish_reason == "cancelled"
+    assert event.usage.completion_tokens < 8000
+
+
+async def test_a_cancel_that_arrives_before_its_job_still_applies(nats_url, neuron) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.request("cortex.node.t1.cancel", json.dumps({"job_id": "early-1"}).encode(), timeout=5)
+        reply = await nc.request(Subjects().infer_node(TINY, "t1"), _job("early-1").to_bytes(), timeout=5)
+    finally:
+        await nc.close()
+    event = JOB_EVENT.validate_json(reply.data)
+    assert (event.type, event.code) == ("error", "cancelled")

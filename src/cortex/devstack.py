@@ -61,6 +61,7 @@ async def run(opts: DevOptions) -> int:
     )
     neuron_proc: subprocess.Popen[bytes] | None = None
     server: uvicorn.Server | None = None
+    serving: asyncio.Task[None] | None = None
     try:
         neuron_args = [sys.executable, "-m", "neuron.cli", "serve", "--nats", nats_url, "--node", opts.node]
         neuron_args += ["--model", spec.id]
@@ -77,32 +78,44 @@ async def run(opts: DevOptions) -> int:
         )
         app = build_app(settings, catalogue)
         host, port = split_host_port(opts.listen)
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+        )
+        server = uvicorn.Server(config)
         serving = asyncio.create_task(server.serve())
         while not server.started:
             if serving.done():
                 await serving
                 return 1
             await asyncio.sleep(0.05)
-        gateway = app.state.gateway
-        ready = asyncio.create_task(gateway.fleet.wait_for(lambda f: spec.id in f.ready_models(), opts.load_timeout))
-        while not ready.done():
+        fleet = app.state.gateway.fleet
+        settled = asyncio.create_task(
+            fleet.wait_for(lambda f: spec.id in f.ready_models() or bool(f.failed_on(spec.id)), opts.load_timeout)
+        )
+        while not settled.done():
             if neuron_proc.poll() is not None:
-                ready.cancel()
+                settled.cancel()
                 _say(f"cortex up: the neuron exited with {neuron_proc.returncode} before {spec.id} was ready")
-                server.should_exit = True
-                await serving
                 return 1
             if serving.done():
+                settled.cancel()
                 break
-            await asyncio.wait({ready, serving}, timeout=0.5)
-        if ready.done() and not ready.cancelled() and ready.exception() is None:
+            await asyncio.wait({settled, serving}, timeout=0.5)
+        failures = fleet.failed_on(spec.id)
+        if failures:
+            _say(f"cortex up: {spec.id} failed to load: {failures[0][1]}")
+            return 1
+        if spec.id in fleet.ready_models():
             _say(_banner(opts, spec.id, spec.aliases, nats_url))
+        elif not serving.done():
+            _say(f"cortex up: {spec.id} is still not ready after {opts.load_timeout:g}s; still waiting")
         await serving
         return 0
     finally:
-        if server is not None:
+        if server is not None and not server.should_exit:
             server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(serving, 10)
         if neuron_proc is not None and neuron_proc.poll() is None:
             _say("stopping the neuron")
             neuron_proc.terminate()

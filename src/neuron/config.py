@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.protocol.config import NatsSettings, load_settings
+from cortex.protocol.subjects import NODE_NAME_PATTERN
 
 
 def default_node_name() -> str:
@@ -18,7 +19,7 @@ def default_node_name() -> str:
 class NeuronSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    node: str = Field(default_factory=default_node_name, pattern=r"^[A-Za-z0-9_-]+$")
+    node: str = Field(default_factory=default_node_name, pattern=NODE_NAME_PATTERN)
     nats: NatsSettings = Field(default_factory=NatsSettings)
     devices: list[str] | None = Field(None, description="`cpu`, `cuda:0`, ...; all devices if unset.")
     max_batch: int = Field(4, ge=1, description="Jobs per model generating at once.")

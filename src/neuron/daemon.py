@@ -87,6 +87,8 @@ class Neuron:
     # --- model table hooks ------------------------------------------------------------------
 
     async def model_ready(self, spec: ModelSpec) -> None:
+        if self.relay.draining:
+            raise LoadError(f"node {self.settings.node} is shutting down")
         await self.relay.subscribe(spec.id)
 
     async def model_leaving(self, spec: ModelSpec) -> None:
@@ -149,6 +151,7 @@ async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Ev
             stack.callback(worker.stop)
         neuron = Neuron(settings, nc, workers)
         stack.push_async_callback(neuron.models.aclose)
+        await neuron.relay.start()
         service = await start_control(nc, settings.node, neuron.subjects, neuron)
         stack.push_async_callback(service.stop)
         neuron.heartbeat = heartbeat = Heartbeater(nc, kv, settings.node, settings.heartbeat_interval, neuron.snapshot)
@@ -166,15 +169,18 @@ async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Ev
         log.info("draining: no new jobs; in-flight jobs have %.0fs to finish", settings.drain_timeout)
         neuron.relay.draining = True
         await neuron.relay.unsubscribe_all()
-        await heartbeat.beat()
-        await neuron.publish_event("node_draining")
+        # Telling the fleet is best effort: NATS may be the reason we are stopping.
+        with contextlib.suppress(Exception):
+            await heartbeat.beat()
+            await neuron.publish_event("node_draining")
         await neuron.relay.drain(settings.drain_timeout)
         beating.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beating
         await heartbeat.remove()
-        await neuron.publish_event("node_down", detail="shutdown")
-        await nc.flush()
+        with contextlib.suppress(Exception):
+            await neuron.publish_event("node_down", detail="shutdown")
+            await nc.flush(timeout=2)
         log.info("neuron %s stopped", settings.node)
 
 

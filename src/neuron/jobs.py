@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from cortex.protocol.errors import ErrorCode
 from cortex.protocol.messages import (
     Accepted,
+    CancelRequest,
     Delta,
     Done,
     Failed,
@@ -78,7 +79,19 @@ class JobRelay:
         self._max_batch = max_batch
         self._subs: dict[str, list[Subscription]] = {}
         self._jobs: dict[str, _Running] = {}
+        # Cancels that arrived before their job (they travel on another subscription).
+        self._early_cancels: dict[str, float] = {}
+        self._cancel_sub: Subscription | None = None
         self.draining = False
+
+    async def start(self) -> None:
+        self._cancel_sub = await self._nc.subscribe(self._subjects.cancel_any(), cb=self._on_broadcast_cancel)
+
+    async def _on_broadcast_cancel(self, msg: Msg) -> None:
+        try:
+            self.cancel(CancelRequest.model_validate_json(msg.data).job_id)
+        except ValidationError:
+            log.warning("ignoring a malformed cancel on %s", msg.subject)
 
     # --- subscriptions, driven by the model table -------------------------------------------
 
@@ -123,6 +136,9 @@ class JobRelay:
     def cancel(self, job_id: str) -> bool:
         running = self._jobs.get(job_id)
         if running is None:
+            now = time.monotonic()
+            self._early_cancels = {j: t for j, t in self._early_cancels.items() if now - t < 60.0}
+            self._early_cancels[job_id] = now
             return False
         running.handle.cancel()
         log.info("job %s cancelled (request %s)", job_id, running.job.request_id)
@@ -165,6 +181,8 @@ class JobRelay:
             await reply.fail(ErrorCode.model_not_loaded, f"{job.model} is not loaded on {self._node}", retryable=True)
         elif job.job_id in self._jobs:
             await reply.fail(ErrorCode.invalid_request, f"job id {job.job_id} is already running")
+        elif self._early_cancels.pop(job.job_id, None) is not None:
+            await reply.fail(ErrorCode.cancelled, f"job {job.job_id} was cancelled before it arrived")
         elif sum(self.in_flight(entry.spec.id)) >= self._capacity:
             await reply.fail(
                 ErrorCode.busy, f"{job.model} on {self._node} has {self._capacity} jobs in flight", retryable=True
@@ -205,10 +223,12 @@ class JobRelay:
                     await reply.send(Failed(job_id=job.job_id, seq=reply.seq, code=out.code, message=out.message))
                     log.warning("job %s failed: %s", job.job_id, out.message)
             await reply.end()
-        except nats.errors.Error as exc:
-            # The inbox is unreachable: nobody can read the rest, so stop generating.
-            log.warning("job %s: cannot publish to its reply inbox (%s); cancelling", job.job_id, exc)
+        except (nats.errors.Error, asyncio.CancelledError) as exc:
+            # NATS is gone, or the daemon is stopping: nobody will read the rest, so stop generating.
+            log.warning("job %s: cannot relay its events (%r); cancelling", job.job_id, exc)
             running.handle.cancel()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         finally:
             self._jobs.pop(job.job_id, None)
             running.entry.last_used = time.time()

@@ -97,6 +97,8 @@ class ModelTable:
         entry = self._entries.get(spec.id)
         if entry is not None and entry.state in (ModelState.loading, ModelState.ready):
             return entry
+        if entry is not None and entry.state is ModelState.unloading:
+            raise LoadError(f"{spec.id} is being unloaded; load it again once that has finished")
         worker = self._pick_worker(device)
         entry = ModelEntry(spec=spec, state=ModelState.loading, worker=worker)
         self._entries[spec.id] = entry
@@ -111,12 +113,15 @@ class ModelTable:
             return None
         if entry.state is ModelState.loading:
             await entry.done.wait()
+        if entry.state is ModelState.unloading:
+            raise LoadError(f"{entry.spec.id} is already being unloaded")
         entry.state = ModelState.unloading
         await self._hooks.model_leaving(entry.spec)
         if entry.loaded is not None and entry.worker is not None:
             await entry.worker.call(loader.unload, entry.loaded)
         entry.loaded = None
-        self._entries.pop(entry.spec.id, None)
+        if self._entries.get(entry.spec.id) is entry:
+            del self._entries[entry.spec.id]
         log.info("unloaded %s", entry.spec.id)
         await self._hooks.model_changed("unloaded", entry.spec, None)
         return entry
@@ -138,13 +143,29 @@ class ModelTable:
         return next(iter(self._workers.values()))
 
     async def _load(self, entry: ModelEntry) -> None:
+        started = time.perf_counter()
+        try:
+            await self._bring_up(entry)
+        finally:
+            entry.done.set()
+        if entry.state is ModelState.ready:
+            assert entry.loaded is not None and entry.worker is not None
+            seconds = time.perf_counter() - started
+            detail = f"{entry.worker.device.id}, {seconds:.1f}s, {entry.loaded.memory_mb} MB"
+            log.info("loaded %s: %s", entry.spec.id, detail)
+            await self._hooks.model_changed("loaded", entry.spec, detail)
+        else:
+            await self._hooks.model_changed("load_failed", entry.spec, entry.error)
+
+    async def _bring_up(self, entry: ModelEntry) -> None:
+        """Resolves, loads and subscribes; leaves the entry `ready`, or `failed` with the reason."""
         spec, worker = entry.spec, entry.worker
         assert worker is not None
-        started = time.perf_counter()
         log.info("loading %s from %s on %s", spec.id, spec.source, worker.device.id)
         try:
             source = await asyncio.to_thread(resolve, spec, cache_dir=self._cache_dir, offline=self._offline)
             entry.loaded = await worker.call(loader.load, spec, source, worker.torch_device)
+            await self._hooks.model_ready(spec)
         except asyncio.CancelledError:
             entry.state, entry.error = ModelState.failed, "load cancelled"
             raise
@@ -154,18 +175,12 @@ class ModelTable:
             log.exception("loading %s failed", spec.id)
             self._failed(entry, f"{type(exc).__name__}: {exc}")
         else:
-            await self._hooks.model_ready(spec)
             entry.state = ModelState.ready
             entry.last_used = time.time()
-            seconds = time.perf_counter() - started
-            log.info("loaded %s on %s in %.1fs (%d MB)", spec.id, worker.device.id, seconds, entry.loaded.memory_mb)
-            await self._hooks.model_changed(
-                "loaded", spec, f"{worker.device.id}, {seconds:.1f}s, {entry.loaded.memory_mb} MB"
-            )
-        finally:
-            entry.done.set()
-        if entry.state is ModelState.failed:
-            await self._hooks.model_changed("load_failed", spec, entry.error)
+            return
+        if entry.loaded is not None:
+            await worker.call(loader.unload, entry.loaded)
+            entry.loaded = None
 
     def _failed(self, entry: ModelEntry, message: str) -> None:
         entry.state, entry.error = ModelState.failed, message

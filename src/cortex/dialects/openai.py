@@ -79,7 +79,7 @@ class ChatCompletionRequest(BaseModel):
     reasoning_effort: str | None = None
 
 
-_UNSUPPORTED = ("tools", "tool_choice", "response_format", "logit_bias", "top_logprobs", "reasoning_effort")
+_UNSUPPORTED = ("tools", "tool_choice", "logit_bias", "top_logprobs", "reasoning_effort")
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:

@@ -10,7 +10,3 @@ def event(data: Any, name: str | None = None) -> bytes:
     body = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     head = f"event: {name}\n" if name else ""
     return f"{head}data: {body}\n\n".encode()
-
-
-def comment(text: str = "keep-alive") -> bytes:
-    return f": {text}\n\n".encode()

@@ -17,11 +17,18 @@ import anyio
 
 from cortex.placement.fleet import FleetView
 from cortex.placement.policy import rank_holders
-from cortex.protocol.errors import RETRYABLE, ErrorCode, JobFailed, NoCapacity, TransportError
+from cortex.protocol.errors import ErrorCode, JobFailed, NoCapacity, TransportError
 from cortex.protocol.messages import Accepted, Failed, InferenceJob
 from cortex.transport.nats import JobClient, JobStream
 
 log = logging.getLogger(__name__)
+
+
+async def _abandon(stream: JobStream, events: AsyncIterator[Any]) -> None:
+    """Stops a job that will not be used, wherever it got to, and stops listening to it."""
+    with contextlib.suppress(TransportError, NoCapacity):
+        await stream.cancel()
+    await events.aclose()  # type: ignore[attr-defined]
 
 
 class OpenJob:
@@ -71,22 +78,26 @@ class Dispatcher:
             del self._in_flight[node]
 
     async def open(self, job: InferenceJob) -> OpenJob:
+        if not self._client.connected:
+            raise TransportError("the gateway has lost its NATS connection; retry shortly")
         holders = self._fleet.holders(job.model)
         # With no holder in view (a gateway that just started, say), the queue group may still have one.
         candidates: list[str | None] = list(rank_holders(holders, self._in_flight)) or [None]
         busy = 0
         for node in candidates:
             stream = await self._client.submit(
-                job, node, accept_timeout=self._accept_timeout, idle_timeout=self._idle_timeout
+                job,
+                node,
+                accept_timeout=self._accept_timeout,
+                idle_timeout=self._idle_timeout,
+                node_alive=self._fleet.alive,
             )
             events = aiter(stream)
             try:
                 first = await self._first_output(events)
             except (NoCapacity, TransportError) as exc:
                 log.info("job %s not taken by %s: %s", job.job_id, node or "the queue group", exc)
-                with contextlib.suppress(TransportError, NoCapacity):
-                    await stream.cancel()
-                await events.aclose()  # type: ignore[attr-defined]
+                await _abandon(stream, events)
                 continue
             except JobFailed as exc:
                 await events.aclose()  # type: ignore[attr-defined]
@@ -97,9 +108,8 @@ class Dispatcher:
                 continue
             except BaseException:
                 # Cancelled (the client left) while the job waited in a queue or in prefill.
-                with anyio.CancelScope(shield=True), contextlib.suppress(TransportError, NoCapacity):
-                    await stream.cancel()
-                    await events.aclose()  # type: ignore[attr-defined]
+                with anyio.CancelScope(shield=True):
+                    await _abandon(stream, events)
                 raise
             self._in_flight[stream.node or "?"] += 1
             return OpenJob(self, stream, events, first)
@@ -118,7 +128,7 @@ class Dispatcher:
         """Reads `accepted` and the event after it; a failure among them raises JobFailed."""
         first = await anext(events)
         if isinstance(first, Failed):
-            raise JobFailed(first.message, code=first.code, retryable=first.code in RETRYABLE)
+            raise JobFailed(first.message, code=first.code, retryable=first.retryable)
         if not isinstance(first, Accepted):
             raise TransportError(f"expected `accepted` first, got `{first.type}`", code=ErrorCode.internal)
         second = await anext(events, None)

@@ -6,12 +6,20 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from cortex.dialects import openai
 from cortex.gateway.errors import status_for
 from cortex.gateway.service import Gateway
-from cortex.gateway.streaming import ClientGone, Outcome, collect, stream_chat, unless_disconnected
+from cortex.gateway.streaming import (
+    ClientGone,
+    Outcome,
+    ServedJob,
+    ServedStreamResponse,
+    collect,
+    stream_chat,
+    unless_disconnected,
+)
 from cortex.protocol.errors import CortexError, ModelNotFound
 
 router = APIRouter()
@@ -81,20 +89,24 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
     except CortexError as exc:
         outcome.status = str(status_for(exc.code)[0])
         outcome.record(gw.metrics, "none")
-        raise exc
+        raise
     except ClientGone:
+        outcome.status = "499"
+        outcome.record(gw.metrics, "none")
         return Response(status_code=499)
+    served = ServedJob(opened, outcome, gw.metrics)
     completion_id = f"chatcmpl-{job_id}"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         writer = openai.ChunkWriter(completion_id, model_id, include_usage)
-        return StreamingResponse(
-            stream_chat(opened, outcome, gw.metrics, writer),
+        return ServedStreamResponse(
+            served,
+            stream_chat(served, writer),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     try:
-        text, done = await unless_disconnected(request, collect(opened, outcome, gw.metrics))
+        text, done = await unless_disconnected(request, collect(served))
     except ClientGone:
         return Response(status_code=499)
     return JSONResponse(openai.completion(completion_id, model_id, text, done), headers=headers)

@@ -10,10 +10,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
 from cortex.dialects import sse
 from cortex.dialects.openai import ChunkWriter, error_body
@@ -91,74 +92,100 @@ class Outcome:
                 metrics.tokens_per_second.labels(self.model).observe(rate)
 
 
-async def _finish(job: OpenJob, outcome: Outcome, metrics: GatewayMetrics) -> None:
-    # Shielded: this runs while the request's task is being cancelled by a disconnect.
-    with anyio.CancelScope(shield=True):
-        if outcome.done is None:
-            await job.cancel()
-        await job.aclose()
-        outcome.record(metrics, job.node)
-        metrics.in_flight.dec()
+class ServedJob:
+    """One HTTP request's job, from `open` to its metrics. `finish()` is safe to call twice."""
+
+    def __init__(self, job: OpenJob, outcome: Outcome, metrics: GatewayMetrics) -> None:
+        self.job = job
+        self.outcome = outcome
+        self._metrics = metrics
+        self._finished = False
+        metrics.in_flight.inc()
+
+    def observe(self, event: Any) -> None:
+        if isinstance(event, Delta) and self.outcome.first_token_at is None:
+            self.outcome.first_token_at = time.perf_counter()
+        elif isinstance(event, Done):
+            self.outcome.done = event
+        elif isinstance(event, Failed):
+            self.outcome.status = str(status_for(event.code)[0])
+
+    def broke(self, exc: CortexError) -> None:
+        self.outcome.status = str(status_for(exc.code)[0])
+
+    async def finish(self) -> None:
+        # Shielded: this also runs while a disconnect is cancelling the request's task.
+        with anyio.CancelScope(shield=True):
+            if self._finished:
+                return
+            self._finished = True
+            if self.outcome.done is None:
+                if self.outcome.status == "200":
+                    self.outcome.status = "499"  # the client left before the end
+                await self.job.cancel()
+            await self.job.aclose()
+            self.outcome.record(self._metrics, self.job.node)
+            self._metrics.in_flight.dec()
 
 
-async def collect(job: OpenJob, outcome: Outcome, metrics: GatewayMetrics) -> tuple[str, Done]:
-    metrics.in_flight.inc()
+class ServedStreamResponse(StreamingResponse):
+    """A streaming response that finishes its job however the response ends.
+
+    The body generator's own `finally` does not run if the client leaves before the first
+    chunk is pulled, so the response owns the clean-up.
+    """
+
+    def __init__(self, served: ServedJob, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._served = served
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._served.finish()
+
+
+async def collect(served: ServedJob) -> tuple[str, Done]:
     parts: list[str] = []
     try:
-        async for event in job.events():
+        async for event in served.job.events():
+            served.observe(event)
             if isinstance(event, Delta):
-                if outcome.first_token_at is None:
-                    outcome.first_token_at = time.perf_counter()
                 parts.append(event.text)
-            elif isinstance(event, Done):
-                outcome.done = event
             elif isinstance(event, Failed):
-                outcome.status = str(status_for(event.code)[0])
                 raise JobFailed(f"the model failed mid-answer: {event.message}", code=event.code)
-        if outcome.done is None:
+        if served.outcome.done is None:
             raise JobFailed("the job ended without a result", code=ErrorCode.node_lost)
-        return "".join(parts), outcome.done
+        return "".join(parts), served.outcome.done
     except CortexError as exc:
-        outcome.status = str(status_for(exc.code)[0])
-        raise
-    except BaseException:
-        outcome.status = "499"
+        served.broke(exc)
         raise
     finally:
-        await _finish(job, outcome, metrics)
+        await served.finish()
 
 
-async def stream_chat(
-    job: OpenJob, outcome: Outcome, metrics: GatewayMetrics, writer: ChunkWriter
-) -> AsyncIterator[bytes]:
-    metrics.in_flight.inc()
+async def stream_chat(served: ServedJob, writer: ChunkWriter) -> AsyncIterator[bytes]:
     try:
         yield sse.event(writer.role())
-        async for event in job.events():
+        async for event in served.job.events():
+            served.observe(event)
             if isinstance(event, Delta):
-                if outcome.first_token_at is None:
-                    outcome.first_token_at = time.perf_counter()
                 yield sse.event(writer.content(event.text))
             elif isinstance(event, Done):
-                outcome.done = event
                 for chunk in writer.finish(event):
                     yield sse.event(chunk)
             elif isinstance(event, Failed):
-                outcome.status = str(status_for(event.code)[0])
-                yield sse.event(
-                    error_body(f"the model failed mid-answer: {event.message}", "server_error", event.code.value)
-                )
-        if outcome.done is None and outcome.status == "200":
-            outcome.status = "502"
+                message = f"the model failed mid-answer: {event.message}"
+                yield sse.event(error_body(message, "server_error", event.code.value))
+        if served.outcome.done is None and served.outcome.status == "200":
+            served.broke(JobFailed("the job ended without a result", code=ErrorCode.node_lost))
             yield sse.event(error_body("the job ended without a result", "server_error", "node_lost"))
         yield sse.event("[DONE]")
     except CortexError as exc:
-        outcome.status = str(status_for(exc.code)[0])
-        log.warning("stream of job %s broke: %s", job.stream.job.job_id, exc.message)
+        served.broke(exc)
+        log.warning("stream of job %s broke: %s", served.job.stream.job.job_id, exc.message)
         yield sse.event(error_body(exc.message, "server_error", exc.code.value))
         yield sse.event("[DONE]")
-    except BaseException:
-        outcome.status = "499"
-        raise
     finally:
-        await _finish(job, outcome, metrics)
+        await served.finish()

@@ -40,6 +40,7 @@ class Holder:
 class FleetView:
     def __init__(self) -> None:
         self._nodes: dict[str, NodeRecord] = {}
+        self._gone: set[str] = set()
         self.synced = asyncio.Event()
         self._changed = asyncio.Condition()
 
@@ -47,6 +48,7 @@ class FleetView:
         if payload is None:
             if self._nodes.pop(node, None) is not None:
                 log.info("node %s left the fleet", node)
+                self._gone.add(node)
             return
         try:
             heartbeat = Heartbeat.model_validate_json(payload)
@@ -55,6 +57,7 @@ class FleetView:
             return
         if node not in self._nodes:
             log.info("node %s joined the fleet", node)
+        self._gone.discard(node)
         self._nodes[node] = NodeRecord(heartbeat, time.monotonic())
 
     async def follow(self, updates: AsyncIterator[tuple[str, bytes | None] | None]) -> None:
@@ -77,20 +80,41 @@ class FleetView:
         now = time.monotonic()
         return [r.heartbeat for r in self._nodes.values() if r.alive(now)]
 
-    def holders(self, model_id: str) -> list[Holder]:
-        """Nodes where the model is ready and that take jobs."""
+    def alive(self, node: str) -> bool:
+        """False once a node has left (key deleted or expired, or heartbeats stopped).
+
+        A node never seen counts as alive: a gateway that has just started may not have its
+        heartbeat yet, and the job's own timeouts still apply.
+        """
+        record = self._nodes.get(node)
+        if record is None:
+            return node not in self._gone
+        return record.alive(time.monotonic())
+
+    def _serving(self) -> list[Holder]:
+        """Every (node, model) where the model is ready and the node takes jobs."""
         return [
             Holder(hb.node, m)
             for hb in self.nodes()
             if not hb.draining
             for m in hb.models
-            if m.id == model_id and m.state is ModelState.ready
+            if m.state is ModelState.ready
         ]
+
+    def holders(self, model_id: str) -> list[Holder]:
+        return [h for h in self._serving() if h.model.id == model_id]
 
     def ready_models(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for hb in self.nodes():
-            for m in hb.models:
-                if m.state is ModelState.ready and not hb.draining:
-                    out.setdefault(m.id, []).append(hb.node)
+        for h in self._serving():
+            out.setdefault(h.model.id, []).append(h.node)
         return out
+
+    def failed_on(self, model_id: str) -> list[tuple[str, str]]:
+        """(node, error) for every node where loading the model failed."""
+        return [
+            (hb.node, m.error or "load failed")
+            for hb in self.nodes()
+            for m in hb.models
+            if m.id == model_id and m.state is ModelState.failed
+        ]

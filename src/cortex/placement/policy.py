@@ -16,7 +16,7 @@ def rank_holders(holders: list[Holder], local_in_flight: Mapping[str, int]) -> l
     """
 
     def load(h: Holder) -> tuple[int, float]:
-        reported = h.model.in_flight + h.model.queued
-        return reported + local_in_flight.get(h.node, 0), h.model.last_used or 0.0
+        # The heartbeat's in_flight already counts the queued jobs.
+        return h.model.in_flight + local_in_flight.get(h.node, 0), h.model.last_used or 0.0
 
     return [h.node for h in sorted(holders, key=load)]

@@ -28,10 +28,6 @@ class ErrorCode(StrEnum):
     internal = "internal"
 
 
-# Codes a gateway may retry on another node: the job never started producing output.
-RETRYABLE = frozenset({ErrorCode.busy, ErrorCode.shutting_down, ErrorCode.model_not_loaded})
-
-
 class CortexError(Exception):
     code: ErrorCode = ErrorCode.internal
 

@@ -46,8 +46,8 @@ def model_id_from_key(key: str) -> str:
     return out.decode()
 
 
-def valid_node_name(node: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9_-]+", node))
+# Node names are used as subject tokens and KV keys as they are.
+NODE_NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,10 @@ class Subjects:
 
     def control(self, node: str, verb: str) -> str:
         return f"{self.prefix}.node.{node}.{verb}"
+
+    def cancel_any(self) -> str:
+        """Broadcast cancel: every neuron drops the job if it has it (used when the node is unknown)."""
+        return f"{self.prefix}.cancel"
 
     def events(self, kind: str) -> str:
         return f"{self.prefix}.events.{kind}"

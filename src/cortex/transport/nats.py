@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import nats
@@ -20,7 +20,6 @@ from cortex.protocol.errors import (
     CortexError,
     ErrorCode,
     InvalidRequest,
-    JobFailed,
     NoCapacity,
     TransportError,
 )
@@ -38,6 +37,7 @@ from cortex.protocol.subjects import NODES_BUCKET, Subjects
 log = logging.getLogger(__name__)
 
 _STATUS = "Status"
+_LIVENESS_CHECK_S = 1.0
 _NO_RESPONDERS = "503"
 
 
@@ -142,6 +142,7 @@ class JobStream:
         target: str | None,
         accept_timeout: float,
         idle_timeout: float,
+        node_alive: Callable[[str], bool],
     ) -> None:
         self.job = job
         self.node: str | None = None
@@ -152,6 +153,7 @@ class JobStream:
         self._queue = queue
         self._accept_timeout = accept_timeout
         self._idle_timeout = idle_timeout
+        self._node_alive = node_alive
         self._next_seq = 0
 
     def __aiter__(self) -> AsyncIterator[Accepted | Any]:
@@ -160,15 +162,7 @@ class JobStream:
     async def _events(self) -> AsyncIterator[Any]:
         try:
             while True:
-                timeout = self._accept_timeout if self.node is None else self._idle_timeout
-                try:
-                    msg = await asyncio.wait_for(self._queue.get(), timeout)
-                except TimeoutError:
-                    where = f"node {self.node}" if self.node else "any neuron"
-                    raise TransportError(
-                        f"no answer from {where} for job {self.job.job_id} within {timeout:g}s",
-                        code=ErrorCode.timeout if self.node is None else ErrorCode.node_lost,
-                    ) from None
+                msg = await self._next_message()
                 if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
                     raise NoCapacity(f"no neuron is subscribed for model {self.job.model}")
                 if not msg.data:
@@ -189,12 +183,32 @@ class JobStream:
         finally:
             self._client._forget(self._token)
 
+    async def _next_message(self) -> Msg:
+        """Waits for the next message, giving up early when the job's node leaves the fleet."""
+        timeout = self._accept_timeout if self.node is None else self._idle_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                return await asyncio.wait_for(self._queue.get(), min(left, _LIVENESS_CHECK_S))
+            except TimeoutError:
+                node = self.node or self._target
+                if node is not None and not self._node_alive(node):
+                    raise TransportError(
+                        f"node {node} left the fleet while running job {self.job.job_id}", code=ErrorCode.node_lost
+                    ) from None
+                if left <= _LIVENESS_CHECK_S:
+                    where = f"node {self.node}" if self.node else "any neuron"
+                    raise TransportError(
+                        f"no answer from {where} for job {self.job.job_id} within {timeout:g}s",
+                        code=ErrorCode.timeout if self.node is None else ErrorCode.node_lost,
+                    ) from None
+
     async def cancel(self) -> bool:
         """Ask the node to stop this job. Returns whether the node still had it."""
-        node = self.node or self._target
-        if self.finished or node is None:
+        if self.finished:
             return False
-        return await self._client.cancel(node, self.job.job_id)
+        return await self._client.cancel(self.node or self._target, self.job.job_id)
 
 
 class JobClient:
@@ -235,7 +249,8 @@ class JobClient:
         node: str | None = None,
         *,
         accept_timeout: float = 5.0,
-        idle_timeout: float = 120.0,
+        idle_timeout: float = 300.0,
+        node_alive: Callable[[str], bool] = lambda _: True,
     ) -> JobStream:
         subject = self._subjects.infer_node(job.model, node) if node else self._subjects.infer(job.model)
         payload = job.to_bytes()
@@ -251,17 +266,21 @@ class JobClient:
         self._queues[token] = queue
         with map_nats_errors(f"publishing job {job.job_id}"):
             await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}")
-        return JobStream(self, job, token, queue, node, accept_timeout, idle_timeout)
+        return JobStream(self, job, token, queue, node, accept_timeout, idle_timeout, node_alive)
 
-    async def cancel(self, node: str, job_id: str) -> bool:
-        subject = self._subjects.control(node, "cancel")
-        with map_nats_errors(f"cancelling job {job_id} on {node}"):
-            reply = await self._nc.request(subject, CancelRequest(job_id=job_id).to_bytes(), timeout=2.0)
+    @property
+    def connected(self) -> bool:
+        return self._nc.is_connected
+
+    async def cancel(self, node: str | None, job_id: str) -> bool:
+        """Stops a job on its node; with no node known, asks every neuron. True if a node had it."""
+        body = CancelRequest(job_id=job_id).to_bytes()
+        with map_nats_errors(f"cancelling job {job_id} on {node or 'any node'}"):
+            if node is None:
+                await self._nc.publish(self._subjects.cancel_any(), body)
+                return False
+            reply = await self._nc.request(self._subjects.control(node, "cancel"), body, timeout=2.0)
         return CancelReply.model_validate_json(reply.data).found
-
-
-def raise_for_failed(event: Failed) -> None:
-    raise JobFailed(event.message, code=event.code, retryable=event.retryable)
 
 
 async def watch_bucket(kv: KeyValue) -> AsyncIterator[tuple[str, bytes | None] | None]:

@@ -6,6 +6,7 @@ Failures answer with a micro error (`Nats-Service-Error-Code`) and a ServiceErro
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -65,11 +66,24 @@ async def start_control(nc: Client, node: str, subjects: Subjects, controller: C
     async def cancel(body: CancelRequest) -> BaseModel:
         return controller.cancel(body)
 
-    await group.add_endpoint(name="load", handler=_endpoint(LoadRequest, load))
-    await group.add_endpoint(name="unload", handler=_endpoint(UnloadRequest, unload))
+    # Loads and unloads may take minutes; each runs in its own task so one does not hold up the next.
+    await group.add_endpoint(name="load", handler=_in_task(_endpoint(LoadRequest, load)))
+    await group.add_endpoint(name="unload", handler=_in_task(_endpoint(UnloadRequest, unload)))
     await group.add_endpoint(name="status", handler=_endpoint(None, status))
     await group.add_endpoint(name="cancel", handler=_endpoint(CancelRequest, cancel))
     return service
+
+
+_running: set[asyncio.Task[None]] = set()
+
+
+def _in_task(handler: Callable[[Request], Awaitable[None]]) -> Callable[[Request], Awaitable[None]]:
+    async def spawn(request: Request) -> None:
+        task = asyncio.create_task(handler(request))
+        _running.add(task)
+        task.add_done_callback(_running.discard)
+
+    return spawn
 
 
 def _endpoint(

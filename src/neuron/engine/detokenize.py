@@ -38,8 +38,8 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """What is still held back at the end of generation (possibly an incomplete character)."""
+        """What is still held back at the end of generation, less a character cut off by the end."""
         before = self._decode(self._prefix, self._read)
         after = self._decode(self._prefix)
         self._prefix = self._read = len(self._ids)
-        return after[len(before) :]
+        return after[len(before) :].rstrip("\ufffd")

@@ -110,6 +110,20 @@ class DeviceWorker:
         for gen in [*self._active, *self._waiting]:
             gen.cancel()
             self._guard(gen, gen.step)
+        self._refuse_leftovers()
+
+    def _refuse_leftovers(self) -> None:
+        """After stop, nothing waits forever on a device that is gone."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Generation):
+                item.cancel()
+                self._guard(item, item.step)
+            elif item is not _STOP:
+                item[2].set_exception(RuntimeError(f"device worker {self.device.id} has stopped"))
 
     def _take_commands(self) -> bool:
         """Runs what is in the inbox; blocks only when there is nothing to step. False on stop."""

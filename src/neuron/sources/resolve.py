@@ -29,10 +29,6 @@ class ResolvedSource:
     directory: Path
     gguf_file: str | None = None
 
-    @property
-    def display(self) -> str:
-        return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
-
 
 def resolve(spec: ModelSpec, *, cache_dir: Path | None = None, offline: bool = False) -> ResolvedSource:
     scheme, sep, rest = spec.source.partition(":")
