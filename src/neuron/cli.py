@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from cortex.protocol.catalogue import CatalogueError
 from cortex.protocol.config import ConfigError
 from cortex.protocol.errors import CortexError
 from neuron import config
@@ -41,11 +42,14 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     from neuron.daemon import run  # torch is imported only once the config is valid
+    from neuron.devices.discovery import DeviceError
 
     try:
         run(settings)
     except CortexError as exc:
         sys.exit(f"neuron: {exc.message}")
+    except (CatalogueError, DeviceError) as exc:
+        sys.exit(f"neuron: {exc}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 
 from nats.aio.client import Client
 
-from cortex.protocol.catalogue import Catalogue
+from cortex.protocol.catalogue import Catalogue, CatalogueError
 from cortex.protocol.errors import ErrorCode
 from cortex.protocol.messages import (
     CancelReply,
@@ -137,7 +137,7 @@ async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Ev
     for name in settings.default_models:
         spec = catalogue.resolve(name)
         if spec is None:
-            raise SystemExit(f"default model {name!r} is not in the catalogue; known: {catalogue.names()}")
+            raise CatalogueError(f"default model {name!r} is not in the catalogue; known: {catalogue.names()}")
         defaults.append(spec)
 
     async with contextlib.AsyncExitStack() as stack:

@@ -12,6 +12,10 @@ from cortex.protocol.messages import DeviceInfo
 _MB = 2**20
 
 
+class DeviceError(ValueError):
+    pass
+
+
 def discover(selection: list[str] | None = None) -> list[DeviceInfo]:
     """All devices, or those named in `selection` (`cpu`, `cuda:0`, ...). GPUs first."""
     devices = [_cuda(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
@@ -20,7 +24,7 @@ def discover(selection: list[str] | None = None) -> list[DeviceInfo]:
         known = {d.id: d for d in devices}
         missing = [s for s in selection if s not in known]
         if missing:
-            raise ValueError(f"devices {missing} not found on this machine; it has {sorted(known)}")
+            raise DeviceError(f"devices {missing} not found on this machine; it has {sorted(known)}")
         devices = [known[s] for s in selection]
     return devices
 
