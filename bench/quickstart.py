@@ -81,29 +81,34 @@ def _gateway_run(url: str, max_tokens: int) -> Run:
     return Run(first - sent, tokens, (tokens - 1) / (last - first))
 
 
-def _generate_runs(runs: int, max_tokens: int) -> list[Run]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class _Baseline:
+    """Plain `model.generate` on the same weights, loaded once in this process."""
 
-    from cortex.protocol.catalogue import DEFAULT_MODEL
-    from neuron.sources.resolve import resolve
+    def __init__(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = resolve(DEFAULT_MODEL)
-    tok = AutoTokenizer.from_pretrained(str(src.directory), gguf_file=src.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(str(src.directory), gguf_file=src.gguf_file, dtype=torch.float32)
-    ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = []
-    for _ in range(runs):
-        with torch.inference_mode():
+        from cortex.protocol.catalogue import DEFAULT_MODEL
+        from neuron.sources.resolve import resolve
+
+        self._torch = torch
+        src = resolve(DEFAULT_MODEL)
+        tok = AutoTokenizer.from_pretrained(str(src.directory), gguf_file=src.gguf_file)
+        self._model = AutoModelForCausalLM.from_pretrained(
+            str(src.directory), gguf_file=src.gguf_file, dtype=torch.float32
+        )
+        self._ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+    def run(self, max_tokens: int) -> Run:
+        with self._torch.inference_mode():
             t0 = time.perf_counter()
-            model.generate(**ids, max_new_tokens=1, do_sample=False)
+            self._model.generate(**self._ids, max_new_tokens=1, do_sample=False)
             ttft = time.perf_counter() - t0
             t0 = time.perf_counter()
-            gen = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
+            gen = self._model.generate(**self._ids, max_new_tokens=max_tokens, do_sample=False)
             total = time.perf_counter() - t0
-        n = gen.shape[1] - ids["input_ids"].shape[1]
-        out.append(Run(ttft, n, (n - 1) / max(total - ttft, 1e-9)))
-    return out
+        n = gen.shape[1] - self._ids["input_ids"].shape[1]
+        return Run(ttft, n, (n - 1) / max(total - ttft, 1e-9))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,12 +123,17 @@ def main(argv: list[str] | None = None) -> None:
         proc, url = _start_stack(state)
         try:
             first_answer = _first_answer(url, proc, started)
-            _gateway_run(url, 8)  # warm-up
-            through_gateway = [_gateway_run(url, args.max_tokens) for _ in range(args.runs)]
+            baseline = _Baseline()  # loaded while the stack idles, so the runs below can alternate
+            baseline.run(8)
+            _gateway_run(url, 8)
+            # Alternating the two paths spreads this shared machine's drift evenly over both.
+            through_gateway, direct = [], []
+            for _ in range(args.runs):
+                through_gateway.append(_gateway_run(url, args.max_tokens))
+                direct.append(baseline.run(args.max_tokens))
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(60)
-    direct = _generate_runs(args.runs, args.max_tokens)
 
     def row(name: str, runs: list[Run]) -> str:
         ttft = statistics.median(r.ttft_s for r in runs) * 1000
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     table = "\n".join(
         [
             f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32), CPU x{os.cpu_count()}, "
-            f"greedy, {args.runs} runs, medians",
+            f"greedy, {args.runs} alternating runs each, medians",
             "",
             f"seconds from `cortex up` to the first answer: {first_answer:.1f}",
             "",
