@@ -86,6 +86,13 @@ def test_unknown_model_is_404_in_openai_envelope(openai_client) -> None:
     assert "no/such-model" in err.value.body["message"]
 
 
+def test_errors_carry_the_request_id(gateway, neuron) -> None:
+    body = {"model": "no/such-model", "messages": MESSAGES}
+    resp = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers={"x-request-id": "abc-123"}, timeout=10)
+    assert resp.status_code == 404
+    assert resp.headers["x-request-id"] == "abc-123"
+
+
 def test_known_model_that_no_node_serves_is_503_saying_why(openai_client) -> None:
     with pytest.raises(openai.InternalServerError) as err:
         openai_client.chat.completions.create(model="test/tiny-llama-c", messages=MESSAGES)

@@ -33,9 +33,17 @@ def status_for(code: ErrorCode) -> tuple[int, str]:
     return _STATUS.get(code, (500, "server_error"))
 
 
-def error_response(exc: CortexError) -> JSONResponse:
+def _id_header(request: Request) -> dict[str, str]:
+    """The request id, on errors too: the one the route assigned, else the client's own."""
+    rid = getattr(request.state, "request_id", None) or request.headers.get("x-request-id", "")[:128]
+    return {"x-request-id": rid} if rid and rid.isprintable() else {}
+
+
+def error_response(request: Request, exc: CortexError) -> JSONResponse:
     status, type_ = status_for(exc.code)
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    headers = _id_header(request)
+    if status in (429, 503):
+        headers["Retry-After"] = "1"
     return JSONResponse(error_body(exc.message, type_, exc.code.value), status_code=status, headers=headers)
 
 
@@ -52,19 +60,22 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(CortexError)
-    async def _cortex(_: Request, exc: CortexError) -> JSONResponse:
-        return error_response(exc)
+    async def _cortex(request: Request, exc: CortexError) -> JSONResponse:
+        return error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return JSONResponse(error_body(message, "invalid_request_error", None, param), status_code=400)
+        body = error_body(message, "invalid_request_error", None, param)
+        return JSONResponse(body, status_code=400, headers=_id_header(request))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None), status_code=exc.status_code)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = error_body(str(exc.detail), "invalid_request_error", None)
+        return JSONResponse(body, status_code=exc.status_code, headers=_id_header(request))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+        body = error_body(f"internal error: {type(exc).__name__}", "server_error")
+        return JSONResponse(body, status_code=500, headers=_id_header(request))

@@ -31,7 +31,8 @@ def _gateway(request: Request) -> Gateway:
 
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
-    return given[:128] if given.isprintable() and given else uuid.uuid4().hex
+    request.state.request_id = given[:128] if given.isprintable() and given else uuid.uuid4().hex
+    return request.state.request_id
 
 
 @router.get("/health")
