@@ -60,7 +60,12 @@ def test_up_exits_with_the_reason_when_the_model_cannot_load(tmp_path: Path, mod
     )
     proc, _, log, nats_port = _up(tmp_path, broken, "test/broken")
     started = time.monotonic()
-    assert proc.wait(60) == 1
+    try:
+        assert proc.wait(60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
     assert time.monotonic() - started < 60
     assert "test/broken failed to load: model test/broken: /nonexistent/model does not exist" in log.read_text()
     assert _running_with(str(tmp_path / "state"), f"nats://127.0.0.1:{nats_port}") == []
