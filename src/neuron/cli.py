@@ -46,9 +46,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         run(settings)
-    except CortexError as exc:
-        sys.exit(f"neuron: {exc.message}")
-    except (CatalogueError, DeviceError) as exc:
+    except (CortexError, CatalogueError, DeviceError) as exc:
         sys.exit(f"neuron: {exc}")
 
 

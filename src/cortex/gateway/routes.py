@@ -9,7 +9,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from cortex.dialects import openai
-from cortex.gateway.errors import status_for
 from cortex.gateway.service import Gateway
 from cortex.gateway.streaming import (
     ClientGone,
@@ -88,7 +87,7 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
     try:
         opened = await unless_disconnected(request, gw.dispatcher.open(job))
     except CortexError as exc:
-        outcome.status = str(status_for(exc.code)[0])
+        outcome.failed(exc.code)
         outcome.record(gw.metrics, "none")
         raise
     except ClientGone:

@@ -64,6 +64,9 @@ class Outcome:
     done: Done | None = None
     status: str = "200"
 
+    def failed(self, code: ErrorCode) -> None:
+        self.status = str(status_for(code)[0])
+
     def record(self, metrics: GatewayMetrics, node: str) -> None:
         now = time.perf_counter()
         usage = self.done.usage if self.done else None
@@ -108,10 +111,7 @@ class ServedJob:
         elif isinstance(event, Done):
             self.outcome.done = event
         elif isinstance(event, Failed):
-            self.outcome.status = str(status_for(event.code)[0])
-
-    def broke(self, exc: CortexError) -> None:
-        self.outcome.status = str(status_for(exc.code)[0])
+            self.outcome.failed(event.code)
 
     async def finish(self) -> None:
         # Shielded: this also runs while a disconnect is cancelling the request's task.
@@ -159,7 +159,7 @@ async def collect(served: ServedJob) -> tuple[str, Done]:
             raise JobFailed("the job ended without a result", code=ErrorCode.node_lost)
         return "".join(parts), served.outcome.done
     except CortexError as exc:
-        served.broke(exc)
+        served.outcome.failed(exc.code)
         raise
     finally:
         await served.finish()
@@ -179,11 +179,11 @@ async def stream_chat(served: ServedJob, writer: ChunkWriter) -> AsyncIterator[b
                 message = f"the model failed mid-answer: {event.message}"
                 yield sse.event(error_body(message, "server_error", event.code.value))
         if served.outcome.done is None and served.outcome.status == "200":
-            served.broke(JobFailed("the job ended without a result", code=ErrorCode.node_lost))
+            served.outcome.failed(ErrorCode.node_lost)
             yield sse.event(error_body("the job ended without a result", "server_error", "node_lost"))
         yield sse.event("[DONE]")
     except CortexError as exc:
-        served.broke(exc)
+        served.outcome.failed(exc.code)
         log.warning("stream of job %s broke: %s", served.job.stream.job.job_id, exc.message)
         yield sse.event(error_body(exc.message, "server_error", exc.code.value))
         yield sse.event("[DONE]")

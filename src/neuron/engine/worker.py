@@ -108,8 +108,7 @@ class DeviceWorker:
                 self._admit()
                 self._step_all()
         for gen in [*self._active, *self._waiting]:
-            gen.cancel()
-            self._guard(gen, gen.step)
+            self._end_cancelled(gen)
         self._refuse_leftovers()
 
     def _refuse_leftovers(self) -> None:
@@ -120,8 +119,7 @@ class DeviceWorker:
             except queue.Empty:
                 return
             if isinstance(item, Generation):
-                item.cancel()
-                self._guard(item, item.step)
+                self._end_cancelled(item)
             elif item is not _STOP:
                 item[2].set_exception(RuntimeError(f"device worker {self.device.id} has stopped"))
 
@@ -156,7 +154,7 @@ class DeviceWorker:
         for gen in self._waiting:
             model_id = gen.model.spec.id
             if gen.cancelled:
-                self._guard(gen, gen.step)
+                self._end_cancelled(gen)
             elif running.get(model_id, 0) < self._max_batch:
                 running[model_id] = running.get(model_id, 0) + 1
                 if self._guard(gen, gen.prefill) and not gen.finished:
@@ -170,6 +168,11 @@ class DeviceWorker:
             self._guard(gen, gen.step)
             if gen.finished:
                 self._active.remove(gen)
+
+    def _end_cancelled(self, gen: Generation) -> None:
+        """Cancels the generation (if not already) and lets it report `cancelled` now."""
+        gen.cancel()
+        self._guard(gen, gen.step)
 
     @staticmethod
     def _guard(gen: Generation, action: Callable[[], None]) -> bool:
