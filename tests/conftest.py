@@ -144,9 +144,18 @@ def spawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Pr
     procs: list[Proc] = []
     logs = tmp_path_factory.mktemp("logs")
 
-    def start(name: str, module: str, *args: str) -> Proc:
+    converted = tmp_path_factory.mktemp("converted")
+
+    def start(name: str, module: str, *args: str, env: dict[str, str] | None = None) -> Proc:
         log = logs / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            # Each test session converts GGUF weights afresh, so a cold load is cold.
+            "NEURON_CONVERTED_DIR": str(converted),
+            **(env or {}),
+        }
         with log.open("wb") as out:
             popen = subprocess.Popen(
                 [sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT, env=env
@@ -160,9 +169,13 @@ def spawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Pr
         proc.stop()
 
 
-def start_neuron(spawn: Callable[..., Proc], nats_url: str, models_toml: Path, node: str, *models: str) -> Proc:
+def start_neuron(
+    spawn: Callable[..., Proc], nats_url: str, models_toml: Path, node: str, *models: str, memory_mb: int | None = None
+) -> Proc:
     args = ["serve", "--nats", nats_url, "--node", node, "--models-config", str(models_toml)]
     args += ["--heartbeat-interval", str(HEARTBEAT_S)]
+    if memory_mb is not None:
+        args += ["--memory-mb", str(memory_mb)]
     for model in models:
         args += ["--model", model]
     return spawn(f"neuron-{node}", "neuron.cli", *args)
@@ -174,28 +187,25 @@ class Gateway:
     proc: Proc
 
     def models(self) -> dict[str, list[str]]:
+        """Models ready somewhere -> the nodes serving them."""
         body = httpx.get(f"{self.url}/v1/models", timeout=5).json()
-        return {m["id"]: m["nodes"] for m in body["data"]}
+        return {m["id"]: m["nodes"] for m in body["data"] if m["nodes"]}
 
     def wait_for_model(self, model: str, timeout: float = 60.0) -> None:
         wait_until(lambda: model in self.models(), timeout, f"{model} in /v1/models")
 
 
-@pytest.fixture(scope="session")
-def gateway(spawn: Callable[..., Proc], nats_url: str, models_toml: Path) -> Gateway:
+def start_gateway(
+    spawn: Callable[..., Proc], nats_url: str, models_toml: Path, name: str = "gateway", **env: str
+) -> Gateway:
     port = natsserver.free_port()
-    os.environ["CORTEX_GATEWAY__METRICS_LISTEN"] = f"127.0.0.1:{natsserver.free_port()}"
-    proc = spawn(
-        "gateway",
-        "cortex.cli",
-        "serve",
-        "--nats",
-        nats_url,
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--models-config",
-        str(models_toml),
-    )
+    env = {
+        "CORTEX_GATEWAY__METRICS_LISTEN": f"127.0.0.1:{natsserver.free_port()}",
+        "CORTEX_GATEWAY__KEEPALIVE_INTERVAL": "1",
+        **env,
+    }
+    args = ["serve", "--nats", nats_url, "--listen", f"127.0.0.1:{port}", "--models-config", str(models_toml)]
+    proc = spawn(name, "cortex.cli", *args, env=env)
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
@@ -204,8 +214,13 @@ def gateway(spawn: Callable[..., Proc], nats_url: str, models_toml: Path) -> Gat
             return httpx.get(f"{url}/health", timeout=1).status_code == 200
         return False
 
-    wait_until(healthy, 30, "the gateway's /health")
+    wait_until(healthy, 30, f"{name}'s /health")
     return Gateway(url, proc)
+
+
+@pytest.fixture(scope="session")
+def gateway(spawn: Callable[..., Proc], nats_url: str, models_toml: Path) -> Gateway:
+    return start_gateway(spawn, nats_url, models_toml)
 
 
 @pytest.fixture(scope="session")

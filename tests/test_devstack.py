@@ -67,5 +67,5 @@ def test_up_exits_with_the_reason_when_the_model_cannot_load(tmp_path: Path, mod
             proc.send_signal(signal.SIGINT)
             proc.wait(60)
     assert time.monotonic() - started < 60
-    assert "test/broken failed to load: model test/broken: /nonexistent/model does not exist" in log.read_text()
+    assert "test/broken failed to load: /nonexistent/model does not exist on this node; fix the path" in log.read_text()
     assert _running_with(str(tmp_path / "state"), f"nats://127.0.0.1:{nats_port}") == []

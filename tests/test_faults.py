@@ -49,8 +49,8 @@ def test_client_disconnect_while_waiting_for_a_whole_answer_stops_generation(gat
     wait_until(lambda: _jobs(nats_url, "t1") == [], 3.0, "the neuron to drop the job")
 
 
-def test_killed_neuron_ends_its_streams_and_leaves_the_fleet_within_its_heartbeat_ttl(
-    spawn, nats_url, models_toml, gateway
+def test_killed_neuron_ends_its_streams_leaves_the_fleet_and_its_model_moves(
+    spawn, nats_url, models_toml, gateway, neuron
 ) -> None:
     victim = start_neuron(spawn, nats_url, models_toml, "victim", "test/tiny-llama-b")
     gateway.wait_for_model("test/tiny-llama-b")
@@ -69,12 +69,15 @@ def test_killed_neuron_ends_its_streams_and_leaves_the_fleet_within_its_heartbea
     assert '"code":"node_lost"' in rest[-2]
     wait_until(lambda: "test/tiny-llama-b" not in gateway.models(), budget, "the dead node's model to leave")
     assert time.monotonic() - killed_at <= budget
+    # The next request loads the model on the surviving node.
     resp = httpx.post(
         f"{gateway.url}/v1/chat/completions",
-        json={"model": "test/tiny-llama-b", "messages": [{"role": "user", "content": "x"}]},
-        timeout=10,
+        json={"model": "test/tiny-llama-b", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4},
+        timeout=30,
     )
-    assert resp.status_code == 503
+    assert resp.status_code == 200, resp.text
+    assert gateway.models()["test/tiny-llama-b"] == ["t1"]
+    nats_request(nats_url, "cortex.node.t1.unload", {"model": "test/tiny-llama-b"})
 
 
 def test_sigterm_finishes_in_flight_jobs_then_removes_the_heartbeat(spawn, nats_url, models_toml, gateway) -> None:

@@ -93,13 +93,6 @@ def test_errors_carry_the_request_id(gateway, neuron) -> None:
     assert resp.headers["x-request-id"] == "abc-123"
 
 
-def test_known_model_that_no_node_serves_is_503_saying_why(openai_client) -> None:
-    with pytest.raises(openai.InternalServerError) as err:
-        openai_client.chat.completions.create(model="test/tiny-llama-c", messages=MESSAGES)
-    assert err.value.status_code == 503
-    assert "not loaded on any node" in err.value.body["message"]
-
-
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
@@ -126,12 +119,33 @@ def test_malformed_body_is_400_in_openai_envelope(gateway, neuron, body: bytes, 
     assert needle in error["message"]
 
 
-def test_models_lists_what_is_ready(openai_client) -> None:
-    models = {m.id: m for m in openai_client.models.list()}
-    assert TINY in models
-    assert models[TINY].model_extra["nodes"] == ["t1"]
-    assert models[TINY].model_extra["aliases"] == ["tiny"]
-    assert "test/tiny-llama-c" not in models
+def test_models_lists_the_catalogue_and_where_each_model_is_loaded(openai_client) -> None:
+    models = {m.id: m.model_extra for m in openai_client.models.list()}
+    assert models[TINY]["nodes"] == ["t1"]
+    assert models[TINY]["aliases"] == ["tiny"]
+    assert models[TINY]["loaded"][0]["state"] == "ready"
+    assert models[TINY]["memory_source"] == "measured"
+    idle = models["test/tiny-llama-c"]
+    assert idle["nodes"] == [] and "t1" in idle["placeable_on"]
+    assert idle["memory_source"] == "estimate" and idle["memory_mb"] > 0
+
+
+def test_one_model_by_alias(openai_client) -> None:
+    model = openai_client.models.retrieve("tiny")
+    assert model.id == TINY
+
+
+def test_admin_api_is_refused_to_remote_clients_when_no_admin_key_is_set() -> None:
+    from fastapi.testclient import TestClient
+
+    from cortex.config import CortexSettings
+    from cortex.gateway.app import build_app
+
+    client = TestClient(build_app(CortexSettings()))  # no lifespan: the check comes before any NATS work
+    resp = client.post("/admin/models/load", json={"model": "smollm2"})
+    assert resp.status_code == 403
+    assert resp.json()["error"]["type"] == "permission_error"
+    assert "admin_keys" in resp.json()["error"]["message"]
 
 
 def test_health(gateway, neuron) -> None:

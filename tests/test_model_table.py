@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 from cortex.protocol.messages import DeviceInfo, ModelSpec, ModelState
 from neuron.engine.worker import DeviceWorker
 from neuron.models import LoadError, ModelTable
+from neuron.sources.inspect import list_source
+from neuron.sources.preflight import Plan, plan
 
 
 class _SlowLeaving:
@@ -25,8 +28,12 @@ class _SlowLeaving:
     async def model_leaving(self, spec: ModelSpec) -> None:
         await asyncio.sleep(0.3)
 
-    async def model_changed(self, kind: str, spec: ModelSpec, detail: str | None) -> None:
-        self.events.append(f"{kind} {spec.id}")
+    async def model_changed(self, kind: str, model: str | None, detail: str | None, reason: str | None = None) -> None:
+        self.events.append(f"{kind} {model}")
+
+
+def _plan(spec: ModelSpec) -> Plan:
+    return plan(spec, list_source(spec), device_kind="cpu", device_count=1, max_batch=2)
 
 
 @pytest.fixture
@@ -43,27 +50,32 @@ async def test_a_load_during_an_unload_is_refused_and_the_reload_afterwards_stic
     hooks = _SlowLeaving()
     table = ModelTable({"cpu": worker}, hooks=hooks)
     spec = ModelSpec(id="t/tiny", source=f"file:{tiny_model_dir}")
-    await table.load(spec).done.wait()
+    await table.load(_plan(spec), [worker]).done.wait()
     assert table.ready("t/tiny") is not None
 
     unloading = asyncio.create_task(table.unload("t/tiny"))
     await asyncio.sleep(0.05)
     with pytest.raises(LoadError, match="being unloaded"):
-        table.load(spec)
+        table.load(_plan(spec), [worker])
     await unloading
 
-    entry = table.load(spec)
+    entry = table.load(_plan(spec), [worker])
     await entry.done.wait()
     assert entry.state is ModelState.ready
     assert table.ready("t/tiny") is entry
-    assert hooks.events == ["ready t/tiny", "loaded t/tiny", "unloaded t/tiny", "ready t/tiny", "loaded t/tiny"]
+    loads = ["loading t/tiny", "ready t/tiny", "loaded t/tiny"]
+    assert hooks.events == [*loads, "unloaded t/tiny", *loads]
 
 
-async def test_a_failed_load_reports_why(worker: DeviceWorker, tmp_path: Path) -> None:
+async def test_a_failed_load_reports_why(worker: DeviceWorker, tiny_model_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
     hooks = _SlowLeaving()
     table = ModelTable({"cpu": worker}, hooks=hooks)
-    entry = table.load(ModelSpec(id="t/missing", source=f"file:{tmp_path}/nothing"))
+    entry = table.load(_plan(ModelSpec(id="t/broken", source=f"file:{broken}")), [worker])
     await entry.done.wait()
     assert entry.state is ModelState.failed
-    assert "does not exist" in entry.error
-    assert hooks.events == ["load_failed t/missing"]
+    assert "no-such-architecture" in entry.error
+    assert entry.memory_mb == 0
+    assert hooks.events == ["loading t/broken", "load_failed t/broken"]

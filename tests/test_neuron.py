@@ -110,7 +110,13 @@ def test_status_reports_the_ready_model_and_devices(nats_url, neuron) -> None:
 def test_load_of_a_missing_source_is_refused_with_a_reason(nats_url, neuron, tmp_path) -> None:
     request = {"model": {"id": "ghost/model", "source": f"file:{tmp_path}/missing"}, "wait": True}
     reply = nats_request(nats_url, "cortex.node.t1.load", request, timeout=30)
-    assert reply == {"code": "load_failed", "message": f"model ghost/model: {tmp_path}/missing does not exist"}
+    assert reply["code"] == "preflight_failed"
+    assert reply["refusal"] == {
+        "kind": "source_missing",
+        "model": "ghost/model",
+        "detail": f"{tmp_path}/missing does not exist on this node",
+        "suggestion": "fix the path in models.toml",
+    }
 
 
 def test_heartbeat_is_in_the_kv_bucket(nats_url, neuron) -> None:

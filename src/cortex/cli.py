@@ -1,4 +1,5 @@
-"""`cortex` command line: up (dev stack), serve (gateway), schemas (wire format)."""
+"""`cortex` command line: up (dev stack), serve (gateway), schemas (wire format), and the admin
+commands (models, load, unload, pin, unpin; see admin_cli)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from cortex import admin_cli
 from cortex.natsserver import NatsServerError
 from cortex.protocol.catalogue import DEFAULT_MODEL, CatalogueError
 from cortex.protocol.config import ConfigError
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     schemas.add_argument("--dir", type=Path, default=Path("schemas"))
     schemas.add_argument("--check", action="store_true", help="exit 1 if the files differ from the code")
     schemas.set_defaults(func=_schemas)
+
+    admin_cli.add_commands(sub)
 
     args = parser.parse_args(argv)
     try:

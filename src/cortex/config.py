@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,6 +17,26 @@ class GatewaySection(BaseModel):
     metrics_listen: str | None = Field("127.0.0.1:31314", description="Prometheus /metrics; unset to disable.")
     accept_timeout: float = Field(5.0, gt=0, description="Seconds a neuron has to accept a job.")
     idle_timeout: float = Field(120.0, gt=0, description="Seconds a running job may stay silent.")
+    load_timeout: float = Field(600.0, gt=0, description="Seconds a request waits for its model's cold load.")
+    keepalive_interval: float = Field(5.0, gt=0, description="Seconds between SSE comments while a stream waits.")
+
+
+class EvictionSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["lru", "priority"] = Field("lru", description="Which idle model makes room first.")
+    unload_timeout: float = Field(
+        60.0, gt=0, description="Seconds an eviction may take (the node drains the model's jobs first)."
+    )
+
+
+class AuthSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    admin_keys: list[str] = Field(
+        default_factory=list,
+        description="Keys for /admin/*; with none set, only clients on this machine (loopback) may use it.",
+    )
 
 
 class CortexSettings(BaseModel):
@@ -23,6 +44,8 @@ class CortexSettings(BaseModel):
 
     gateway: GatewaySection = Field(default_factory=GatewaySection)
     nats: NatsSettings = Field(default_factory=NatsSettings)
+    eviction: EvictionSection = Field(default_factory=EvictionSection)
+    auth: AuthSection = Field(default_factory=AuthSection)
     models_config: Path | None = Field(None, description="models.toml; the built-in catalogue if unset.")
     log_level: str = "INFO"
 

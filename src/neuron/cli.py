@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--models-config", type=Path, help="models.toml catalogue")
     serve.add_argument("--model", action="append", dest="models", help="load this model at start (repeatable)")
     serve.add_argument("--heartbeat-interval", type=float)
+    serve.add_argument("--memory-mb", type=int, help="memory per device models may use (default: all but the reserve)")
     args = parser.parse_args(argv)
 
     try:
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
             models_config=args.models_config,
             default_models=args.models,
             heartbeat_interval=args.heartbeat_interval,
+            memory_mb=args.memory_mb,
             **{"nats.servers": [args.nats] if args.nats else None},
         )
     except ConfigError as exc:

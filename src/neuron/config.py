@@ -26,7 +26,18 @@ class NeuronSettings(BaseModel):
     max_queue: int = Field(16, ge=0, description="Jobs per model waiting beyond max_batch; then `busy`.")
     default_models: list[str] = Field(default_factory=list, description="Catalogue ids or aliases to load.")
     models_config: Path | None = Field(None, description="models.toml; the built-in catalogue if unset.")
+    memory_mb: int | None = Field(
+        None, ge=1, description="Memory per device models may use; the device's total less the reserve if unset."
+    )
+    memory_reserve_mb: int = Field(1024, ge=0, description="Memory per device left for everything else.")
+    defrag_after_cycles: int = Field(
+        50, ge=0, description="Release cached allocator memory after this many load/unload cycles on a device."
+    )
     hf_cache_dir: Path | None = None
+    converted_dir: Path | None = Field(
+        Path("~/.cache/cortex/converted").expanduser(),
+        description="Dequantized GGUF weights, saved once so that later loads are fast; unset to turn off.",
+    )
     offline: bool = False
     heartbeat_interval: float = Field(2.0, gt=0)
     drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds in-flight jobs may finish.")

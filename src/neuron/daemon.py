@@ -1,7 +1,9 @@
 """The neuron daemon: the composition root. Everything it starts, its exit stack stops.
 
 Start: NATS, the heartbeat bucket, one worker thread per device, the control service,
-the first heartbeat; only then is the daemon ready, and it loads its default models.
+the first heartbeat; only then is the daemon ready, and it loads its default and pinned
+models. The catalogue's memory estimates are worked out in the background and join the
+heartbeat as they come.
 Stop (SIGTERM/SIGINT): mark draining, stop taking jobs, let in-flight jobs finish within
 `drain_timeout` (cancel the rest), remove the heartbeat, close.
 """
@@ -21,6 +23,8 @@ from cortex.protocol.errors import ErrorCode
 from cortex.protocol.messages import (
     CancelReply,
     CancelRequest,
+    DeviceInfo,
+    Estimate,
     FleetEvent,
     Heartbeat,
     LoadRequest,
@@ -31,15 +35,19 @@ from cortex.protocol.messages import (
     UnloadRequest,
 )
 from cortex.protocol.subjects import Subjects
-from cortex.transport.nats import connect, nodes_bucket
+from cortex.transport.nats import connect, nodes_bucket, pins_bucket
 from neuron import __version__
 from neuron.config import NeuronSettings
 from neuron.control.service import ControlError, start_control
-from neuron.devices.discovery import discover, refresh
+from neuron.devices.discovery import budgeted, discover, refresh
 from neuron.engine.worker import DeviceWorker
+from neuron.fit import check_fit, choose_devices
 from neuron.heartbeat import Heartbeater
 from neuron.jobs import JobRelay
-from neuron.models import LoadError, ModelTable
+from neuron.keeper import Keeper
+from neuron.models import LoadError, ModelEntry, ModelTable
+from neuron.sources.inspect import SourceRefused, list_source
+from neuron.sources.preflight import Plan, plan, refusal_estimate
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +55,25 @@ log = logging.getLogger(__name__)
 class Neuron:
     """Implements the control service's verbs and the model table's hooks over one NATS connection."""
 
-    def __init__(self, settings: NeuronSettings, nc: Client, workers: dict[str, DeviceWorker]) -> None:
+    def __init__(
+        self, settings: NeuronSettings, nc: Client, workers: dict[str, DeviceWorker], catalogue: Catalogue
+    ) -> None:
         self.settings = settings
         self.subjects = Subjects(settings.nats.prefix)
         self.started_at = time.time()
+        self.catalogue = catalogue
+        self.estimates: dict[str, Estimate] = {}
         self._nc = nc
         self._workers = workers
-        self.models = ModelTable(workers, hooks=self, cache_dir=settings.hf_cache_dir, offline=settings.offline)
+        self.models = ModelTable(
+            workers,
+            hooks=self,
+            cache_dir=settings.hf_cache_dir,
+            converted_dir=settings.converted_dir,
+            offline=settings.offline,
+            defrag_after_cycles=settings.defrag_after_cycles,
+        )
+        self.keeper = Keeper(self, settings.node, catalogue)
         self.relay = JobRelay(
             nc,
             settings.node,
@@ -66,11 +86,19 @@ class Neuron:
 
     # --- snapshot -------------------------------------------------------------------------
 
+    def device_views(self) -> dict[str, DeviceInfo]:
+        """Each device as placement sees it: budget, less what the models here take."""
+        s = self.settings
+        return {
+            d: budgeted(refresh(w.device), self.models.used_mb(d), s.memory_mb, s.memory_reserve_mb)
+            for d, w in self._workers.items()
+        }
+
+    def model_status(self, entry: ModelEntry) -> ModelStatus:
+        running, queued = self.relay.in_flight(entry.spec.id)
+        return entry.status(running + queued, queued, pinned=self.keeper.pinned(entry.spec.id))
+
     def snapshot(self) -> Heartbeat:
-        models = []
-        for entry in self.models.entries():
-            running, queued = self.relay.in_flight(entry.spec.id)
-            models.append(entry.status(running + queued, queued))
         return Heartbeat(
             node=self.settings.node,
             version=__version__,
@@ -80,8 +108,9 @@ class Neuron:
             draining=self.relay.draining,
             max_batch=self.settings.max_batch,
             max_queue=self.settings.max_queue,
-            devices=[refresh(w.device) for w in self._workers.values()],
-            models=models,
+            devices=list(self.device_views().values()),
+            models=[self.model_status(e) for e in self.models.entries()],
+            estimates=list(self.estimates.values()),
         )
 
     # --- model table hooks ------------------------------------------------------------------
@@ -94,14 +123,61 @@ class Neuron:
     async def model_leaving(self, spec: ModelSpec) -> None:
         await self.relay.end_model(spec.id, self.settings.drain_timeout)
 
-    async def model_changed(self, kind: str, spec: ModelSpec, detail: str | None) -> None:
-        await self.publish_event(kind, model=spec.id, detail=detail)
-        if self.heartbeat is not None:
-            await self.heartbeat.beat()
+    async def model_changed(self, kind: str, model: str | None, detail: str | None, reason: str | None = None) -> None:
+        await self.publish_event(kind, model=model, detail=detail, reason=reason)
+        await self.beat()
 
-    async def publish_event(self, kind: str, model: str | None = None, detail: str | None = None) -> None:
-        event = FleetEvent(kind=kind, node=self.settings.node, model=model, detail=detail)  # type: ignore[arg-type]
-        await self._nc.publish(self.subjects.events(kind), event.to_bytes())
+    async def beat(self) -> None:
+        if self.heartbeat is not None:
+            with contextlib.suppress(Exception):  # the periodic beat reports NATS trouble
+                await self.heartbeat.beat()
+
+    async def publish_event(
+        self, kind: str, model: str | None = None, detail: str | None = None, reason: str | None = None
+    ) -> None:
+        event = FleetEvent(kind=kind, node=self.settings.node, model=model, detail=detail, reason=reason)  # type: ignore[arg-type]
+        with contextlib.suppress(Exception):
+            await self._nc.publish(self.subjects.events(kind), event.to_bytes())
+
+    # --- preflight and memory estimates -------------------------------------------------------
+
+    def _device_kind(self, device: str | None) -> str:
+        if device is not None:
+            return self._workers[device].device.kind if device in self._workers else "cpu"
+        return "cuda" if any(w.device.kind == "cuda" for w in self._workers.values()) else "cpu"
+
+    def preflight(self, spec: ModelSpec, device: str | None = None) -> Plan:
+        """The load plan, from the source's metadata; blocking (it may ask the hub), so run it in a thread."""
+        kind = self._device_kind(device)
+        listing = list_source(spec, cache_dir=self.settings.hf_cache_dir, offline=self.settings.offline)
+        count = sum(1 for w in self._workers.values() if w.device.kind == kind)
+        return plan(spec, listing, device_kind=kind, device_count=count, max_batch=self.settings.max_batch)
+
+    async def survey(self) -> None:
+        """Estimates every catalogue model once, so gateways can place and list them without asking."""
+        for spec in self.catalogue.models:
+            try:
+                estimate = (await asyncio.to_thread(self.preflight, spec)).estimate()
+            except SourceRefused as exc:
+                estimate = refusal_estimate(spec, exc)
+            except Exception as exc:  # a hub hiccup must not stop the survey
+                log.warning("cannot estimate %s: %s", spec.id, exc)
+                continue
+            self.estimates[spec.id] = estimate
+        log.info("memory estimates: %s", {e.model: e.memory_mb for e in self.estimates.values()})
+        await self.beat()
+
+    async def start_load(self, spec: ModelSpec, device: str | None = None) -> ModelEntry:
+        """Preflight, then the fit on this node's devices, then the load. Raises SourceRefused."""
+        entry = self.models.get(spec.id)
+        if entry is not None and entry.state in (ModelState.loading, ModelState.ready):
+            return entry
+        load_plan = await asyncio.to_thread(self.preflight, spec, device)
+        self.estimates[spec.id] = load_plan.estimate()
+        views = self.device_views()
+        workers = choose_devices(self._workers, views, spec, device)
+        check_fit(load_plan, [views[w.device.id] for w in workers])
+        return self.models.load(load_plan, workers)
 
     # --- control verbs ----------------------------------------------------------------------
 
@@ -109,17 +185,26 @@ class Neuron:
         if self.relay.draining:
             raise ControlError(503, ErrorCode.shutting_down, f"node {self.settings.node} is shutting down")
         try:
-            entry = self.models.load(request.model, request.device)
+            entry = await self.start_load(request.model, request.device)
+        except SourceRefused as exc:
+            refusal = exc.refusal
+            log.warning("refused to load %s: reason=%s detail=%s", refusal.model, refusal.kind, refusal.detail)
+            raise ControlError(422, ErrorCode.preflight_failed, str(exc), refusal) from None
         except LoadError as exc:
             raise ControlError(400, ErrorCode.invalid_request, str(exc)) from None
         if request.wait:
             await entry.done.wait()
             if entry.state is ModelState.failed:
                 raise ControlError(422, ErrorCode.load_failed, entry.error or "load failed")
-        return entry.status()
+        return self.model_status(entry)
 
     async def unload(self, request: UnloadRequest) -> ModelStatus:
-        entry = await self.models.unload(request.model)
+        if request.reason == "evicted" and self.keeper.pinned(request.model):
+            raise ControlError(409, ErrorCode.invalid_request, f"{request.model} is pinned on {self.settings.node}")
+        try:
+            entry = await self.models.unload(request.model, request.reason, request.detail)
+        except LoadError as exc:
+            raise ControlError(409, ErrorCode.invalid_request, str(exc)) from None
         if entry is None:
             raise ControlError(404, ErrorCode.model_not_found, f"{request.model} is not loaded on {self.settings.node}")
         return entry.status()
@@ -149,7 +234,7 @@ async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Ev
         for worker in workers.values():
             worker.start()
             stack.callback(worker.stop)
-        neuron = Neuron(settings, nc, workers)
+        neuron = Neuron(settings, nc, workers, catalogue)
         stack.push_async_callback(neuron.models.aclose)
         await neuron.relay.start()
         service = await start_control(nc, settings.node, neuron.subjects, neuron)
@@ -162,10 +247,17 @@ async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Ev
         if ready is not None:
             ready.set()
         for spec in defaults:
-            neuron.models.load(spec)
+            await neuron.keeper.load(spec, "default model")
+        background = [
+            asyncio.create_task(neuron.survey()),
+            asyncio.create_task(neuron.keeper.run(await pins_bucket(nc))),
+        ]
 
         await stop.wait()
 
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         log.info("draining: no new jobs; in-flight jobs have %.0fs to finish", settings.drain_timeout)
         neuron.relay.draining = True
         await neuron.relay.unsubscribe_all()

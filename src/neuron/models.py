@@ -1,8 +1,10 @@
 """The neuron's model table: the one owner of which models are loading, ready or failed here.
 
-Loads resolve the source off the event loop (downloads can take minutes), then load on the
-chosen device's worker thread. A ready model is announced on `<prefix>.events.loaded` and
-its job subjects are subscribed by the relay (through `on_ready`).
+A load starts from a preflight plan (see neuron.sources.preflight) and the devices chosen
+for it: the files are fetched off the event loop (downloads can take minutes), then loaded
+on the first device's worker thread. The table counts load/unload cycles per device and,
+every `defrag_after_cycles`, returns cached allocator memory and reports free memory
+before and after.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from cortex.protocol.messages import ModelSpec, ModelState, ModelStatus
+from cortex.protocol.messages import ModelSpec, ModelState, ModelStatus, Refusal, UnloadReason
 from cortex.protocol.subjects import model_key
+from neuron.devices.discovery import refresh
 from neuron.engine.worker import DeviceWorker
 from neuron.sources import loader
 from neuron.sources.loader import LoadedModel
+from neuron.sources.preflight import Plan
 from neuron.sources.resolve import SourceError, resolve
 
 log = logging.getLogger(__name__)
@@ -31,8 +36,8 @@ class TableHooks(Protocol):
     async def model_leaving(self, spec: ModelSpec) -> None:
         """Before its weights are freed: stop taking jobs, end those in flight."""
 
-    async def model_changed(self, kind: str, spec: ModelSpec, detail: str | None) -> None:
-        """After a change of state: tell the fleet."""
+    async def model_changed(self, kind: str, model: str | None, detail: str | None, reason: str | None = None) -> None:
+        """After a change of state (of a model, or of a device for `defrag`): tell the fleet."""
 
 
 class LoadError(Exception):
@@ -43,23 +48,47 @@ class LoadError(Exception):
 class ModelEntry:
     spec: ModelSpec
     state: ModelState
-    worker: DeviceWorker | None = None
+    workers: list[DeviceWorker]
+    memory_mb: int  # the plan's estimate until loaded, then measured
     loaded: LoadedModel | None = None
     error: str | None = None
+    refusal: Refusal | None = None
     last_used: float | None = None
+    phase: str | None = "download"
+    progress: float | None = None
+    since: float = field(default_factory=time.time)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def status(self, in_flight: int = 0, queued: int = 0) -> ModelStatus:
+    def enter(self, state: ModelState, error: str | None = None) -> None:
+        self.state, self.error, self.since = state, error, time.time()
+
+    @property
+    def worker(self) -> DeviceWorker:
+        return self.workers[0]
+
+    @property
+    def device_ids(self) -> list[str]:
+        return [w.device.id for w in self.workers]
+
+    def status(self, in_flight: int = 0, queued: int = 0, *, pinned: bool = False) -> ModelStatus:
+        loading = self.state is ModelState.loading
         return ModelStatus(
             id=self.spec.id,
             key=model_key(self.spec.id),
             state=self.state,
-            device=self.worker.device.id if self.worker else "",
-            memory_mb=self.loaded.memory_mb if self.loaded else 0,
+            since=self.since,
+            device=self.worker.device.id,
+            devices=self.device_ids if len(self.workers) > 1 else [],
+            memory_mb=self.memory_mb,
             in_flight=in_flight,
             queued=queued,
             last_used=self.last_used,
+            pinned=pinned,
+            priority=self.spec.priority,
+            phase=self.phase if loading else None,  # type: ignore[arg-type]
+            progress=self.progress if loading else None,
             error=self.error,
+            refusal=self.refusal,
         )
 
 
@@ -70,12 +99,17 @@ class ModelTable:
         *,
         hooks: TableHooks,
         cache_dir: Path | None = None,
+        converted_dir: Path | None = None,
         offline: bool = False,
+        defrag_after_cycles: int = 0,
     ) -> None:
         self._workers = workers
         self._hooks = hooks
         self._cache_dir = cache_dir
+        self._converted_dir = converted_dir
         self._offline = offline
+        self._defrag_after = defrag_after_cycles
+        self._cycles: Counter[str] = Counter()
         self._entries: dict[str, ModelEntry] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -92,22 +126,37 @@ class ModelTable:
         entry = self.get(name)
         return entry if entry is not None and entry.state is ModelState.ready else None
 
-    def load(self, spec: ModelSpec, device: str | None = None) -> ModelEntry:
+    def used_mb(self, device_id: str) -> int:
+        """Memory the models on a device take (a model over several devices counts a share on each)."""
+        return sum(e.memory_mb // len(e.workers) for e in self._entries.values() if device_id in e.device_ids)
+
+    def load(self, plan: Plan, workers: list[DeviceWorker]) -> ModelEntry:
         """Starts loading (or returns the entry already loading or loaded). Await `entry.done`."""
+        spec = plan.spec
         entry = self._entries.get(spec.id)
         if entry is not None and entry.state in (ModelState.loading, ModelState.ready):
             return entry
         if entry is not None and entry.state is ModelState.unloading:
             raise LoadError(f"{spec.id} is being unloaded; load it again once that has finished")
-        worker = self._pick_worker(device)
-        entry = ModelEntry(spec=spec, state=ModelState.loading, worker=worker)
+        entry = ModelEntry(spec=spec, state=ModelState.loading, workers=workers, memory_mb=plan.memory_mb)
         self._entries[spec.id] = entry
-        task = asyncio.create_task(self._load(entry))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._load(entry, plan))
         return entry
 
-    async def unload(self, name: str) -> ModelEntry | None:
+    def refused(self, spec: ModelSpec, refusal: Refusal) -> ModelEntry:
+        """Records a load that preflight refused, so the heartbeat shows it failed, and why."""
+        entry = ModelEntry(
+            spec=spec, state=ModelState.failed, workers=[next(iter(self._workers.values()))], memory_mb=0
+        )
+        entry.error = f"{refusal.detail}" + (f"; {refusal.suggestion}" if refusal.suggestion else "")
+        entry.refusal = refusal
+        entry.done.set()
+        current = self._entries.get(spec.id)
+        if current is None or current.state is ModelState.failed:
+            self._entries[spec.id] = entry
+        return entry
+
+    async def unload(self, name: str, reason: UnloadReason = "admin", detail: str | None = None) -> ModelEntry | None:
         entry = self.get(name)
         if entry is None:
             return None
@@ -115,15 +164,17 @@ class ModelTable:
             await entry.done.wait()
         if entry.state is ModelState.unloading:
             raise LoadError(f"{entry.spec.id} is already being unloaded")
-        entry.state = ModelState.unloading
+        entry.enter(ModelState.unloading)
         await self._hooks.model_leaving(entry.spec)
-        if entry.loaded is not None and entry.worker is not None:
+        if entry.loaded is not None:
             await entry.worker.call(loader.unload, entry.loaded)
         entry.loaded = None
         if self._entries.get(entry.spec.id) is entry:
             del self._entries[entry.spec.id]
-        log.info("unloaded %s", entry.spec.id)
-        await self._hooks.model_changed("unloaded", entry.spec, None)
+        log.info("unloaded %s: reason=%s%s", entry.spec.id, reason, f" ({detail})" if detail else "")
+        await self._hooks.model_changed("evicted" if reason == "evicted" else "unloaded", entry.spec.id, detail, reason)
+        for worker in entry.workers:
+            await self._count_cycle(worker)
         return entry
 
     async def aclose(self) -> None:
@@ -131,43 +182,64 @@ class ModelTable:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _pick_worker(self, device: str | None) -> DeviceWorker:
-        if device is not None:
-            if device not in self._workers:
-                raise LoadError(f"device {device} is not served by this neuron; it has {sorted(self._workers)}")
-            return self._workers[device]
-        # The freest GPU, else the CPU (workers are ordered GPUs first).
-        gpus = [w for w in self._workers.values() if w.device.kind == "cuda"]
-        if gpus:
-            return max(gpus, key=lambda w: w.device.free_mb)
-        return next(iter(self._workers.values()))
+    def _spawn(self, work: object) -> None:
+        task = asyncio.create_task(work)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _load(self, entry: ModelEntry) -> None:
+    async def _count_cycle(self, worker: DeviceWorker) -> None:
+        device = worker.device.id
+        self._cycles[device] += 1
+        if not self._defrag_after or self._cycles[device] % self._defrag_after:
+            return
+        before = refresh(worker.device).free_mb
+        await worker.call(loader.release_cached_memory, worker.torch_device)
+        after = refresh(worker.device).free_mb
+        detail = f"{device}: free {before} MB -> {after} MB after {self._cycles[device]} load/unload cycles"
+        log.info("released cached memory on %s", detail)
+        await self._hooks.model_changed("defrag", None, detail)
+
+    async def _load(self, entry: ModelEntry, plan: Plan) -> None:
         started = time.perf_counter()
+        await self._hooks.model_changed("loading", entry.spec.id, ", ".join(entry.device_ids))
         try:
-            await self._bring_up(entry)
+            await self._bring_up(entry, plan)
         finally:
             entry.done.set()
         if entry.state is ModelState.ready:
-            assert entry.loaded is not None and entry.worker is not None
+            assert entry.loaded is not None
             seconds = time.perf_counter() - started
-            detail = f"{entry.worker.device.id}, {seconds:.1f}s, {entry.loaded.memory_mb} MB"
+            cached = ", from converted cache" if entry.loaded.from_cache else ""
+            detail = f"{', '.join(entry.device_ids)}, {seconds:.1f}s, {entry.memory_mb} MB{cached}"
             log.info("loaded %s: %s", entry.spec.id, detail)
-            await self._hooks.model_changed("loaded", entry.spec, detail)
+            await self._hooks.model_changed("loaded", entry.spec.id, detail)
+            if entry.loaded.convert_to is not None:
+                self._spawn(self._save_converted(entry.loaded))
         else:
-            await self._hooks.model_changed("load_failed", entry.spec, entry.error)
+            await self._hooks.model_changed("load_failed", entry.spec.id, entry.error)
 
-    async def _bring_up(self, entry: ModelEntry) -> None:
-        """Resolves, loads and subscribes; leaves the entry `ready`, or `failed` with the reason."""
-        spec, worker = entry.spec, entry.worker
-        assert worker is not None
-        log.info("loading %s from %s on %s", spec.id, spec.source, worker.device.id)
+    async def _bring_up(self, entry: ModelEntry, plan: Plan) -> None:
+        """Fetches, loads and subscribes; leaves the entry `ready`, or `failed` with the reason."""
+        spec = entry.spec
+        log.info("loading %s from %s on %s", spec.id, spec.source, ", ".join(entry.device_ids))
+
+        def progress(done: int, total: int) -> None:  # called from the download thread
+            entry.progress = done / total
+
         try:
-            source = await asyncio.to_thread(resolve, spec, cache_dir=self._cache_dir, offline=self._offline)
-            entry.loaded = await worker.call(loader.load, spec, source, worker.torch_device)
+            source = await asyncio.to_thread(
+                resolve, plan, cache_dir=self._cache_dir, offline=self._offline, progress=progress
+            )
+            entry.phase, entry.progress = "load", None
+            devices = [w.torch_device for w in entry.workers]
+            share = plan.memory_mb // len(entry.workers) + 1
+            entry.loaded = await entry.worker.call(
+                loader.load, plan, source, devices, [share] * len(devices), self._converted_dir
+            )
+            entry.memory_mb = entry.loaded.memory_mb
             await self._hooks.model_ready(spec)
         except asyncio.CancelledError:
-            entry.state, entry.error = ModelState.failed, "load cancelled"
+            entry.enter(ModelState.failed, "load cancelled")
             raise
         except (SourceError, LoadError) as exc:
             self._failed(entry, str(exc))
@@ -175,13 +247,26 @@ class ModelTable:
             log.exception("loading %s failed", spec.id)
             self._failed(entry, f"{type(exc).__name__}: {exc}")
         else:
-            entry.state = ModelState.ready
+            entry.enter(ModelState.ready)
             entry.last_used = time.time()
             return
         if entry.loaded is not None:
-            await worker.call(loader.unload, entry.loaded)
+            await entry.worker.call(loader.unload, entry.loaded)
             entry.loaded = None
 
+    async def _save_converted(self, loaded: LoadedModel) -> None:
+        started = time.perf_counter()
+        try:
+            target = await asyncio.to_thread(loader.save_converted, loaded)
+        except Exception as exc:
+            log.warning("could not cache the converted weights of %s: %s", loaded.spec.id, exc)
+            return
+        if target is not None:
+            log.info(
+                "cached converted weights of %s in %s (%.1fs)", loaded.spec.id, target, time.perf_counter() - started
+            )
+
     def _failed(self, entry: ModelEntry, message: str) -> None:
-        entry.state, entry.error = ModelState.failed, message
+        entry.enter(ModelState.failed, message)
+        entry.memory_mb = 0
         log.error("cannot load %s: %s", entry.spec.id, message)

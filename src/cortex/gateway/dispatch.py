@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +16,7 @@ import anyio
 
 from cortex.placement.fleet import FleetView
 from cortex.placement.policy import rank_holders
+from cortex.placement.usage import LocalUsage
 from cortex.protocol.errors import ErrorCode, JobFailed, NoCapacity, TransportError
 from cortex.protocol.messages import Accepted, Failed, InferenceJob
 from cortex.transport.nats import JobClient, JobStream
@@ -60,7 +60,7 @@ class OpenJob:
         if self._closed:
             return
         self._closed = True
-        self._dispatcher._release(self.node)
+        self._dispatcher.usage.finished(self.node, self.stream.job.model)
         await self._events.aclose()  # type: ignore[attr-defined]
 
 
@@ -70,19 +70,14 @@ class Dispatcher:
         self._fleet = fleet
         self._accept_timeout = accept_timeout
         self._idle_timeout = idle_timeout
-        self._in_flight: Counter[str] = Counter()
-
-    def _release(self, node: str) -> None:
-        self._in_flight[node] -= 1
-        if self._in_flight[node] <= 0:
-            del self._in_flight[node]
+        self.usage = LocalUsage()
 
     async def open(self, job: InferenceJob) -> OpenJob:
         if not self._client.connected:
             raise TransportError("the gateway has lost its NATS connection; retry shortly")
         holders = self._fleet.holders(job.model)
         # With no holder in view (a gateway that just started, say), the queue group may still have one.
-        candidates: list[str | None] = list(rank_holders(holders, self._in_flight)) or [None]
+        candidates: list[str | None] = list(rank_holders(holders, self.usage.in_flight(job.model))) or [None]
         busy = 0
         for node in candidates:
             stream = await self._client.submit(
@@ -111,7 +106,7 @@ class Dispatcher:
                 with anyio.CancelScope(shield=True):
                     await _abandon(stream, events)
                 raise
-            self._in_flight[stream.node or "?"] += 1
+            self.usage.started(stream.node or "?", job.model)
             return OpenJob(self, stream, events, first)
         if busy:
             raise NoCapacity(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cortex.dialects.openai import error_body
-from cortex.protocol.errors import CortexError, ErrorCode
+from cortex.protocol.errors import CortexError, ErrorCode, Refused
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,11 @@ _STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.invalid_request: (400, "invalid_request_error"),
     ErrorCode.payload_too_large: (413, "invalid_request_error"),
     ErrorCode.model_not_found: (404, "invalid_request_error"),
+    ErrorCode.preflight_failed: (422, "invalid_request_error"),
+    ErrorCode.insufficient_capacity: (503, "service_unavailable_error"),
+    ErrorCode.load_failed: (502, "server_error"),
+    ErrorCode.unauthorized: (401, "authentication_error"),
+    ErrorCode.forbidden: (403, "permission_error"),
     ErrorCode.busy: (429, "rate_limit_error"),
     ErrorCode.model_not_loaded: (503, "service_unavailable_error"),
     ErrorCode.shutting_down: (503, "service_unavailable_error"),
@@ -39,12 +45,24 @@ def _id_header(request: Request) -> dict[str, str]:
     return {"x-request-id": rid} if rid and rid.isprintable() else {}
 
 
+def error_payload(exc: CortexError) -> dict[str, Any]:
+    """The OpenAI envelope; a preflight refusal adds its structured form (kind, model, detail, suggestion)."""
+    body = error_body(exc.message, status_for(exc.code)[1], exc.code.value)
+    if isinstance(exc, Refused):
+        body["error"].update(exc.refusal.model_dump(exclude_none=True))
+        if exc.refusal.suggestion:
+            body["error"]["message"] = f"{exc.message}; {exc.refusal.suggestion}"
+    return body
+
+
 def error_response(request: Request, exc: CortexError) -> JSONResponse:
-    status, type_ = status_for(exc.code)
+    status = status_for(exc.code)[0]
     headers = _id_header(request)
     if status in (429, 503):
         headers["Retry-After"] = "1"
-    return JSONResponse(error_body(exc.message, type_, exc.code.value), status_code=status, headers=headers)
+    if isinstance(exc, Refused):
+        log.warning("refused %s: reason=%s detail=%s", exc.refusal.model, exc.refusal.kind, exc.refusal.detail)
+    return JSONResponse(error_payload(exc), status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -31,3 +31,9 @@ class GatewayMetrics:
         self.prompt_tokens = Counter("cortex_prompt_tokens", "Prompt tokens.", ["model"], registry=r)
         self.completion_tokens = Counter("cortex_completion_tokens", "Generated tokens.", ["model"], registry=r)
         self.in_flight = Gauge("cortex_in_flight_requests", "Requests being served.", registry=r)
+        self.cold_starts = Counter(
+            "cortex_cold_starts", "Loads this gateway started for a request.", ["model"], registry=r
+        )
+        self.evictions = Counter(
+            "cortex_evictions", "Models this gateway evicted, by strategy.", ["reason"], registry=r
+        )

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from cortex.dialects import openai
+from cortex.gateway.catalogue_view import model_entry
 from cortex.gateway.service import Gateway
 from cortex.gateway.streaming import (
     ClientGone,
+    ColdStart,
     Outcome,
     ServedJob,
     ServedStreamResponse,
@@ -19,7 +21,7 @@ from cortex.gateway.streaming import (
     stream_chat,
     unless_disconnected,
 )
-from cortex.protocol.errors import CortexError, ModelNotFound
+from cortex.protocol.errors import CortexError
 
 router = APIRouter()
 
@@ -45,33 +47,17 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if gw.connected else 503)
 
 
-def _model_entry(gw: Gateway, model_id: str, nodes: list[str]) -> dict[str, Any]:
-    spec = gw.catalogue.resolve(model_id)
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": 0,
-        "owned_by": "cortex",
-        "aliases": spec.aliases if spec else [],
-        "nodes": sorted(nodes),
-    }
-
-
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     gw = _gateway(request)
-    ready = gw.fleet.ready_models()
-    return JSONResponse({"object": "list", "data": [_model_entry(gw, m, ready[m]) for m in sorted(ready)]})
+    ids = sorted({s.id for s in gw.catalogue.models} | gw.fleet.known_models())
+    return JSONResponse({"object": "list", "data": [model_entry(gw, m) for m in ids]})
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request) -> JSONResponse:
     gw = _gateway(request)
-    model_id = gw.resolve_model(model)
-    ready = gw.fleet.ready_models()
-    if model_id not in ready:
-        raise ModelNotFound(f"the model `{model}` is not loaded on any node right now")
-    return JSONResponse(_model_entry(gw, model_id, ready[model_id]))
+    return JSONResponse(model_entry(gw, gw.resolve_model(model)))
 
 
 @router.post("/v1/chat/completions")
@@ -84,7 +70,23 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
     job = openai.to_job(body, model_id, job_id=job_id, request_id=request_id)
     outcome = Outcome(model=model_id, api="openai.chat", request_id=request_id)
     headers = {"x-request-id": request_id}
+    completion_id = f"chatcmpl-{job_id}"
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    writer = openai.ChunkWriter(completion_id, model_id, include_usage)
+    stream_headers = {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     try:
+        pending = await gw.placer.prepare(model_id)
+        if pending is not None and body.stream:
+            cold = ColdStart(outcome, gw.metrics)
+            content = cold.stream(
+                pending,
+                lambda: gw.dispatcher.open(job),
+                lambda served: stream_chat(served, writer),
+                gw.settings.gateway.keepalive_interval,
+            )
+            return ServedStreamResponse(cold, content, media_type="text/event-stream", headers=stream_headers)
+        if pending is not None:
+            await unless_disconnected(request, asyncio.shield(pending))
         opened = await unless_disconnected(request, gw.dispatcher.open(job))
     except CortexError as exc:
         outcome.failed(exc.code)
@@ -95,15 +97,9 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
         outcome.record(gw.metrics, "none")
         return Response(status_code=499)
     served = ServedJob(opened, outcome, gw.metrics)
-    completion_id = f"chatcmpl-{job_id}"
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        writer = openai.ChunkWriter(completion_id, model_id, include_usage)
         return ServedStreamResponse(
-            served,
-            stream_chat(served, writer),
-            media_type="text/event-stream",
-            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            served, stream_chat(served, writer), media_type="text/event-stream", headers=stream_headers
         )
     try:
         text, done = await unless_disconnected(request, collect(served))

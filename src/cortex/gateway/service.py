@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from typing import Any
 
 from nats.aio.client import Client
@@ -14,11 +16,14 @@ from prometheus_client import start_http_server
 from cortex.config import CortexSettings, split_host_port
 from cortex.gateway.dispatch import Dispatcher
 from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.placer import Placer
 from cortex.placement.fleet import FleetView
+from cortex.placement.lease import Leases
 from cortex.protocol.catalogue import Catalogue
 from cortex.protocol.errors import ModelNotFound
 from cortex.protocol.subjects import NODES_BUCKET, Subjects
-from cortex.transport.nats import JobClient, connect, nodes_bucket, watch_bucket
+from cortex.transport.control import ControlClient
+from cortex.transport.nats import JobClient, connect, nodes_bucket, pins_bucket, placement_bucket, watch_bucket
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +35,12 @@ class Gateway:
         self.subjects = Subjects(settings.nats.prefix)
         self.fleet = FleetView()
         self.metrics = GatewayMetrics()
+        self.name = f"{socket.gethostname()}-{os.getpid()}"
         self.nc: Client | None = None
         self.dispatcher: Dispatcher | None = None
+        self.placer: Placer | None = None
+        self.control: ControlClient | None = None
+        self.pins: KeyValue | None = None
         self._client: JobClient | None = None
         self._follow: asyncio.Task[None] | None = None
         self._metrics_server: Any = None
@@ -46,6 +55,20 @@ class Gateway:
         gw = self.settings.gateway
         self.dispatcher = Dispatcher(
             self._client, self.fleet, accept_timeout=gw.accept_timeout, idle_timeout=gw.idle_timeout
+        )
+        self.control = ControlClient(self.nc, self.subjects)
+        self.pins = await pins_bucket(self.nc)
+        leases = Leases(await placement_bucket(self.nc), self.name, ttl=gw.load_timeout + 30)
+        self.placer = Placer(
+            fleet=self.fleet,
+            control=self.control,
+            leases=leases,
+            catalogue=self.catalogue,
+            metrics=self.metrics,
+            usage=self.dispatcher.usage,
+            strategy=self.settings.eviction.strategy,
+            load_timeout=gw.load_timeout,
+            unload_timeout=self.settings.eviction.unload_timeout,
         )
         if gw.metrics_listen:
             host, port = split_host_port(gw.metrics_listen)
@@ -91,6 +114,6 @@ class Gateway:
         spec = self.catalogue.resolve(name)
         if spec is not None:
             return spec.id
-        if name in self.fleet.ready_models():
+        if name in self.fleet.known_models():
             return name
         raise ModelNotFound(f"the model `{name}` does not exist; GET /v1/models lists the models served here")

@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -19,7 +19,7 @@ from starlette.responses import StreamingResponse
 from cortex.dialects import sse
 from cortex.dialects.openai import ChunkWriter, error_body
 from cortex.gateway.dispatch import OpenJob
-from cortex.gateway.errors import status_for
+from cortex.gateway.errors import error_payload, status_for
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.protocol.errors import CortexError, ErrorCode, JobFailed
 from cortex.protocol.messages import Delta, Done, Failed
@@ -128,6 +128,10 @@ class ServedJob:
             self._metrics.in_flight.dec()
 
 
+class Finishing(Protocol):
+    async def finish(self) -> None: ...
+
+
 class ServedStreamResponse(StreamingResponse):
     """A streaming response that finishes its job however the response ends.
 
@@ -135,7 +139,7 @@ class ServedStreamResponse(StreamingResponse):
     chunk is pulled, so the response owns the clean-up.
     """
 
-    def __init__(self, served: ServedJob, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+    def __init__(self, served: Finishing, content: AsyncIterator[bytes], **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self._served = served
 
@@ -144,6 +148,47 @@ class ServedStreamResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._served.finish()
+
+
+class ColdStart:
+    """A stream that waits for its model's cold load before its job exists."""
+
+    def __init__(self, outcome: Outcome, metrics: GatewayMetrics) -> None:
+        self.outcome = outcome
+        self.served: ServedJob | None = None
+        self._metrics = metrics
+        self._recorded = False
+
+    async def finish(self) -> None:
+        if self.served is not None:
+            await self.served.finish()
+        elif not self._recorded:
+            self._recorded = True
+            if self.outcome.status == "200":
+                self.outcome.status = "499"  # the client left while the model loaded
+            self.outcome.record(self._metrics, "none")
+
+    async def stream(
+        self,
+        pending: asyncio.Task[None],
+        open_job: Callable[[], Awaitable[OpenJob]],
+        relay: Callable[[ServedJob], AsyncIterator[bytes]],
+        keepalive: float,
+    ) -> AsyncIterator[bytes]:
+        """SSE comments while the load runs (so proxies and clients keep the connection), then the stream."""
+        try:
+            while not (await asyncio.wait({pending}, timeout=keepalive))[0]:
+                yield b": loading the model\n\n"
+            pending.result()
+            self.served = ServedJob(await open_job(), self.outcome, self._metrics)
+        except CortexError as exc:
+            self.outcome.failed(exc.code)
+            log.warning("cold start of %s failed: %s", self.outcome.model, exc.message)
+            yield sse.event(error_payload(exc))
+            yield sse.event("[DONE]")
+            return
+        async for chunk in relay(self.served):
+            yield chunk
 
 
 async def collect(served: ServedJob) -> tuple[str, Done]:

@@ -110,6 +110,19 @@ class FleetView:
             out.setdefault(h.model.id, []).append(h.node)
         return out
 
+    def known_models(self) -> set[str]:
+        """Every model some live node reports, in any state."""
+        return {m.id for hb in self.nodes() for m in hb.models}
+
+    def statuses(self, model_id: str, state: ModelState | None = None) -> list[tuple[str, ModelStatus]]:
+        """(node, status) for every live node that has the model, in `state` if given."""
+        return [
+            (hb.node, m)
+            for hb in self.nodes()
+            for m in hb.models
+            if m.id == model_id and (state is None or m.state is state)
+        ]
+
     def failed_on(self, model_id: str) -> list[tuple[str, str]]:
         """(node, error) for every node where loading the model failed."""
         return [

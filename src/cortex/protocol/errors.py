@@ -3,7 +3,8 @@
 CortexError                     base: carries a stable ErrorCode
 ├── InvalidRequest              the job itself is wrong; retrying will not help
 ├── ModelNotFound               no catalogue entry or loaded model by that name
-├── NoCapacity                  nobody can serve it now (no holder, all busy, draining)
+├── NoCapacity                  nobody can serve it now (no holder, all busy, draining, no room)
+├── Refused                     preflight: the model cannot be loaded as configured (carries a Refusal)
 ├── JobFailed                   a neuron answered with an error event
 └── TransportError              NATS is unreachable or did not answer in time
 """
@@ -11,6 +12,10 @@ CortexError                     base: carries a stable ErrorCode
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cortex.protocol.messages import Refusal
 
 
 class ErrorCode(StrEnum):
@@ -18,6 +23,10 @@ class ErrorCode(StrEnum):
     payload_too_large = "payload_too_large"
     model_not_found = "model_not_found"
     model_not_loaded = "model_not_loaded"
+    preflight_failed = "preflight_failed"
+    insufficient_capacity = "insufficient_capacity"
+    unauthorized = "unauthorized"
+    forbidden = "forbidden"
     busy = "busy"
     cancelled = "cancelled"
     shutting_down = "shutting_down"
@@ -49,6 +58,14 @@ class ModelNotFound(CortexError):
 
 class NoCapacity(CortexError):
     code = ErrorCode.model_not_loaded
+
+
+class Refused(CortexError):
+    code = ErrorCode.preflight_failed
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(f"{refusal.model}: {refusal.detail}")
+        self.refusal = refusal
 
 
 class JobFailed(CortexError):

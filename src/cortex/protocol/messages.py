@@ -9,11 +9,23 @@ import time
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from cortex.protocol.errors import ErrorCode
 
 PROTOCOL_VERSION = 1
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `10m`, `1h`, `1d` -> seconds."""
+    value = text.strip().lower()
+    scale = _UNITS.get(value[-1:], None)
+    try:
+        return float(value[:-1] if scale else value) * (scale or 1)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration; write seconds or a number with s, m, h or d") from None
 
 
 class _Wire(BaseModel):
@@ -127,8 +139,10 @@ class DeviceInfo(_Wire):
     id: str = Field(description="`cpu` or `cuda:N`.")
     kind: Literal["cpu", "cuda"]
     name: str
-    total_mb: int
-    free_mb: int
+    total_mb: int = Field(
+        description="Memory models may use here: the declared budget, or the device's total less the reserve."
+    )
+    free_mb: int = Field(description="What is left of total_mb now (never more than the device really has free).")
 
 
 class ModelState(StrEnum):
@@ -138,16 +152,53 @@ class ModelState(StrEnum):
     failed = "failed"
 
 
+class Refusal(_Wire):
+    """Why a model cannot be loaded, found before anything was allocated (preflight)."""
+
+    kind: Literal[
+        "source_missing",
+        "source_empty",
+        "source_invalid",
+        "quant_not_found",
+        "quant_ambiguous",
+        "quant_unsupported",
+        "gguf_multi_device",
+        "not_enough_devices",
+        "insufficient_memory",
+    ]
+    model: str
+    detail: str
+    suggestion: str | None = None
+
+
 class ModelStatus(_Wire):
     id: str
     key: str = Field(description="model_key(id): the subject token.")
     state: ModelState
-    device: str
-    memory_mb: int = 0
+    since: float = Field(0.0, description="Unix time (the node's clock) it entered this state.")
+    device: str = Field(description="The (first) device it is on.")
+    devices: list[str] = Field(default_factory=list, description="Every device it spans, when more than one.")
+    memory_mb: int = Field(0, description="Measured once loaded (weights + KV budget); the estimate while loading.")
     in_flight: int = 0
     queued: int = 0
     last_used: float | None = None
+    pinned: bool = False
+    priority: int = 0
+    phase: Literal["download", "load"] | None = Field(None, description="While loading: what it is doing.")
+    progress: float | None = Field(None, ge=0.0, le=1.0, description="While downloading: the fraction done.")
     error: str | None = None
+    refusal: Refusal | None = None
+
+
+class Estimate(_Wire):
+    """Memory a catalogue model would take on this node, from its files' metadata, before loading it."""
+
+    model: str
+    memory_mb: int | None = Field(None, description="Weights at the dtype this node would use, plus the KV budget.")
+    weights_mb: int | None = None
+    kv_mb: int | None = Field(None, description="KV cache for `context` tokens x the node's max_batch sequences.")
+    format: Literal["gguf", "safetensors", "other"] | None = None
+    refusal: Refusal | None = None
 
 
 class Heartbeat(_Wire):
@@ -162,6 +213,7 @@ class Heartbeat(_Wire):
     max_queue: int
     devices: list[DeviceInfo]
     models: list[ModelStatus]
+    estimates: list[Estimate] = Field(default_factory=list, description="One per catalogue model this node knows.")
 
 
 # --- control service (nats.micro `neuron`, subjects <prefix>.node.<node>.<verb>) -----------------
@@ -174,8 +226,21 @@ class ModelSpec(_Wire):
     source: str = Field(description="`hf:org/name[@rev]`, `file:/path`, or `pkg:<package>/<file>`.")
     aliases: list[str] = Field(default_factory=list)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    quant: str | None = Field(None, description="GGUF file selector when the source holds several.")
+    quant: str | None = Field(None, description="GGUF file selector (`Q4_K_M`) when the source holds several.")
     context: int | None = Field(None, ge=16, description="Context length cap; the model's own if unset.")
+    memory_mb: int | None = Field(None, ge=1, description="Memory it takes, overriding the estimate.")
+    devices: int = Field(1, ge=1, description="Devices of one node it spans (dense models only).")
+    pinned_on: list[str] = Field(default_factory=list, description="Nodes that load it at start and never evict it.")
+    priority: int = Field(0, description="Under the `priority` eviction strategy, lower goes first.")
+    keep_alive: float | None = Field(
+        None, gt=0, description="Seconds idle before it is unloaded (`10m`, `1h` accepted); never if unset."
+    )
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value) if isinstance(value, str) else value
+
     temperature: float | None = Field(
         None, ge=0.0, le=2.0, description="Used when a request sets none; else the model's generation config, else 1."
     )
@@ -184,12 +249,26 @@ class ModelSpec(_Wire):
 
 class LoadRequest(_Wire):
     model: ModelSpec
-    device: str | None = Field(None, description="`cpu` or `cuda:N`; the freest device if unset.")
+    device: str | None = Field(None, description="`cpu` or `cuda:N`; the freest device(s) if unset.")
     wait: bool = Field(False, description="Answer only once the load has finished (or failed).")
+
+
+UnloadReason = Literal["admin", "evicted", "keep_alive", "unpinned"]
 
 
 class UnloadRequest(_Wire):
     model: str
+    reason: UnloadReason = "admin"
+    detail: str | None = Field(None, description="Why, for the event and the log (`for <model>`).")
+
+
+class PlacementLease(_Wire):
+    """KV `cortex_placement`, key model_key: one gateway is loading this model somewhere."""
+
+    model: str
+    node: str
+    gateway: str
+    at: float = Field(default_factory=time.time)
 
 
 class CancelRequest(_Wire):
@@ -223,14 +302,28 @@ class ServiceErrorBody(_Wire):
 
     code: ErrorCode
     message: str
+    refusal: Refusal | None = None
 
 
 # --- fleet events (<prefix>.events.<kind>) -----------------------------------------------------------
 
 
 class FleetEvent(_Wire):
-    kind: Literal["loaded", "unloaded", "load_failed", "node_up", "node_draining", "node_down"]
+    kind: Literal[
+        "loading",
+        "loaded",
+        "load_failed",
+        "unloaded",
+        "evicted",
+        "pinned",
+        "unpinned",
+        "defrag",
+        "node_up",
+        "node_draining",
+        "node_down",
+    ]
     node: str
     model: str | None = None
+    reason: str | None = Field(None, description="Why: `keep_alive`, `evicted`, a refusal kind, ...")
     detail: str | None = None
     at: float = Field(default_factory=time.time)

@@ -22,6 +22,8 @@ SCHEMAS: dict[str, type[BaseModel] | TypeAdapter] = {
     "control-status-reply": m.StatusReply,
     "control-error": m.ServiceErrorBody,
     "fleet-event": m.FleetEvent,
+    "placement-lease": m.PlacementLease,
+    "pin": m.ModelSpec,
 }
 
 

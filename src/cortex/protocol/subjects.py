@@ -19,6 +19,7 @@ _SAFE = re.compile(rb"[A-Za-z0-9-]")
 DEFAULT_PREFIX = "cortex"
 NODES_BUCKET = "cortex_nodes"
 PLACEMENT_BUCKET = "cortex_placement"
+PINS_BUCKET = "cortex_pins"
 JOB_QUEUE_GROUP = "neurons"
 CONTROL_SERVICE = "neuron"
 
@@ -71,6 +72,10 @@ class Subjects:
     def cancel_any(self) -> str:
         """Broadcast cancel: every neuron drops the job if it has it (used when the node is unknown)."""
         return f"{self.prefix}.cancel"
+
+    def pin_key(self, node: str, model_id: str) -> str:
+        """Key in KV cortex_pins."""
+        return f"{node}.{model_key(model_id)}"
 
     def events(self, kind: str) -> str:
         return f"{self.prefix}.events.{kind}"

@@ -32,7 +32,7 @@ from cortex.protocol.messages import (
     Failed,
     InferenceJob,
 )
-from cortex.protocol.subjects import NODES_BUCKET, Subjects
+from cortex.protocol.subjects import NODES_BUCKET, PINS_BUCKET, PLACEMENT_BUCKET, Subjects
 
 log = logging.getLogger(__name__)
 
@@ -99,30 +99,44 @@ async def connect(servers: list[str], name: str, *, first_timeout: float = 10.0,
     return nc
 
 
-async def nodes_bucket(nc: Client, *, replicas: int = 1) -> KeyValue:
-    """The heartbeat bucket, created on first use with per-message TTLs and limit markers.
-
-    Limit markers make an expired heartbeat visible to watchers as a delete, so every
-    gateway sees a dead node go without polling.
-    """
+async def open_bucket(nc: Client, bucket: str, description: str, *, replicas: int = 1, ttl: bool = False) -> KeyValue:
+    """A KV bucket, created on first use. `ttl` allows per-key TTLs and turns on limit markers,
+    so an expired key reaches watchers as a delete."""
     js = nc.jetstream()
-    with map_nats_errors(f"opening KV bucket {NODES_BUCKET}"):
+    with map_nats_errors(f"opening KV bucket {bucket}"):
         try:
-            return await js.key_value(NODES_BUCKET)
+            return await js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
             pass
         config = KeyValueConfig(
-            bucket=NODES_BUCKET,
-            description="cortex neuron heartbeats, one key per node",
+            bucket=bucket,
+            description=description,
             history=1,
             replicas=replicas,
-            limit_marker_ttl=1.0,
+            limit_marker_ttl=1.0 if ttl else None,
         )
         try:
             return await js.create_key_value(config)
         except nats.js.errors.BadRequestError:
             # Another process created it between our look-up and our create.
-            return await js.key_value(NODES_BUCKET)
+            return await js.key_value(bucket)
+
+
+async def nodes_bucket(nc: Client, *, replicas: int = 1) -> KeyValue:
+    """Heartbeats, one key per node; a dead node's key expires and every gateway sees it go."""
+    return await open_bucket(
+        nc, NODES_BUCKET, "cortex neuron heartbeats, one key per node", replicas=replicas, ttl=True
+    )
+
+
+async def placement_bucket(nc: Client, *, replicas: int = 1) -> KeyValue:
+    """Placement leases, one key per model being loaded; a lease expires if its gateway dies."""
+    return await open_bucket(nc, PLACEMENT_BUCKET, "cortex placement leases", replicas=replicas, ttl=True)
+
+
+async def pins_bucket(nc: Client, *, replicas: int = 1) -> KeyValue:
+    """Runtime pins, key `<node>.<model_key>`, value the ModelSpec; the node keeps them loaded."""
+    return await open_bucket(nc, PINS_BUCKET, "cortex runtime pins: <node>.<model_key>", replicas=replicas)
 
 
 class JobStream:
@@ -283,13 +297,13 @@ class JobClient:
         return CancelReply.model_validate_json(reply.data).found
 
 
-async def watch_bucket(kv: KeyValue) -> AsyncIterator[tuple[str, bytes | None] | None]:
+async def watch_bucket(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str, bytes | None] | None]:
     """Every key's current value, then `None` (initial snapshot done), then each change.
 
     A deleted, purged or expired key yields `(key, None)`.
     """
     with map_nats_errors(f"watching KV bucket {kv._name}"):
-        watcher = await kv.watch(">")
+        watcher = await kv.watch(keys)
     try:
         async for entry in watcher:
             if entry is None:

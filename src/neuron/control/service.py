@@ -23,6 +23,7 @@ from cortex.protocol.messages import (
     LoadRequest,
     ModelReply,
     ModelStatus,
+    Refusal,
     ServiceErrorBody,
     StatusReply,
     UnloadRequest,
@@ -32,9 +33,9 @@ from neuron import __version__
 
 
 class ControlError(Exception):
-    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
+    def __init__(self, status: int, code: ErrorCode, message: str, refusal: Refusal | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.refusal = status, code, message, refusal
 
 
 class Controller(Protocol):
@@ -96,13 +97,13 @@ def _endpoint(
         except ValidationError as exc:
             await _error(request, 400, ErrorCode.invalid_request, f"invalid request: {exc}")
         except ControlError as exc:
-            await _error(request, exc.status, exc.code, exc.message)
+            await _error(request, exc.status, exc.code, exc.message, exc.refusal)
         else:
             await request.respond(reply.model_dump_json(exclude_none=True).encode())
 
     return handler
 
 
-async def _error(request: Request, status: int, code: ErrorCode, message: str) -> None:
-    body = ServiceErrorBody(code=code, message=message).to_bytes()
+async def _error(request: Request, status: int, code: ErrorCode, message: str, refusal: Refusal | None = None) -> None:
+    body = ServiceErrorBody(code=code, message=message, refusal=refusal).to_bytes()
     await request.respond_error(str(status), message, data=body)

@@ -35,6 +35,14 @@ def refresh(device: DeviceInfo) -> DeviceInfo:
     return device.model_copy(update={"free_mb": fresh.free_mb, "total_mb": fresh.total_mb})
 
 
+def budgeted(device: DeviceInfo, used_mb: int, limit_mb: int | None, reserve_mb: int) -> DeviceInfo:
+    """The device as placement sees it: a declared budget (or the total less a reserve), less what
+    the models here take, and never more than the device really has free."""
+    total = limit_mb if limit_mb is not None else max(0, device.total_mb - reserve_mb)
+    free = max(0, min(total - used_mb, device.free_mb - reserve_mb))
+    return device.model_copy(update={"total_mb": total, "free_mb": free})
+
+
 def _cuda(index: int) -> DeviceInfo:
     free, total = torch.cuda.mem_get_info(index)
     return DeviceInfo(

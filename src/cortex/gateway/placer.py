@@ -1,0 +1,157 @@
+"""Cold loads: the one owner, in a gateway, of deciding where a model goes and making room.
+
+`prepare(model)` answers at once: None when the model is served now, else a task that
+finishes when it is. Whatever can be known at once raises right there (unknown model,
+preflight refusal, no room anywhere), so the HTTP layer can still answer 422/503 before
+it commits to a stream. Starting a load is serialized in this gateway (decisions about
+room must not interleave); across gateways the KV lease makes exactly one of them load,
+and the others wait for the heartbeat that says `ready`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from cortex.gateway.metrics import GatewayMetrics
+from cortex.placement import planner
+from cortex.placement.fleet import FleetView
+from cortex.placement.lease import Leases
+from cortex.placement.planner import Placement, Strategy
+from cortex.placement.usage import LocalUsage
+from cortex.protocol.catalogue import Catalogue
+from cortex.protocol.errors import CortexError, ErrorCode, JobFailed, NoCapacity, TransportError
+from cortex.protocol.messages import LoadRequest, ModelReply, ModelSpec, ModelState, UnloadRequest
+from cortex.transport.control import ControlClient
+
+log = logging.getLogger(__name__)
+
+_CONTROL_TIMEOUT_S = 30.0
+
+
+class Placer:
+    def __init__(
+        self,
+        *,
+        fleet: FleetView,
+        control: ControlClient,
+        leases: Leases,
+        catalogue: Catalogue,
+        metrics: GatewayMetrics,
+        usage: LocalUsage,
+        strategy: Strategy,
+        load_timeout: float,
+        unload_timeout: float,
+    ) -> None:
+        self._fleet = fleet
+        self._control = control
+        self._leases = leases
+        self._catalogue = catalogue
+        self._metrics = metrics
+        self._usage = usage
+        self._strategy = strategy
+        self._load_timeout = load_timeout
+        self._unload_timeout = unload_timeout
+        self._loads: dict[str, asyncio.Task[None]] = {}
+        self._deciding = asyncio.Lock()
+
+    async def prepare(self, model_id: str) -> asyncio.Task[None] | None:
+        if self._fleet.holders(model_id):
+            return None
+        async with self._deciding:
+            if self._fleet.holders(model_id):
+                return None
+            pending = self._loads.get(model_id)
+            if pending is None:
+                spec = self._catalogue.resolve(model_id)
+                if spec is None:
+                    raise NoCapacity(f"{model_id} is not loaded on any node, and it is not in the catalogue")
+                pending = asyncio.create_task(self._until_ready(spec, *await self._start(spec)))
+                self._loads[model_id] = pending
+                pending.add_done_callback(lambda _: self._loads.pop(model_id, None))
+            return pending
+
+    async def place(self, model_id: str) -> None:
+        """Loads the model somewhere if it is not served, and waits until it is."""
+        pending = await self.prepare(model_id)
+        if pending is not None:
+            await asyncio.shield(pending)
+
+    async def _start(self, spec: ModelSpec) -> tuple[str | None, float, bool]:
+        """Starts the load: (node, since, whether we hold the lease); node None = another gateway's load."""
+        loading = self._fleet.statuses(spec.id, ModelState.loading)
+        if loading:
+            node, status = loading[0]
+            return node, status.since, False
+        nodes = [self._usage.merged(hb) for hb in self._fleet.nodes()]
+        placement = planner.plan(spec, nodes, self._strategy)
+        if not await self._leases.acquire(spec.id, placement.node):
+            holder = await self._leases.holder(spec.id)
+            log.info("%s is being placed by %s; waiting", spec.id, holder.gateway if holder else "another gateway")
+            return None, time.time() - 1.0, False
+        try:
+            return placement.node, await self._load(spec, placement), True
+        except BaseException:
+            await self._leases.release(spec.id)
+            raise
+
+    async def _load(self, spec: ModelSpec, placement: Placement) -> float:
+        node = placement.node
+        for victim in placement.victims:
+            log.info("evicting %s from %s to make room for %s (%s)", victim.id, node, spec.id, self._strategy)
+            request = UnloadRequest(model=victim.id, reason="evicted", detail=f"to make room for {spec.id}")
+            try:
+                await self._control.call(node, "unload", request, ModelReply, timeout=self._unload_timeout)
+            except CortexError as exc:
+                if exc.code is not ErrorCode.model_not_found:  # gone already is what we wanted
+                    raise
+            self._metrics.evictions.labels(self._strategy).inc()
+        device = placement.devices[0] if len(placement.devices) == 1 else None
+        reply = await self._control.call(
+            node, "load", LoadRequest(model=spec, device=device), ModelReply, timeout=_CONTROL_TIMEOUT_S
+        )
+        self._metrics.cold_starts.labels(spec.id).inc()
+        evicted = f", evicting {[v.id for v in placement.victims]}" if placement.victims else ""
+        log.info("placing %s on %s (%s, %d MB%s)", spec.id, node, device or "auto", placement.need_mb, evicted)
+        return reply.model.since
+
+    async def _until_ready(self, spec: ModelSpec, node: str | None, since: float, leased: bool) -> None:
+        started = time.monotonic()
+
+        def settled(fleet: FleetView) -> bool:
+            return bool(fleet.holders(spec.id) or _failure(fleet, spec.id, node, since) or _lost(fleet, node))
+
+        try:
+            try:
+                await self._fleet.wait_for(settled, self._load_timeout)
+            except TimeoutError:
+                raise TransportError(
+                    f"{spec.id} did not finish loading within {self._load_timeout:g}s; it may still be loading: "
+                    "retry later, or raise [gateway] load_timeout",
+                    code=ErrorCode.timeout,
+                ) from None
+            failure = _failure(self._fleet, spec.id, node, since)
+            if failure is not None:
+                raise JobFailed(f"loading {spec.id} on {failure[0]} failed: {failure[1]}", code=ErrorCode.load_failed)
+            if not self._fleet.holders(spec.id):
+                raise NoCapacity(f"node {node} left the fleet while loading {spec.id}; retry", retryable=True)
+            log.info("%s ready after %.1fs", spec.id, time.monotonic() - started)
+        finally:
+            if leased:
+                await self._leases.release(spec.id)
+
+
+def _failure(fleet: FleetView, model_id: str, node: str | None, since: float) -> tuple[str, str] | None:
+    """A failed load of ours: on the node we asked (after we asked), or anywhere if it was not ours."""
+    for hb in fleet.nodes():
+        if node is not None and hb.node != node:
+            continue
+        for m in hb.models:
+            if m.id == model_id and m.state is ModelState.failed and m.since >= since:
+                return hb.node, m.error or "load failed"
+    return None
+
+
+def _lost(fleet: FleetView, node: str | None) -> bool:
+    return node is not None and not fleet.alive(node)

@@ -1,0 +1,144 @@
+"""Where a model that is not loaded should go: pure functions over heartbeats, no I/O.
+
+A node where it fits now (the one with the most room left), else one where it fits after
+evicting models that may be displaced (fewest evictions, then the least valuable ones),
+else `insufficient_capacity` with the numbers. Pinned models, models still loading, and
+models with jobs in flight are never displaced. Under `lru` the least recently used goes
+first; under `priority` the lowest priority, ties by least recent use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cortex.protocol.errors import ErrorCode, NoCapacity, Refused
+from cortex.protocol.messages import DeviceInfo, Heartbeat, ModelSpec, ModelState, ModelStatus, Refusal
+
+Strategy = Literal["lru", "priority"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    node: str
+    need_mb: int
+    devices: list[str]
+    victims: list[ModelStatus] = field(default_factory=list)
+
+
+def need_on(spec: ModelSpec, node: Heartbeat) -> int | Refusal | None:
+    """Memory the model needs on this node: the catalogue's figure, else the node's estimate.
+
+    A refusal when the node's preflight refused it; None when the node has no estimate (it
+    does not know the model): then the node checks the fit itself when asked to load.
+    """
+    if spec.memory_mb:
+        return spec.memory_mb
+    estimate = next((e for e in node.estimates if e.model == spec.id), None)
+    if estimate is None:
+        return None
+    if estimate.refusal is not None:
+        return estimate.refusal
+    return estimate.memory_mb
+
+
+def eviction_order(models: list[ModelStatus], strategy: Strategy) -> list[ModelStatus]:
+    """The models that may be displaced, the first to go first."""
+    movable = [m for m in models if evictable(m)]
+    if strategy == "priority":
+        return sorted(movable, key=lambda m: (m.priority, m.last_used or 0.0))
+    return sorted(movable, key=lambda m: m.last_used or 0.0)
+
+
+def evictable(model: ModelStatus) -> bool:
+    return model.state is ModelState.ready and not model.pinned and model.in_flight == 0
+
+
+def _on(model: ModelStatus, devices: list[str]) -> bool:
+    return bool({model.device, *model.devices} & set(devices))
+
+
+@dataclass(frozen=True)
+class _Option:
+    placement: Placement
+    rank: tuple[float, ...]
+
+
+def _option(node: Heartbeat, spec: ModelSpec, need: int, strategy: Strategy) -> _Option | None:
+    devices = _device_group(node.devices, spec.devices)
+    if devices is None:
+        return None
+    ids = [d.id for d in devices]
+    free = sum(d.free_mb for d in devices)
+    if need <= free:
+        return _Option(Placement(node.node, need, ids), (0, 0, 0, 0.0, -(free - need)))
+    victims: list[ModelStatus] = []
+    for model in eviction_order([m for m in node.models if _on(m, ids)], strategy):
+        victims.append(model)
+        free += model.memory_mb
+        if need <= free:
+            # Across nodes, displace the least valuable: the lowest priority (under `priority`), then the
+            # least recently used.
+            worth = max(v.priority for v in victims) if strategy == "priority" else 0
+            recency = max(v.last_used or 0.0 for v in victims)
+            return _Option(Placement(node.node, need, ids, victims), (1, len(victims), worth, recency, -(free - need)))
+    return None
+
+
+def _device_group(devices: list[DeviceInfo], count: int) -> list[DeviceInfo] | None:
+    """The `count` roomiest devices of one kind, GPUs preferred; None if the node has too few."""
+    for kind in ("cuda", "cpu"):
+        of_kind = sorted((d for d in devices if d.kind == kind), key=lambda d: d.free_mb, reverse=True)
+        if len(of_kind) >= count:
+            return of_kind[:count]
+    return None
+
+
+def fits(spec: ModelSpec, node: Heartbeat, strategy: Strategy) -> bool:
+    """Whether the model could be placed on this node now, evicting what may be displaced."""
+    need = need_on(spec, node)
+    return not node.draining and not isinstance(need, Refusal) and _option(node, spec, need or 0, strategy) is not None
+
+
+def plan(spec: ModelSpec, nodes: list[Heartbeat], strategy: Strategy) -> Placement:
+    """The best placement, or Refused (every node's preflight says no) or NoCapacity (no room)."""
+    candidates = [n for n in nodes if not n.draining]
+    if not candidates:
+        raise NoCapacity(
+            f"{spec.id} is not loaded, and no node is up to load it; start a neuron", code=ErrorCode.model_not_loaded
+        )
+    options: list[_Option] = []
+    refusals: list[Refusal] = []
+    sizes: dict[str, int] = {}
+    for node in candidates:
+        need = need_on(spec, node)
+        if isinstance(need, Refusal):
+            refusals.append(need)
+            continue
+        sizes[node.node] = need or 0
+        option = _option(node, spec, need or 0, strategy)
+        if option is not None:
+            options.append(option)
+    if options:
+        return min(options, key=lambda o: o.rank).placement
+    if refusals and not sizes:
+        raise Refused(refusals[0])
+    raise _no_room(spec, [n for n in candidates if n.node in sizes], sizes)
+
+
+def _no_room(spec: ModelSpec, nodes: list[Heartbeat], sizes: dict[str, int]) -> NoCapacity:
+    def capacity(node: Heartbeat) -> int:
+        group = _device_group(node.devices, spec.devices) or []
+        return sum(d.total_mb for d in group)
+
+    largest = max(nodes, key=capacity)
+    group = [d.id for d in _device_group(largest.devices, spec.devices) or []]
+    stuck = sum(m.memory_mb for m in largest.models if _on(m, group) and not evictable(m))
+    need = sizes[largest.node]
+    return NoCapacity(
+        f"{spec.id} needs {need} MB and fits on no node, even after evictions: the largest, {largest.node}, "
+        f"has {capacity(largest)} MB on {', '.join(group) or 'no device'}, of which {stuck} MB is held by "
+        "models that cannot be evicted (pinned, loading or busy). Lower its `context`, or add a node with more memory",
+        code=ErrorCode.insufficient_capacity,
+        retryable=stuck > 0,
+    )

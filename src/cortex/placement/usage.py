@@ -1,0 +1,48 @@
+"""What this gateway has sent each node since its last heartbeat: jobs in flight and last use.
+
+Heartbeats lag by up to an interval; routing and eviction must not act on a model's use
+from before the request this gateway sent a moment ago.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from cortex.protocol.messages import Heartbeat
+
+
+class LocalUsage:
+    def __init__(self) -> None:
+        self._in_flight: Counter[tuple[str, str]] = Counter()
+        self._last_used: dict[tuple[str, str], float] = {}
+
+    def started(self, node: str, model: str) -> None:
+        self._in_flight[node, model] += 1
+        self._last_used[node, model] = time.time()
+
+    def finished(self, node: str, model: str) -> None:
+        self._in_flight[node, model] -= 1
+        if self._in_flight[node, model] <= 0:
+            del self._in_flight[node, model]
+        self._last_used[node, model] = time.time()
+
+    def in_flight(self, model: str) -> dict[str, int]:
+        """node -> this gateway's jobs in flight there for the model."""
+        return {node: n for (node, m), n in self._in_flight.items() if m == model}
+
+    def merged(self, heartbeat: Heartbeat) -> Heartbeat:
+        """The heartbeat with each model's in-flight count and last use at least what we know."""
+        models = []
+        for status in heartbeat.models:
+            key = (heartbeat.node, status.id)
+            local_use = self._last_used.get(key)
+            models.append(
+                status.model_copy(
+                    update={
+                        "in_flight": max(status.in_flight, self._in_flight.get(key, 0)),
+                        "last_used": max(status.last_used or 0.0, local_use or 0.0) or None,
+                    }
+                )
+            )
+        return heartbeat.model_copy(update={"models": models})
