@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from bench import quickstart
+from bench import coldstart, quickstart
 
-BENCHMARKS = {"quickstart": quickstart.main}
+BENCHMARKS = {"quickstart": quickstart.main, "coldstart": coldstart.main}
 
 
 def main() -> None:

@@ -89,10 +89,11 @@ class _Baseline:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from cortex.protocol.catalogue import DEFAULT_MODEL
+        from neuron.sources.preflight import preflight
         from neuron.sources.resolve import resolve
 
         self._torch = torch
-        src = resolve(DEFAULT_MODEL)
+        src = resolve(preflight(DEFAULT_MODEL, device_kind="cpu", device_count=1, max_batch=1))
         tok = AutoTokenizer.from_pretrained(str(src.directory), gguf_file=src.gguf_file)
         self._model = AutoModelForCausalLM.from_pretrained(
             str(src.directory), gguf_file=src.gguf_file, dtype=torch.float32

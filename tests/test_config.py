@@ -47,3 +47,11 @@ def test_unknown_field_is_refused(tmp_path: Path) -> None:
     path.write_text('[gateway]\nlisten = "127.0.0.1:1"\nlisten_port = 3\n')
     with pytest.raises(ConfigError, match=r"gateway\.listen_port"):
         cortex_config.load(path)
+
+
+def test_an_empty_env_var_is_an_empty_string_and_bad_json_names_the_variable(monkeypatch) -> None:
+    monkeypatch.setenv("CORTEX_GATEWAY__METRICS_LISTEN", "")
+    assert cortex_config.load(None).gateway.metrics_listen == ""
+    monkeypatch.setenv("CORTEX_AUTH__ADMIN_KEYS", "[oops")
+    with pytest.raises(ConfigError, match="env var CORTEX_AUTH__ADMIN_KEYS: not valid JSON"):
+        cortex_config.load(None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +13,7 @@ import pytest
 from cortex.protocol.messages import DeviceInfo, ModelSpec, ModelState
 from neuron.engine.worker import DeviceWorker
 from neuron.models import LoadError, ModelTable
-from neuron.sources.inspect import list_source
-from neuron.sources.preflight import Plan, plan
+from neuron.sources.preflight import Plan, preflight
 
 
 class _SlowLeaving:
@@ -32,8 +32,20 @@ class _SlowLeaving:
         self.events.append(f"{kind} {model}")
 
 
+class _Recording(_SlowLeaving):
+    def __init__(self) -> None:
+        super().__init__()
+        self.details: list[tuple[str, str | None]] = []
+
+    async def model_leaving(self, spec: ModelSpec) -> None:
+        pass
+
+    async def model_changed(self, kind: str, model: str | None, detail: str | None, reason: str | None = None) -> None:
+        self.details.append((kind, detail))
+
+
 def _plan(spec: ModelSpec) -> Plan:
-    return plan(spec, list_source(spec), device_kind="cpu", device_count=1, max_batch=2)
+    return preflight(spec, device_kind="cpu", device_count=1, max_batch=2)
 
 
 @pytest.fixture
@@ -79,3 +91,17 @@ async def test_a_failed_load_reports_why(worker: DeviceWorker, tiny_model_dir: P
     assert "no-such-architecture" in entry.error
     assert entry.memory_mb == 0
     assert hooks.events == ["loading t/broken", "load_failed t/broken"]
+
+
+async def test_after_n_load_unload_cycles_the_device_releases_cached_memory(
+    worker: DeviceWorker, tiny_model_dir: Path
+) -> None:
+    hooks = _Recording()
+    table = ModelTable({"cpu": worker}, hooks=hooks, defrag_after_cycles=2)
+    spec = ModelSpec(id="t/tiny", source=f"file:{tiny_model_dir}")
+    for _ in range(3):
+        await table.load(_plan(spec), [worker]).done.wait()
+        await table.unload("t/tiny")
+    defrags = [detail for kind, detail in hooks.details if kind == "defrag"]
+    assert len(defrags) == 1  # after the 2nd cycle, not the 1st or 3rd
+    assert re.fullmatch(r"cpu: free \d+ MB -> \d+ MB after 2 load/unload cycles", defrags[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,30 @@ def test_catalogue_errors_name_file_model_and_field(tmp_path: Path) -> None:
     path.write_text('[[models]]\nid = "m1"\nsource = "file:/x"\ndtype = "float8"\n')
     with pytest.raises(CatalogueError, match=r"models\.toml: model m1: field `dtype`"):
         Catalogue.load(path)
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "message"),
+    [
+        ('keep_alive = "soon"', "keep_alive", "not a duration"),
+        ('pinned_on = ["bad node"]', "pinned_on.0", "should match pattern"),
+        ("devices = 0", "devices", "greater than or equal to 1"),
+        ("memory_mb = -5", "memory_mb", "greater than or equal to 1"),
+        ("prority = 3", "prority", "Extra inputs are not permitted"),
+    ],
+)
+def test_catalogue_lifecycle_fields_are_validated(tmp_path: Path, line: str, field: str, message: str) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(f'[[models]]\nid = "m1"\nsource = "file:/x"\n{line}\n')
+    with pytest.raises(CatalogueError, match=rf"models\.toml: model m1: field `{re.escape(field)}`: .*{message}"):
+        Catalogue.load(path)
+
+
+def test_keep_alive_reads_durations(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text('[[models]]\nid = "a"\nsource = "file:/x"\nkeep_alive = "10m"\npriority = 5\n')
+    spec = Catalogue.load(path).resolve("a")
+    assert spec.keep_alive == 600.0 and spec.priority == 5
 
 
 def test_catalogue_rejects_an_alias_used_twice(tmp_path: Path) -> None:

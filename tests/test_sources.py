@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from cortex.protocol.messages import ModelSpec
-from neuron.sources.inspect import Listing, SourceRefused, list_source
-from neuron.sources.preflight import Plan, pick_gguf, plan
+from neuron.sources.inspect import Listing, SourceRefused
+from neuron.sources.preflight import Plan, pick_gguf, preflight
 from neuron.sources.resolve import SourceError, resolve
 from tests.conftest import SMOLLM2_DIR, SMOLLM2_GGUF
 
@@ -20,7 +20,7 @@ def _spec(source: str, **kw) -> ModelSpec:
 
 
 def _plan(spec: ModelSpec, *, kind: str = "cpu", devices: int = 1, max_batch: int = 4, **kw) -> Plan:
-    return plan(spec, list_source(spec, **kw), device_kind=kind, device_count=devices, max_batch=max_batch)
+    return preflight(spec, device_kind=kind, device_count=devices, max_batch=max_batch, **kw)
 
 
 def _refusal(spec: ModelSpec, **kw):

@@ -46,8 +46,8 @@ from neuron.heartbeat import Heartbeater
 from neuron.jobs import JobRelay
 from neuron.keeper import Keeper
 from neuron.models import LoadError, ModelEntry, ModelTable
-from neuron.sources.inspect import SourceRefused, list_source
-from neuron.sources.preflight import Plan, plan, refusal_estimate
+from neuron.sources.inspect import SourceRefused
+from neuron.sources.preflight import Plan, preflight, refusal_estimate
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,14 @@ class Neuron:
     def preflight(self, spec: ModelSpec, device: str | None = None) -> Plan:
         """The load plan, from the source's metadata; blocking (it may ask the hub), so run it in a thread."""
         kind = self._device_kind(device)
-        listing = list_source(spec, cache_dir=self.settings.hf_cache_dir, offline=self.settings.offline)
-        count = sum(1 for w in self._workers.values() if w.device.kind == kind)
-        return plan(spec, listing, device_kind=kind, device_count=count, max_batch=self.settings.max_batch)
+        return preflight(
+            spec,
+            device_kind=kind,
+            device_count=sum(1 for w in self._workers.values() if w.device.kind == kind),
+            max_batch=self.settings.max_batch,
+            cache_dir=self.settings.hf_cache_dir,
+            offline=self.settings.offline,
+        )
 
     async def survey(self) -> None:
         """Estimates every catalogue model once, so gateways can place and list them without asking."""
@@ -174,6 +179,9 @@ class Neuron:
             return entry
         load_plan = await asyncio.to_thread(self.preflight, spec, device)
         self.estimates[spec.id] = load_plan.estimate()
+        entry = self.models.get(spec.id)
+        if entry is not None and entry.state in (ModelState.loading, ModelState.ready):
+            return entry  # another request started it while we read the source
         views = self.device_views()
         workers = choose_devices(self._workers, views, spec, device)
         check_fit(load_plan, [views[w.device.id] for w in workers])
@@ -187,9 +195,8 @@ class Neuron:
         try:
             entry = await self.start_load(request.model, request.device)
         except SourceRefused as exc:
-            refusal = exc.refusal
-            log.warning("refused to load %s: reason=%s detail=%s", refusal.model, refusal.kind, refusal.detail)
-            raise ControlError(422, ErrorCode.preflight_failed, str(exc), refusal) from None
+            log.warning("refused to load %s: %s", request.model.id, exc.log_fields())
+            raise ControlError(422, ErrorCode.preflight_failed, str(exc), exc.refusal) from None
         except LoadError as exc:
             raise ControlError(400, ErrorCode.invalid_request, str(exc)) from None
         if request.wait:

@@ -45,10 +45,9 @@ class Keeper:
         try:
             await self._neuron.start_load(spec)
         except SourceRefused as exc:
-            r = exc.refusal
-            log.error("cannot load %s (%s): reason=%s detail=%s", spec.id, why, r.kind, r.detail)
-            self._neuron.models.refused(spec, r)
-            await self._neuron.model_changed("load_failed", spec.id, r.detail, r.kind)
+            log.error("cannot load %s (%s): %s", spec.id, why, exc.log_fields())
+            self._neuron.models.refused(spec, exc.refusal)
+            await self._neuron.model_changed("load_failed", spec.id, exc.refusal.detail, exc.refusal.kind)
         except LoadError as exc:
             log.error("cannot load %s (%s): %s", spec.id, why, exc)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.placement import planner
@@ -28,6 +29,7 @@ from cortex.transport.control import ControlClient
 log = logging.getLogger(__name__)
 
 _CONTROL_TIMEOUT_S = 30.0
+_LEASE_CHECK_S = 2.0
 
 
 class Placer:
@@ -123,14 +125,16 @@ class Placer:
             return bool(fleet.holders(spec.id) or _failure(fleet, spec.id, node, since) or _lost(fleet, node))
 
         try:
-            try:
-                await self._fleet.wait_for(settled, self._load_timeout)
-            except TimeoutError:
-                raise TransportError(
-                    f"{spec.id} did not finish loading within {self._load_timeout:g}s; it may still be loading: "
-                    "retry later, or raise [gateway] load_timeout",
-                    code=ErrorCode.timeout,
-                ) from None
+            while not await self._settled_within(settled, _LEASE_CHECK_S):
+                if time.monotonic() - started > self._load_timeout:
+                    raise TransportError(
+                        f"{spec.id} did not finish loading within {self._load_timeout:g}s; it may still be loading: "
+                        "retry later, or raise [gateway] load_timeout",
+                        code=ErrorCode.timeout,
+                    )
+                # Checked again after the lease read: the load may have finished meanwhile.
+                if node is None and not await self._elsewhere(spec.id) and not settled(self._fleet):
+                    raise NoCapacity(f"another gateway's load of {spec.id} did not start; retry", retryable=True)
             failure = _failure(self._fleet, spec.id, node, since)
             if failure is not None:
                 raise JobFailed(f"loading {spec.id} on {failure[0]} failed: {failure[1]}", code=ErrorCode.load_failed)
@@ -140,6 +144,18 @@ class Placer:
         finally:
             if leased:
                 await self._leases.release(spec.id)
+
+    async def _settled_within(self, settled: Callable[[FleetView], bool], seconds: float) -> bool:
+        try:
+            return await self._fleet.wait_for(settled, seconds)
+        except TimeoutError:
+            return False
+
+    async def _elsewhere(self, model_id: str) -> bool:
+        """Whether another gateway's load is still on: its lease stands, or a node shows the model loading."""
+        return (
+            bool(self._fleet.statuses(model_id, ModelState.loading)) or await self._leases.holder(model_id) is not None
+        )
 
 
 def _failure(fleet: FleetView, model_id: str, node: str | None, since: float) -> tuple[str, str] | None:

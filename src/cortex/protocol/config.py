@@ -67,7 +67,7 @@ def load_settings(cls: type[T], path: Path | None, env_prefix: str, **overrides:
     for name, value in os.environ.items():
         if name.startswith(env_prefix + "_"):
             keys = name[len(env_prefix) + 1 :].lower().split("__")
-            _set(data, keys, json.loads(value) if value[:1] in "[{" else value)
+            _set(data, keys, _env_value(name, value))
     for name, value in overrides.items():
         if value is not None:
             _set(data, name.split("."), value)
@@ -77,6 +77,15 @@ def load_settings(cls: type[T], path: Path | None, env_prefix: str, **overrides:
         where = str(path) if path else "configuration"
         problems = "; ".join(f"`{'.'.join(str(p) for p in err['loc'])}`: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"{where}: {problems} (env vars {env_prefix}_... apply too)") from None
+
+
+def _env_value(name: str, value: str) -> Any:
+    if not value.startswith(("[", "{")):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f'env var {name}: not valid JSON ({exc}); write lists as \'["a", "b"]\'') from None
 
 
 def _set(data: dict[str, Any], keys: list[str], value: Any) -> None:

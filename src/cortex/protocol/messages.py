@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from cortex.protocol.errors import ErrorCode
+from cortex.protocol.subjects import NODE_NAME_PATTERN
 
 PROTOCOL_VERSION = 1
 
@@ -230,7 +231,9 @@ class ModelSpec(_Wire):
     context: int | None = Field(None, ge=16, description="Context length cap; the model's own if unset.")
     memory_mb: int | None = Field(None, ge=1, description="Memory it takes, overriding the estimate.")
     devices: int = Field(1, ge=1, description="Devices of one node it spans (dense models only).")
-    pinned_on: list[str] = Field(default_factory=list, description="Nodes that load it at start and never evict it.")
+    pinned_on: list[Annotated[str, Field(pattern=NODE_NAME_PATTERN)]] = Field(
+        default_factory=list, description="Nodes that load it at start and never evict it."
+    )
     priority: int = Field(0, description="Under the `priority` eviction strategy, lower goes first.")
     keep_alive: float | None = Field(
         None, gt=0, description="Seconds idle before it is unloaded (`10m`, `1h` accepted); never if unset."

@@ -8,6 +8,8 @@ safetensors headers over HTTP ranges).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
 import json
 import struct
@@ -26,6 +28,10 @@ class SourceRefused(Exception):
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(f"{refusal.kind}: {refusal.detail}")
         self.refusal = refusal
+
+    def log_fields(self) -> str:
+        """The one log line a refusal gets, on whichever side meets it."""
+        return f"reason={self.refusal.kind} detail={self.refusal.detail}"
 
 
 def refuse(kind: str, spec: ModelSpec, detail: str, suggestion: str | None = None) -> SourceRefused:
@@ -140,7 +146,18 @@ def safetensors_parameters(path: Path) -> int:
 
 
 def gguf_metadata(path: Path) -> tuple[int, Shape | None]:
-    """Parameter count and KV shape from a GGUF header (the reader maps the file, reads no weights)."""
+    """Parameter count and KV shape from a GGUF header (the reader maps the file, reads no weights).
+
+    Parsing takes seconds for a large tensor table, so the result is kept per file version:
+    the start-up survey pays for it, later loads of the same file do not.
+    """
+    stat = path.stat()
+    parameters, shape = _gguf_metadata(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    return parameters, dataclasses.replace(shape) if shape else None  # callers may narrow the context
+
+
+@functools.lru_cache(maxsize=64)
+def _gguf_metadata(path: Path, size: int, mtime_ns: int) -> tuple[int, Shape | None]:
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from cortex.protocol.messages import Estimate, ModelSpec
@@ -22,6 +23,7 @@ from neuron.sources.inspect import (
     config_parameters,
     config_shape,
     gguf_metadata,
+    list_source,
     refuse,
 )
 
@@ -120,6 +122,20 @@ def plan(spec: ModelSpec, listing: Listing, *, device_kind: str, device_count: i
         weights_mb=_ceil_mb(parameters * element),
         kv_mb=_ceil_mb(kv),
     )
+
+
+def preflight(
+    spec: ModelSpec,
+    *,
+    device_kind: str,
+    device_count: int,
+    max_batch: int,
+    cache_dir: Path | None = None,
+    offline: bool = False,
+) -> Plan:
+    """Lists the source (metadata only) and plans the load. Blocking: the hub may be asked."""
+    listing = list_source(spec, cache_dir=cache_dir, offline=offline)
+    return plan(spec, listing, device_kind=device_kind, device_count=device_count, max_batch=max_batch)
 
 
 def refusal_estimate(spec: ModelSpec, exc: SourceRefused) -> Estimate:
