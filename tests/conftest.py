@@ -39,13 +39,21 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, inter
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-@pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    workdir = tmp_path_factory.mktemp("nats")
+@contextlib.contextmanager
+def running_nats(workdir: Path) -> Iterator[str]:
+    """A nats-server of our own on free ports; yields its URL."""
     port = natsserver.free_port()
     proc = natsserver.start(port=port, http_port=natsserver.free_port(), workdir=workdir, log_file=workdir / "nats.log")
-    yield f"nats://127.0.0.1:{port}"
-    natsserver.stop(proc)
+    try:
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        natsserver.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_nats(tmp_path_factory.mktemp("nats")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

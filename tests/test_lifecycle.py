@@ -23,8 +23,7 @@ import httpx
 import nats
 import pytest
 
-from cortex import natsserver
-from tests.conftest import SMOLLM2_GGUF, Gateway, start_gateway, start_neuron, wait_until
+from tests.conftest import SMOLLM2_GGUF, Gateway, running_nats, start_gateway, start_neuron, wait_until
 
 NODES = ("n1", "n2", "n3")
 ADMIN_KEY = "s3cret-admin"
@@ -60,11 +59,8 @@ class Events:
 
 @pytest.fixture(scope="module")
 def lc_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    workdir = tmp_path_factory.mktemp("lc-nats")
-    port = natsserver.free_port()
-    proc = natsserver.start(port=port, http_port=natsserver.free_port(), workdir=workdir, log_file=workdir / "nats.log")
-    yield f"nats://127.0.0.1:{port}"
-    natsserver.stop(proc)
+    with running_nats(tmp_path_factory.mktemp("lc-nats")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
