@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cortex.protocol.messages import ModelSpec
-from neuron.sources.inspect import Listing, SourceRefused
+from neuron.sources.inspect import Listing, SourceRefused, read_gguf_header
 from neuron.sources.preflight import Plan, pick_gguf, preflight
 from neuron.sources.resolve import SourceError, resolve
 from tests.conftest import SMOLLM2_DIR, SMOLLM2_GGUF
@@ -182,3 +182,14 @@ def test_a_folder_with_weights_but_no_config_cannot_be_loaded(tmp_path: Path, ti
     (tmp_path / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes())
     with pytest.raises(SourceError, match=r"no config\.json"):
         resolve(_plan(_spec(f"file:{tmp_path}")))
+
+
+def test_the_gguf_header_reader_agrees_with_the_gguf_package() -> None:
+    from gguf import GGUFReader
+
+    fields, parameters = read_gguf_header(SMOLLM2_DIR / SMOLLM2_GGUF)
+    reference = GGUFReader(str(SMOLLM2_DIR / SMOLLM2_GGUF))
+    assert parameters == sum(int(t.n_elements) for t in reference.tensors) == SMOLLM2_PARAMETERS
+    for key, value in fields.items():
+        assert reference.fields[key].contents() == pytest.approx(value), key
+    assert fields["llama.block_count"] == 30 and fields["general.architecture"] == "llama"

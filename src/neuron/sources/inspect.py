@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,25 +159,76 @@ def gguf_metadata(path: Path) -> tuple[int, Shape | None]:
 
 @functools.lru_cache(maxsize=64)
 def _gguf_metadata(path: Path, size: int, mtime_ns: int) -> tuple[int, Shape | None]:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    parameters = sum(int(t.n_elements) for t in reader.tensors)
-
-    def field_value(name: str) -> Any:
-        found = reader.fields.get(name)
-        return found.contents() if found is not None else None
-
-    arch = field_value("general.architecture")
-    layers = field_value(f"{arch}.block_count")
-    heads = field_value(f"{arch}.attention.head_count")
-    kv_heads = field_value(f"{arch}.attention.head_count_kv") or heads
-    width = field_value(f"{arch}.embedding_length")
-    context = field_value(f"{arch}.context_length")
-    head_dim = field_value(f"{arch}.attention.key_length") or (width // heads if width and heads else None)
+    fields, parameters = read_gguf_header(path)
+    arch = fields.get("general.architecture")
+    layers = fields.get(f"{arch}.block_count")
+    heads = fields.get(f"{arch}.attention.head_count")
+    kv_heads = fields.get(f"{arch}.attention.head_count_kv") or heads
+    width = fields.get(f"{arch}.embedding_length")
+    context = fields.get(f"{arch}.context_length")
+    head_dim = fields.get(f"{arch}.attention.key_length") or (width // heads if width and heads else None)
     if not (layers and kv_heads and head_dim and context):
         return parameters, None
     return parameters, Shape(int(layers), int(kv_heads), int(head_dim), int(context))
+
+
+# GGUF value types -> struct codes; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def read_gguf_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The scalar metadata and the total parameter count of a GGUF (v2/v3) file.
+
+    Arrays (the tokenizer's vocabulary, mostly) are skipped, not decoded: reading them is
+    what makes a general-purpose reader take seconds.
+    """
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        (version,) = struct.unpack_from("<I", data, 4)
+        if version < 2:
+            raise ValueError(f"{path} is GGUF version {version}; only 2 and later are read")
+        tensors, kv_count = struct.unpack_from("<QQ", data, 8)
+        offset = 24
+        fields: dict[str, Any] = {}
+
+        def string(at: int) -> tuple[str, int]:
+            (length,) = struct.unpack_from("<Q", data, at)
+            return data[at + 8 : at + 8 + length].decode("utf-8", "replace"), at + 8 + length
+
+        def skip(kind: int, at: int) -> int:
+            if kind == 8:
+                return at + 8 + struct.unpack_from("<Q", data, at)[0]
+            if kind == 9:
+                inner, count = struct.unpack_from("<IQ", data, at)
+                at += 12
+                if inner in _GGUF_SCALARS:
+                    return at + count * struct.calcsize(_GGUF_SCALARS[inner])
+                for _ in range(count):
+                    at = skip(inner, at)
+                return at
+            return at + struct.calcsize(_GGUF_SCALARS[kind])
+
+        for _ in range(kv_count):
+            key, offset = string(offset)
+            (kind,) = struct.unpack_from("<I", data, offset)
+            offset += 4
+            if kind in _GGUF_SCALARS:
+                (fields[key],) = struct.unpack_from("<" + _GGUF_SCALARS[kind], data, offset)
+            elif kind == 8:
+                fields[key] = string(offset)[0]
+            offset = skip(kind, offset)
+        parameters = 0
+        for _ in range(tensors):
+            _, offset = string(offset)
+            (dims,) = struct.unpack_from("<I", data, offset)
+            shape = struct.unpack_from(f"<{dims}Q", data, offset + 4)
+            offset += 4 + 8 * dims + 4 + 8  # dims, then the type and the data offset
+            count = 1
+            for n in shape:
+                count *= n
+            parameters += count
+        return fields, parameters
 
 
 def config_shape(config: dict[str, Any]) -> Shape | None:
