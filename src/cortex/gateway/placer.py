@@ -71,8 +71,14 @@ class Placer:
                     raise NoCapacity(f"{model_id} is not loaded on any node, and it is not in the catalogue")
                 pending = asyncio.create_task(self._until_ready(spec, *await self._start(spec)))
                 self._loads[model_id] = pending
-                pending.add_done_callback(lambda _: self._loads.pop(model_id, None))
+                pending.add_done_callback(lambda task: self._settle(model_id, task))
             return pending
+
+    def _settle(self, model_id: str, task: asyncio.Task[None]) -> None:
+        self._loads.pop(model_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            # Every waiter got the error; this keeps asyncio from reporting it again when all had left.
+            log.info("loading %s did not succeed: %s", model_id, task.exception())
 
     async def place(self, model_id: str) -> None:
         """Loads the model somewhere if it is not served, and waits until it is."""
