@@ -56,6 +56,10 @@ class Events:
     def of(self, kind: str, model: str) -> list[dict]:
         return [e for e in self.seen if e["kind"] == kind and e.get("model") == model]
 
+    def wait(self, kind: str, model: str) -> list[dict]:
+        """The events so far, once there is one (its delivery races the HTTP reply that caused it)."""
+        return wait_until(lambda: self.of(kind, model), 5, f"a {kind} event for {model}")
+
 
 @pytest.fixture(scope="module")
 def lc_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -72,7 +76,7 @@ def lc_models(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
         (quants / name).write_bytes(b"GGUF")
     (root / "empty").mkdir()
     tiny = f'source = "file:{tiny_model_dir}"\ncontext = 256'
-    entries = [f'id = "lc/{x}"\n{tiny}' for x in "abcdef"]
+    entries = [f'id = "lc/{x}"\n{tiny}' for x in ("a", "b", "c", "d", "e", "f", "idle")]
     entries += [
         f'id = "lc/pinned"\n{tiny}\npinned_on = ["n1"]',
         f'id = "lc/keep"\n{tiny}\nkeep_alive = "2s"',
@@ -164,6 +168,9 @@ def test_a_cold_model_loads_on_first_request_on_a_node_with_room(fleet) -> None:
     assert node in ("n2", "n3")  # n1 is full with its pinned model
     entry = _entry(gw, "lc/a")
     assert entry["memory_source"] == "measured" and entry["memory_mb"] == 14
+    httpx.post(f"{gw.url}/admin/models/unload", json={"model": "lc/a"}, timeout=30)
+    wait_until(lambda: not _entry(gw, "lc/a")["loaded"], 10, "the unload")
+    assert _entry(gw, "lc/a")["memory_source"] == "measured", "the node remembers what it took"
 
 
 def test_lru_evicts_the_least_recently_used_model(fleet) -> None:
@@ -175,7 +182,7 @@ def test_lru_evicts_the_least_recently_used_model(fleet) -> None:
     assert set(_loaded(gw)) == {"lc/a", "lc/c"}
     assert gw.models()["lc/c"] == node_of_b
     assert gw.models()["lc/pinned"] == ["n1"], "the pinned model is never evicted"
-    evicted = events.of("evicted", "lc/b")
+    evicted = events.wait("evicted", "lc/b")
     assert evicted and evicted[-1]["reason"] == "evicted" and "lc/c" in evicted[-1]["detail"]
 
 
@@ -236,7 +243,8 @@ def test_two_gateways_racing_for_a_cold_model_load_it_once(fleet) -> None:
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda gw: _ask(gw, "lc/d"), [fleet["lru"], fleet["prio"]] * 3))
     assert [r.status_code for r in answers] == [200] * 6
-    time.sleep(0.5)
+    wait_until(lambda: len(events.of("loaded", "lc/d")) > before, 5, "the loaded event")
+    time.sleep(0.5)  # a second load, if there were one, would have announced itself by now
     assert len(events.of("loaded", "lc/d")) - before == 1
     assert len(fleet["lru"].models()["lc/d"]) == 1
 
@@ -258,7 +266,7 @@ def test_an_idle_model_unloads_after_its_keep_alive(fleet) -> None:
     gw, events = fleet["lru"], fleet["events"]
     assert _ask(gw, "lc/keep").status_code == 200
     wait_until(lambda: "lc/keep" not in gw.models(), 10, "keep_alive to unload lc/keep")
-    assert events.of("unloaded", "lc/keep")[-1]["reason"] == "keep_alive"
+    assert events.wait("unloaded", "lc/keep")[-1]["reason"] == "keep_alive"
 
 
 # --- preflight ------------------------------------------------------------------------------------
@@ -311,7 +319,7 @@ def test_models_list_the_catalogue_with_placement_and_memory(fleet) -> None:
     assert pinned["loaded"] == [
         {"node": "n1", "state": "ready", "device": "cpu", "memory_mb": 14, "in_flight": 0, "queued": 0, "pinned": True}
     ]
-    idle = data["lc/a"]
+    idle = data["lc/idle"]  # never loaded
     assert idle["nodes"] == [] and idle["memory_source"] == "estimate" and idle["memory_mb"] == 14
     assert idle["placeable_on"] == ["n2", "n3"]  # n1 is full, and its model is pinned
     assert data["lc/huge"]["memory_source"] == "catalogue"

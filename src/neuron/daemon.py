@@ -124,6 +124,12 @@ class Neuron:
         await self.relay.end_model(spec.id, self.settings.drain_timeout)
 
     async def model_changed(self, kind: str, model: str | None, detail: str | None, reason: str | None = None) -> None:
+        entry = self.models.get(model) if kind == "loaded" and model else None
+        if entry is not None and model in self.estimates:
+            # What the model really took beats the estimate, for the next placement here.
+            self.estimates[model] = self.estimates[model].model_copy(
+                update={"memory_mb": entry.memory_mb, "measured": True}
+            )
         await self.publish_event(kind, model=model, detail=detail, reason=reason)
         await self.beat()
 

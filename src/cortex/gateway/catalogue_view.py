@@ -40,7 +40,8 @@ def model_entry(gw: Gateway, model_id: str) -> dict[str, Any]:
     estimates = [n for n in needs.values() if isinstance(n, int)]
     if entry["memory_mb"] is None and estimates:
         entry["memory_mb"] = max(estimates)
-        entry["memory_source"] = "catalogue" if spec.memory_mb else "estimate"
+        was_measured = any(e.measured for hb in nodes for e in hb.estimates if e.model == model_id)
+        entry["memory_source"] = "catalogue" if spec.memory_mb else "measured" if was_measured else "estimate"
     entry["placeable_on"] = sorted(hb.node for hb in nodes if planner.fits(spec, hb, gw.settings.eviction.strategy))
     refusals = [n for n in needs.values() if isinstance(n, Refusal)]
     if refusals and len(refusals) == len(needs):

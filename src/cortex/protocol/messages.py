@@ -199,6 +199,7 @@ class Estimate(_Wire):
     weights_mb: int | None = None
     kv_mb: int | None = Field(None, description="KV cache for `context` tokens x the node's max_batch sequences.")
     format: Literal["gguf", "safetensors", "other"] | None = None
+    measured: bool = Field(False, description="memory_mb is what the model took when last loaded here.")
     refusal: Refusal | None = None
 
 
