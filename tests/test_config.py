@@ -55,3 +55,9 @@ def test_an_empty_env_var_is_an_empty_string_and_bad_json_names_the_variable(mon
     monkeypatch.setenv("CORTEX_AUTH__ADMIN_KEYS", "[oops")
     with pytest.raises(ConfigError, match="env var CORTEX_AUTH__ADMIN_KEYS: not valid JSON"):
         cortex_config.load(None)
+
+
+def test_an_empty_or_short_admin_key_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv("CORTEX_AUTH__ADMIN_KEYS", '[""]')
+    with pytest.raises(ConfigError, match=r"`auth\.admin_keys\.0`: String should have at least 16 characters"):
+        cortex_config.load(None)

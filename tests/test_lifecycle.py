@@ -26,7 +26,7 @@ import pytest
 from tests.conftest import SMOLLM2_GGUF, Gateway, running_nats, start_gateway, start_neuron, wait_until
 
 NODES = ("n1", "n2", "n3")
-ADMIN_KEY = "s3cret-admin"
+ADMIN_KEY = "s3cret-admin-key-for-tests"
 
 
 class Events:

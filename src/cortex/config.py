@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,9 +33,9 @@ class EvictionSection(BaseModel):
 class AuthSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    admin_keys: list[str] = Field(
+    admin_keys: list[Annotated[str, Field(min_length=16)]] = Field(
         default_factory=list,
-        description="Keys for /admin/*; with none set, only clients on this machine (loopback) may use it.",
+        description="Keys for /admin/* (16+ characters); with none, only clients on this machine may use it.",
     )
 
 

@@ -46,7 +46,7 @@ from neuron.heartbeat import Heartbeater
 from neuron.jobs import JobRelay
 from neuron.keeper import Keeper
 from neuron.models import LoadError, ModelEntry, ModelTable
-from neuron.sources.inspect import SourceRefused
+from neuron.sources.inspect import SourceRefused, SourceUnavailable
 from neuron.sources.preflight import Plan, preflight, refusal_estimate
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,8 @@ class Neuron:
             raise ControlError(422, ErrorCode.preflight_failed, str(exc), exc.refusal) from None
         except LoadError as exc:
             raise ControlError(400, ErrorCode.invalid_request, str(exc)) from None
+        except SourceUnavailable as exc:
+            raise ControlError(503, ErrorCode.load_failed, str(exc)) from None
         if request.wait:
             await entry.done.wait()
             if entry.state is ModelState.failed:

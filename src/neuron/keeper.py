@@ -50,6 +50,8 @@ class Keeper:
             await self._neuron.model_changed("load_failed", spec.id, exc.refusal.detail, exc.refusal.kind)
         except LoadError as exc:
             log.error("cannot load %s (%s): %s", spec.id, why, exc)
+        except Exception as exc:  # a hub outage, a corrupt file: the keeper must keep going
+            log.exception("cannot load %s (%s): %s", spec.id, why, exc)
 
     async def run(self, pins: KeyValue) -> None:
         for spec in self._configured.values():
@@ -106,3 +108,5 @@ class Keeper:
                     await self._neuron.models.unload(entry.spec.id, "keep_alive", detail)
                 except LoadError:
                     pass  # already on its way out
+                except Exception:
+                    log.exception("unloading idle %s failed", entry.spec.id)

@@ -112,6 +112,7 @@ class ModelTable:
         self._cycles: Counter[str] = Counter()
         self._entries: dict[str, ModelEntry] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._saving: set[Path] = set()
 
     def entries(self) -> list[ModelEntry]:
         return list(self._entries.values())
@@ -165,12 +166,18 @@ class ModelTable:
         if entry.state is ModelState.unloading:
             raise LoadError(f"{entry.spec.id} is already being unloaded")
         entry.enter(ModelState.unloading)
-        await self._hooks.model_leaving(entry.spec)
-        if entry.loaded is not None:
-            await entry.worker.call(loader.unload, entry.loaded)
-        entry.loaded = None
-        if self._entries.get(entry.spec.id) is entry:
-            del self._entries[entry.spec.id]
+        try:
+            await self._hooks.model_leaving(entry.spec)
+        finally:
+            # Whatever failed above, the weights go and the entry with them: one stuck in `unloading`
+            # would refuse every later load and unload of the model.
+            try:
+                if entry.loaded is not None:
+                    await entry.worker.call(loader.unload, entry.loaded)
+            finally:
+                entry.loaded = None
+                if self._entries.get(entry.spec.id) is entry:
+                    del self._entries[entry.spec.id]
         log.info("unloaded %s: reason=%s%s", entry.spec.id, reason, f" ({detail})" if detail else "")
         await self._hooks.model_changed("evicted" if reason == "evicted" else "unloaded", entry.spec.id, detail, reason)
         for worker in entry.workers:
@@ -213,8 +220,10 @@ class ModelTable:
             detail = f"{', '.join(entry.device_ids)}, {seconds:.1f}s, {entry.memory_mb} MB{cached}"
             log.info("loaded %s: %s", entry.spec.id, detail)
             await self._hooks.model_changed("loaded", entry.spec.id, detail)
-            if entry.loaded.convert_to is not None:
-                self._spawn(self._save_converted(entry.loaded))
+            target = entry.loaded.convert_to
+            if target is not None and target not in self._saving:
+                self._saving.add(target)
+                self._spawn(self._save_converted(entry.loaded, target))
         else:
             await self._hooks.model_changed("load_failed", entry.spec.id, entry.error)
 
@@ -254,17 +263,17 @@ class ModelTable:
             await entry.worker.call(loader.unload, entry.loaded)
             entry.loaded = None
 
-    async def _save_converted(self, loaded: LoadedModel) -> None:
+    async def _save_converted(self, loaded: LoadedModel, target: Path) -> None:
         started = time.perf_counter()
         try:
-            target = await asyncio.to_thread(loader.save_converted, loaded)
+            await asyncio.to_thread(loader.save_converted, loaded)
         except Exception as exc:
             log.warning("could not cache the converted weights of %s: %s", loaded.spec.id, exc)
             return
-        if target is not None:
-            log.info(
-                "cached converted weights of %s in %s (%.1fs)", loaded.spec.id, target, time.perf_counter() - started
-            )
+        finally:
+            self._saving.discard(target)
+        seconds = time.perf_counter() - started
+        log.info("cached converted weights of %s in %s (%.1fs)", loaded.spec.id, target, seconds)
 
     def _failed(self, entry: ModelEntry, message: str) -> None:
         entry.enter(ModelState.failed, message)

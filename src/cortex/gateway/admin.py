@@ -23,6 +23,7 @@ from cortex.placement.fleet import FleetView
 from cortex.protocol.errors import CortexError, ErrorCode, InvalidRequest, ModelNotFound
 from cortex.protocol.messages import LoadRequest, ModelReply, ModelSpec, ModelState, UnloadRequest
 from cortex.protocol.subjects import NODE_NAME_PATTERN
+from cortex.transport.nats import map_nats_errors
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ async def pin(body: PinBody, request: Request) -> JSONResponse:
     assert gw.pins is not None
     spec = _spec(gw, body.model)
     _node(gw, body.node)
-    await gw.pins.put(gw.subjects.pin_key(body.node, spec.id), spec.to_bytes())
+    with map_nats_errors(f"pinning {spec.id} on {body.node}"):
+        await gw.pins.put(gw.subjects.pin_key(body.node, spec.id), spec.to_bytes())
     log.info("admin: pinned %s on %s", spec.id, body.node)
     with contextlib.suppress(TimeoutError):  # the load itself may take longer; the pin stands
         await gw.fleet.wait_for(lambda f: _pinned_on(f, spec.id, body.node), _PIN_SEEN_TIMEOUT_S)
@@ -151,6 +153,7 @@ async def unpin(body: PinBody, request: Request) -> JSONResponse:
         raise InvalidRequest(
             f"{spec.id} is pinned on {body.node} by models.toml (`pinned_on`); remove it there and restart the neuron"
         )
-    await gw.pins.delete(gw.subjects.pin_key(body.node, spec.id))
+    with map_nats_errors(f"unpinning {spec.id} on {body.node}"):
+        await gw.pins.delete(gw.subjects.pin_key(body.node, spec.id))
     log.info("admin: unpinned %s on %s", spec.id, body.node)
     return JSONResponse({"model": spec.id, "node": body.node, "pinned": False})

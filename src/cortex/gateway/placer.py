@@ -22,7 +22,7 @@ from cortex.placement.lease import Leases
 from cortex.placement.planner import Placement, Strategy
 from cortex.placement.usage import LocalUsage
 from cortex.protocol.catalogue import Catalogue
-from cortex.protocol.errors import CortexError, ErrorCode, JobFailed, NoCapacity, TransportError
+from cortex.protocol.errors import CortexError, ErrorCode, JobFailed, NoCapacity, Refused, TransportError
 from cortex.protocol.messages import LoadRequest, ModelReply, ModelSpec, ModelState, UnloadRequest
 from cortex.transport.control import ControlClient
 
@@ -61,18 +61,29 @@ class Placer:
     async def prepare(self, model_id: str) -> asyncio.Task[None] | None:
         if self._fleet.holders(model_id):
             return None
-        async with self._deciding:
-            if self._fleet.holders(model_id):
-                return None
-            pending = self._loads.get(model_id)
-            if pending is None:
-                spec = self._catalogue.resolve(model_id)
-                if spec is None:
-                    raise NoCapacity(f"{model_id} is not loaded on any node, and it is not in the catalogue")
-                pending = asyncio.create_task(self._until_ready(spec, *await self._start(spec)))
-                self._loads[model_id] = pending
-                pending.add_done_callback(lambda task: self._settle(model_id, task))
+        pending = self._loads.get(model_id)
+        if pending is not None:
             return pending
+        spec = self._catalogue.resolve(model_id)
+        if spec is None:
+            raise NoCapacity(f"{model_id} is not loaded on any node, and it is not in the catalogue")
+        if not self._fleet.statuses(spec.id, ModelState.loading):
+            self._plan(spec)  # what can be known now (refused, no room) is answered now; the task decides again
+        pending = asyncio.create_task(self._load_and_wait(spec))
+        self._loads[model_id] = pending
+        pending.add_done_callback(lambda task: self._settle(model_id, task))
+        return pending
+
+    def _plan(self, spec: ModelSpec) -> Placement:
+        return planner.plan(spec, [self._usage.merged(hb) for hb in self._fleet.nodes()], self._strategy)
+
+    async def _load_and_wait(self, spec: ModelSpec) -> None:
+        # One decision about room at a time in this gateway: two loads must not count the same free memory.
+        async with self._deciding:
+            if self._fleet.holders(spec.id):
+                return
+            started = await self._start(spec)
+        await self._until_ready(spec, *started)
 
     def _settle(self, model_id: str, task: asyncio.Task[None]) -> None:
         self._loads.pop(model_id, None)
@@ -92,8 +103,7 @@ class Placer:
         if loading:
             node, status = loading[0]
             return node, status.since, False
-        nodes = [self._usage.merged(hb) for hb in self._fleet.nodes()]
-        placement = planner.plan(spec, nodes, self._strategy)
+        placement = self._plan(spec)
         if not await self._leases.acquire(spec.id, placement.node):
             holder = await self._leases.holder(spec.id)
             log.info("%s is being placed by %s; waiting", spec.id, holder.gateway if holder else "another gateway")
@@ -113,12 +123,24 @@ class Placer:
                 await self._control.call(node, "unload", request, ModelReply, timeout=self._unload_timeout)
             except CortexError as exc:
                 if exc.code is not ErrorCode.model_not_found:  # gone already is what we wanted
-                    raise
+                    raise NoCapacity(
+                        f"could not make room for {spec.id} on {node}: {exc.message}; retry", retryable=True
+                    ) from exc
             self._metrics.evictions.labels(self._strategy).inc()
         device = placement.devices[0] if len(placement.devices) == 1 else None
-        reply = await self._control.call(
-            node, "load", LoadRequest(model=spec, device=device), ModelReply, timeout=_CONTROL_TIMEOUT_S
-        )
+        try:
+            reply = await self._control.call(
+                node, "load", LoadRequest(model=spec, device=device), ModelReply, timeout=_CONTROL_TIMEOUT_S
+            )
+        except Refused as exc:
+            if exc.refusal.kind != "insufficient_memory":
+                raise
+            # The heartbeat we planned on was stale: the room is gone now.
+            raise NoCapacity(exc.message, code=ErrorCode.insufficient_capacity, retryable=True) from exc
+        except JobFailed as exc:
+            if exc.code is not ErrorCode.invalid_request:
+                raise
+            raise NoCapacity(f"{node} cannot load {spec.id} now: {exc.message}; retry", retryable=True) from exc
         self._metrics.cold_starts.labels(spec.id).inc()
         evicted = f", evicting {[v.id for v in placement.victims]}" if placement.victims else ""
         log.info("placing %s on %s (%s, %d MB%s)", spec.id, node, device or "auto", placement.need_mb, evicted)

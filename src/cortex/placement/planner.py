@@ -27,19 +27,20 @@ class Placement:
 
 
 def need_on(spec: ModelSpec, node: Heartbeat) -> int | Refusal | None:
-    """Memory the model needs on this node: the catalogue's figure, else the node's estimate.
+    """Memory the model needs on this node: measured there before, else the catalogue's figure, else
+    the node's estimate.
 
     A refusal when the node's preflight refused it; None when the node has no estimate (it
     does not know the model): then the node checks the fit itself when asked to load.
     """
+    estimate = next((e for e in node.estimates if e.model == spec.id), None)
+    if estimate is not None and estimate.refusal is not None:
+        return estimate.refusal
+    if estimate is not None and estimate.measured:
+        return estimate.memory_mb  # what it took when last loaded there beats any figure
     if spec.memory_mb:
         return spec.memory_mb
-    estimate = next((e for e in node.estimates if e.model == spec.id), None)
-    if estimate is None:
-        return None
-    if estimate.refusal is not None:
-        return estimate.refusal
-    return estimate.memory_mb
+    return estimate.memory_mb if estimate is not None else None
 
 
 def eviction_order(models: list[ModelStatus], strategy: Strategy) -> list[ModelStatus]:
@@ -58,6 +59,12 @@ def _on(model: ModelStatus, devices: list[str]) -> bool:
     return bool({model.device, *model.devices} & set(devices))
 
 
+def _freed(model: ModelStatus, devices: list[str]) -> int:
+    """What evicting the model frees on these devices (a model over several counts a share on each)."""
+    spans = [model.device, *[d for d in model.devices if d != model.device]]
+    return model.memory_mb * len(set(spans) & set(devices)) // len(spans)
+
+
 @dataclass(frozen=True)
 class _Option:
     placement: Placement
@@ -65,9 +72,12 @@ class _Option:
 
 
 def _option(node: Heartbeat, spec: ModelSpec, need: int, strategy: Strategy) -> _Option | None:
-    devices = _device_group(node.devices, spec.devices)
-    if devices is None:
-        return None
+    """The best way to fit the model on this node: on each device (or group, for several) in turn."""
+    options = [o for g in _device_groups(node.devices, spec.devices) if (o := _fit(node, g, need, strategy))]
+    return min(options, key=lambda o: o.rank, default=None)
+
+
+def _fit(node: Heartbeat, devices: list[DeviceInfo], need: int, strategy: Strategy) -> _Option | None:
     ids = [d.id for d in devices]
     free = sum(d.free_mb for d in devices)
     if need <= free:
@@ -75,7 +85,7 @@ def _option(node: Heartbeat, spec: ModelSpec, need: int, strategy: Strategy) -> 
     victims: list[ModelStatus] = []
     for model in eviction_order([m for m in node.models if _on(m, ids)], strategy):
         victims.append(model)
-        free += model.memory_mb
+        free += _freed(model, ids)
         if need <= free:
             # Across nodes, displace the least valuable: the lowest priority (under `priority`), then the
             # least recently used.
@@ -83,6 +93,16 @@ def _option(node: Heartbeat, spec: ModelSpec, need: int, strategy: Strategy) -> 
             recency = max(v.last_used or 0.0 for v in victims)
             return _Option(Placement(node.node, need, ids, victims), (1, len(victims), worth, recency, -(free - need)))
     return None
+
+
+def _device_groups(devices: list[DeviceInfo], count: int) -> list[list[DeviceInfo]]:
+    """Where the model could go: each device alone, or for several, the `count` roomiest of one kind
+    (GPUs preferred, as the node itself chooses)."""
+    if count == 1:
+        gpus = [d for d in devices if d.kind == "cuda"]
+        return [[d] for d in (gpus or devices)]
+    group = _device_group(devices, count)
+    return [group] if group else []
 
 
 def _device_group(devices: list[DeviceInfo], count: int) -> list[DeviceInfo] | None:
@@ -110,13 +130,16 @@ def plan(spec: ModelSpec, nodes: list[Heartbeat], strategy: Strategy) -> Placeme
     options: list[_Option] = []
     refusals: list[Refusal] = []
     sizes: dict[str, int] = {}
+    known = [n for n in (need_on(spec, node) for node in candidates) if isinstance(n, int)]
     for node in candidates:
         need = need_on(spec, node)
         if isinstance(need, Refusal):
             refusals.append(need)
             continue
-        sizes[node.node] = need or 0
-        option = _option(node, spec, need or 0, strategy)
+        # A node that has not sized the model yet: assume what the others found (it checks the fit itself).
+        need = need if need is not None else max(known, default=0)
+        sizes[node.node] = need
+        option = _option(node, spec, need, strategy)
         if option is not None:
             options.append(option)
     if options:

@@ -257,7 +257,7 @@ class LoadRequest(_Wire):
     wait: bool = Field(False, description="Answer only once the load has finished (or failed).")
 
 
-UnloadReason = Literal["admin", "evicted", "keep_alive", "unpinned"]
+UnloadReason = Literal["admin", "evicted", "keep_alive"]
 
 
 class UnloadRequest(_Wire):

@@ -7,6 +7,7 @@ Failures answer with a micro error (`Nats-Service-Error-Code`) and a ServiceErro
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -30,6 +31,8 @@ from cortex.protocol.messages import (
 )
 from cortex.protocol.subjects import CONTROL_SERVICE, Subjects
 from neuron import __version__
+
+log = logging.getLogger(__name__)
 
 
 class ControlError(Exception):
@@ -98,6 +101,9 @@ def _endpoint(
             await _error(request, 400, ErrorCode.invalid_request, f"invalid request: {exc}")
         except ControlError as exc:
             await _error(request, exc.status, exc.code, exc.message, exc.refusal)
+        except Exception as exc:  # the caller waits for an answer: give it one, and keep serving
+            log.exception("%s failed", request.subject)
+            await _error(request, 500, ErrorCode.internal, f"{type(exc).__name__}: {exc}")
         else:
             await request.respond(reply.model_dump_json(exclude_none=True).encode())
 

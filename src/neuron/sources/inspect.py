@@ -35,6 +35,10 @@ class SourceRefused(Exception):
         return f"reason={self.refusal.kind} detail={self.refusal.detail}"
 
 
+class SourceUnavailable(Exception):
+    """The source could not be read just now (the hub is down or rate-limits us); try again later."""
+
+
 def refuse(kind: str, spec: ModelSpec, detail: str, suggestion: str | None = None) -> SourceRefused:
     return SourceRefused(Refusal(kind=kind, model=spec.id, detail=detail, suggestion=suggestion))  # type: ignore[arg-type]
 
@@ -279,15 +283,16 @@ def _list_hub(ref: str, spec: ModelSpec, cache_dir: Path | None, offline: bool) 
     api = HfApi()
     try:
         info = api.model_info(repo, revision=revision, files_metadata=True)
-    except RepositoryNotFoundError:
+    except RepositoryNotFoundError:  # also what a private or gated repo without a token looks like
         raise refuse(
             "source_missing",
             spec,
-            f"hub repository {repo} does not exist or is private",
-            "check the name, or log in with `hf auth login` for a private repo",
+            f"hub repository {repo} does not exist, or is private",
+            "check the name; for a private or gated repository, log in on this node with `hf auth login`",
         ) from None
     except HfHubHTTPError as exc:
-        raise refuse("source_missing", spec, f"the hub did not list {repo}: {exc}") from None
+        # A rate limit or an outage passes: not a verdict on the model.
+        raise SourceUnavailable(f"model {spec.id}: the hub did not list {repo}: {exc}") from exc
     listing = Listing(f"hf:{repo}", {s.rfilename: s.size or 0 for s in info.siblings or []})
     if info.safetensors is not None:
         listing.parameters = info.safetensors.total

@@ -13,8 +13,8 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,8 +117,9 @@ def save_converted(loaded: LoadedModel) -> Path | None:
     target, model = loaded.convert_to, loaded.model
     if target is None or model is None:
         return None
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
+    if (target / "config.json").exists():
+        return target  # another process saved it meanwhile
+    partial = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex}")
     partial.mkdir(parents=True)
     save_model(model, str(partial / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
@@ -127,7 +128,10 @@ def save_converted(loaded: LoadedModel) -> Path | None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(partial)
     loaded.tokenizer.save_pretrained(partial)
-    partial.rename(target)  # atomic: a reader sees all of it or none of it
+    try:
+        partial.rename(target)  # atomic: a reader sees all of it or none of it
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)  # another process won the race; its copy is as good
     loaded.convert_to = None
     return target
 
