@@ -1,4 +1,4 @@
-"""OpenAI chat completions <-> InferenceJob.
+"""OpenAI chat completions and (legacy) completions <-> InferenceJob.
 
 Every request field is either honoured or refused with a 400 that names it; fields that
 only label a request (`user`, `metadata`, `store`, ...) are accepted and not used.
@@ -111,13 +111,18 @@ def _content(message: ChatMessageIn, index: int) -> str:
     return "".join(texts)
 
 
+def _stops(value: str | list[str] | None) -> list[str]:
+    stop = [value] if isinstance(value, str) else list(value or [])
+    if len(stop) > 16 or any(not s for s in stop):
+        raise InvalidRequest("`stop` takes at most 16 non-empty strings")
+    return stop
+
+
 def to_job(req: ChatCompletionRequest, model_id: str, *, job_id: str, request_id: str) -> InferenceJob:
     _refuse_unsupported(req)
     if req.max_tokens and req.max_completion_tokens and req.max_tokens != req.max_completion_tokens:
         raise InvalidRequest("`max_tokens` and `max_completion_tokens` disagree; send one of them")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > 16 or any(not s for s in stop):
-        raise InvalidRequest("`stop` takes at most 16 non-empty strings")
+    stop = _stops(req.stop)
     messages = [
         ChatMessage(
             role="system" if m.role == "developer" else m.role,
@@ -138,6 +143,74 @@ def to_job(req: ChatCompletionRequest, model_id: str, *, job_id: str, request_id
     return InferenceJob(job_id=job_id, request_id=request_id, model=model_id, messages=messages, sampling=sampling)
 
 
+# --- /v1/completions ------------------------------------------------------------------------------
+
+
+class CompletionRequest(BaseModel):
+    """The legacy prompt-completion API: the prompt goes to the model as it is, with no chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    echo: bool = False
+    n: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1)
+    user: str | None = None
+    # Recognised but not served; refused by name when set.
+    suffix: str | None = None
+    logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for this endpoint
+
+
+def completion_prompt(req: CompletionRequest) -> str:
+    prompt = req.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise InvalidRequest(
+                "`prompt` must be one string (or a list of exactly one string); batches of prompts and token ids "
+                "are not supported"
+            )
+        prompt = prompt[0]
+    if not prompt:
+        raise InvalidRequest("`prompt` is empty")
+    return prompt
+
+
+def completion_to_job(req: CompletionRequest, model_id: str, *, job_id: str, request_id: str) -> InferenceJob:
+    for name in ("suffix", "logit_bias"):
+        if getattr(req, name) not in (None, {}):
+            raise InvalidRequest(f"`{name}` is not supported by this server; remove it from the request")
+    if req.logprobs is not None:
+        raise InvalidRequest("`logprobs` is not supported by this server; remove it from the request")
+    for name in ("n", "best_of"):
+        if getattr(req, name) not in (None, 1):
+            raise InvalidRequest(f"`{name}` must be 1: this server returns one choice per request")
+    sampling = SamplingParams(
+        max_tokens=req.max_tokens or DEFAULT_COMPLETION_TOKENS,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=req.seed,
+        stop=_stops(req.stop),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+    )
+    prompt = completion_prompt(req)
+    return InferenceJob(job_id=job_id, request_id=request_id, model=model_id, prompt=prompt, sampling=sampling)
+
+
 # --- responses -------------------------------------------------------------------------------------
 
 
@@ -149,26 +222,11 @@ def _finish_reason(done: Done) -> str:
     return "length" if done.finish_reason == "length" else "stop"
 
 
-def completion(completion_id: str, model: str, text: str, done: Done) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": _finish_reason(done),
-            }
-        ],
-        "usage": usage(done.usage),
-    }
-
-
 class ChunkWriter:
-    """Builds the chunks of one streamed completion, shaped exactly as OpenAI sends them."""
+    """Builds one chat completion, whole or as the chunks OpenAI streams: the role first, then
+    content deltas, the finish_reason chunk, and the usage chunk when asked for."""
+
+    object = "chat.completion"
 
     def __init__(self, completion_id: str, model: str, include_usage: bool) -> None:
         self._id = completion_id
@@ -176,33 +234,66 @@ class ChunkWriter:
         self._created = int(time.time())
         self._include_usage = include_usage
 
+    def _body(self, object_: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self._id, "object": object_, "created": self._created, "model": self._model, "choices": choices}
+
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        chunk: dict[str, Any] = {
-            "id": self._id,
-            "object": "chat.completion.chunk",
-            "created": self._created,
-            "model": self._model,
-            "choices": choices,
-        }
+        chunk = self._body(f"{self.object}.chunk", choices)
         if self._include_usage:
             chunk["usage"] = None
         return chunk
 
-    def role(self) -> dict[str, Any]:
-        return self._chunk(
-            [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
-        )
+    def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+        delta = {"content": text} if text is not None else {}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    def start(self) -> list[dict[str, Any]]:
+        first = self._choice("", None)
+        first["delta"] = {"role": "assistant", "content": ""}
+        return [self._chunk([first])]
 
     def content(self, text: str) -> dict[str, Any]:
-        return self._chunk([{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
+        return self._chunk([self._choice(text, None)])
 
     def finish(self, done: Done) -> list[dict[str, Any]]:
-        chunks = [self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(done)}])]
+        chunks = [self._chunk([self._choice(None, _finish_reason(done))])]
         if self._include_usage:
             last = self._chunk([])
             last["usage"] = usage(done.usage)
             chunks.append(last)
         return chunks
+
+    def response(self, text: str, done: Done) -> dict[str, Any]:
+        message = {"role": "assistant", "content": text, "refusal": None}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(done)}
+        return {**self._body(self.object, [choice]), "usage": usage(done.usage)}
+
+
+class TextWriter(ChunkWriter):
+    """The same for `/v1/completions`: `text_completion` objects, `text` instead of a message,
+    no role chunk. With `echo`, the prompt comes first."""
+
+    object = "text_completion"
+
+    def __init__(self, completion_id: str, model: str, include_usage: bool, echo: str | None = None) -> None:
+        super().__init__(completion_id, model, include_usage)
+        self._echo = echo
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk = self._body(self.object, choices)  # streamed chunks keep the plain object name
+        if self._include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+
+    def start(self) -> list[dict[str, Any]]:
+        return [self.content(self._echo)] if self._echo else []
+
+    def response(self, text: str, done: Done) -> dict[str, Any]:
+        choice = self._choice((self._echo or "") + text, _finish_reason(done))
+        return {**self._body(self.object, [choice]), "usage": usage(done.usage)}
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:

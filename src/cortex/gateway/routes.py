@@ -18,10 +18,11 @@ from cortex.gateway.streaming import (
     ServedJob,
     ServedStreamResponse,
     collect,
-    stream_chat,
+    stream_openai,
     unless_disconnected,
 )
 from cortex.protocol.errors import CortexError
+from cortex.protocol.messages import InferenceJob
 
 router = APIRouter()
 
@@ -63,31 +64,51 @@ async def get_model(model: str, request: Request) -> JSONResponse:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: openai.ChatCompletionRequest, request: Request) -> Response:
     gw = _gateway(request)
-    assert gw.dispatcher is not None
     request_id = _request_id(request)
     model_id = gw.resolve_model(body.model)
-    job_id = uuid.uuid4().hex
-    job = openai.to_job(body, model_id, job_id=job_id, request_id=request_id)
-    outcome = Outcome(model=model_id, api="openai.chat", request_id=request_id)
+    job = openai.to_job(body, model_id, job_id=uuid.uuid4().hex, request_id=request_id)
+    writer = openai.ChunkWriter(f"chatcmpl-{job.job_id}", model_id, _include_usage(body.stream_options))
+    return await _serve(request, gw, job, "openai.chat", writer, body.stream)
+
+
+@router.post("/v1/completions")
+async def completions(body: openai.CompletionRequest, request: Request) -> Response:
+    gw = _gateway(request)
+    request_id = _request_id(request)
+    model_id = gw.resolve_model(body.model)
+    job = openai.completion_to_job(body, model_id, job_id=uuid.uuid4().hex, request_id=request_id)
+    echo = job.prompt if body.echo else None
+    writer = openai.TextWriter(f"cmpl-{job.job_id}", model_id, _include_usage(body.stream_options), echo)
+    return await _serve(request, gw, job, "openai.completions", writer, body.stream)
+
+
+def _include_usage(options: openai.StreamOptions | None) -> bool:
+    return bool(options and options.include_usage)
+
+
+async def _serve(
+    request: Request, gw: Gateway, job: InferenceJob, api: str, writer: openai.ChunkWriter, stream: bool
+) -> Response:
+    """Places the model if need be, runs the job, and answers: a stream, or one body."""
+    assert gw.dispatcher is not None and gw.placer is not None
+    dispatcher, request_id = gw.dispatcher, job.request_id
+    outcome = Outcome(model=job.model, api=api, request_id=request_id)
     headers = {"x-request-id": request_id}
-    completion_id = f"chatcmpl-{job_id}"
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    writer = openai.ChunkWriter(completion_id, model_id, include_usage)
     stream_headers = {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     try:
-        pending = await gw.placer.prepare(model_id)
-        if pending is not None and body.stream:
+        pending = await gw.placer.prepare(job.model)
+        if pending is not None and stream:
             cold = ColdStart(outcome, gw.metrics)
             content = cold.stream(
                 pending,
-                lambda: gw.dispatcher.open(job),
-                lambda served: stream_chat(served, writer),
+                lambda: dispatcher.open(job),
+                lambda served: stream_openai(served, writer),
                 gw.settings.gateway.keepalive_interval,
             )
             return ServedStreamResponse(cold, content, media_type="text/event-stream", headers=stream_headers)
         if pending is not None:
             await unless_disconnected(request, asyncio.shield(pending))
-        opened = await unless_disconnected(request, gw.dispatcher.open(job))
+        opened = await unless_disconnected(request, dispatcher.open(job))
     except CortexError as exc:
         outcome.failed(exc.code)
         outcome.record(gw.metrics, "none")
@@ -97,12 +118,12 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
         outcome.record(gw.metrics, "none")
         return Response(status_code=499)
     served = ServedJob(opened, outcome, gw.metrics)
-    if body.stream:
+    if stream:
         return ServedStreamResponse(
-            served, stream_chat(served, writer), media_type="text/event-stream", headers=stream_headers
+            served, stream_openai(served, writer), media_type="text/event-stream", headers=stream_headers
         )
     try:
         text, done = await unless_disconnected(request, collect(served))
     except ClientGone:
         return Response(status_code=499)
-    return JSONResponse(openai.completion(completion_id, model_id, text, done), headers=headers)
+    return JSONResponse(writer.response(text, done), headers=headers)

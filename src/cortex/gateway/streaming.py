@@ -210,9 +210,11 @@ async def collect(served: ServedJob) -> tuple[str, Done]:
         await served.finish()
 
 
-async def stream_chat(served: ServedJob, writer: ChunkWriter) -> AsyncIterator[bytes]:
+async def stream_openai(served: ServedJob, writer: ChunkWriter) -> AsyncIterator[bytes]:
+    """Chat or text completion chunks (the writer decides which), `[DONE]` last."""
     try:
-        yield sse.event(writer.role())
+        for chunk in writer.start():
+            yield sse.event(chunk)
         async for event in served.job.events():
             served.observe(event)
             if isinstance(event, Delta):
