@@ -23,6 +23,8 @@ from cortex.protocol.errors import ErrorCode
 from cortex.protocol.messages import (
     CancelReply,
     CancelRequest,
+    CountReply,
+    CountRequest,
     DeviceInfo,
     Estimate,
     FleetEvent,
@@ -40,6 +42,7 @@ from neuron import __version__
 from neuron.config import NeuronSettings
 from neuron.control.service import ControlError, start_control
 from neuron.devices.discovery import budgeted, discover, refresh
+from neuron.engine.generation import tokenize_prompt
 from neuron.engine.worker import DeviceWorker
 from neuron.fit import check_fit, choose_devices
 from neuron.heartbeat import Heartbeater
@@ -229,6 +232,15 @@ class Neuron:
 
     def cancel(self, request: CancelRequest) -> CancelReply:
         return CancelReply(job_id=request.job_id, found=self.relay.cancel(request.job_id))
+
+    async def count(self, request: CountRequest) -> CountReply:
+        entry = self.models.ready(request.model)
+        if entry is None or entry.loaded is None:
+            raise ControlError(
+                404, ErrorCode.model_not_loaded, f"{request.model} is not loaded on {self.settings.node}"
+            )
+        ids = await asyncio.to_thread(tokenize_prompt, request.messages, None, entry.loaded)
+        return CountReply(model=entry.spec.id, input_tokens=len(ids))
 
 
 async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:

@@ -11,7 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cortex.protocol.errors import InvalidRequest
+from cortex.dialects import sse
+from cortex.dialects.status import describe, http_status
+from cortex.protocol.errors import CortexError, InvalidRequest
 from cortex.protocol.messages import ChatMessage, Done, InferenceJob, SamplingParams, Usage
 
 DEFAULT_MAX_TOKENS = 1024
@@ -223,8 +225,8 @@ def _finish_reason(done: Done) -> str:
 
 
 class ChunkWriter:
-    """Builds one chat completion, whole or as the chunks OpenAI streams: the role first, then
-    content deltas, the finish_reason chunk, and the usage chunk when asked for."""
+    """Builds one chat completion, whole or as the SSE chunks OpenAI streams: the role first, then
+    content deltas, the finish_reason chunk, the usage chunk when asked for, `[DONE]`."""
 
     object = "chat.completion"
 
@@ -237,31 +239,38 @@ class ChunkWriter:
     def _body(self, object_: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self._id, "object": object_, "created": self._created, "model": self._model, "choices": choices}
 
-    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
         chunk = self._body(f"{self.object}.chunk", choices)
         if self._include_usage:
             chunk["usage"] = None
-        return chunk
+        return sse.event(chunk)
 
     def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
         delta = {"content": text} if text is not None else {}
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
-    def start(self) -> list[dict[str, Any]]:
+    def start(self) -> list[bytes]:
         first = self._choice("", None)
         first["delta"] = {"role": "assistant", "content": ""}
         return [self._chunk([first])]
 
-    def content(self, text: str) -> dict[str, Any]:
-        return self._chunk([self._choice(text, None)])
+    def text(self, text: str) -> list[bytes]:
+        return [self._chunk([self._choice(text, None)])]
 
-    def finish(self, done: Done) -> list[dict[str, Any]]:
+    def finish(self, done: Done) -> list[bytes]:
         chunks = [self._chunk([self._choice(None, _finish_reason(done))])]
         if self._include_usage:
-            last = self._chunk([])
+            last = self._body(f"{self.object}.chunk", [])
             last["usage"] = usage(done.usage)
-            chunks.append(last)
-        return chunks
+            chunks.append(sse.event(last))
+        return [*chunks, sse.event("[DONE]")]
+
+    def fail(self, exc: CortexError) -> list[bytes]:
+        """An error after the stream began: in-band, then the end."""
+        return [sse.event(error_payload(exc)), sse.event("[DONE]")]
+
+    def keepalive(self) -> bytes:
+        return b": loading the model\n\n"
 
     def response(self, text: str, done: Done) -> dict[str, Any]:
         message = {"role": "assistant", "content": text, "refusal": None}
@@ -279,21 +288,54 @@ class TextWriter(ChunkWriter):
         super().__init__(completion_id, model, include_usage)
         self._echo = echo
 
-    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
         chunk = self._body(self.object, choices)  # streamed chunks keep the plain object name
         if self._include_usage:
             chunk["usage"] = None
-        return chunk
+        return sse.event(chunk)
 
     def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
 
-    def start(self) -> list[dict[str, Any]]:
-        return [self.content(self._echo)] if self._echo else []
+    def start(self) -> list[bytes]:
+        return self.text(self._echo) if self._echo else []
+
+    def finish(self, done: Done) -> list[bytes]:
+        chunks = [self._chunk([self._choice(None, _finish_reason(done))])]
+        if self._include_usage:
+            last = self._body(self.object, [])
+            last["usage"] = usage(done.usage)
+            chunks.append(sse.event(last))
+        return [*chunks, sse.event("[DONE]")]
 
     def response(self, text: str, done: Done) -> dict[str, Any]:
         choice = self._choice((self._echo or "") + text, _finish_reason(done))
         return {**self._body(self.object, [choice]), "usage": usage(done.usage)}
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+def error_type(status: int) -> str:
+    return _ERROR_TYPES.get(status, "server_error")
+
+
+def error_payload(exc: CortexError) -> dict[str, Any]:
+    """OpenAI's envelope; a preflight refusal adds its structured form (kind, model, detail, suggestion)."""
+    message, extra = describe(exc)
+    body = error_body(message, error_type(http_status(exc.code)), exc.code.value)
+    body["error"].update(extra)
+    return body
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:

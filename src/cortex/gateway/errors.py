@@ -1,42 +1,25 @@
-"""Errors at the HTTP boundary: every failure leaves in OpenAI's error envelope."""
+"""Errors at the HTTP boundary: every failure leaves in the envelope of the dialect that was called
+(OpenAI's, or Anthropic's under /v1/messages), with the status that fits its code."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cortex.dialects.openai import error_body
-from cortex.protocol.errors import CortexError, ErrorCode, Refused
+from cortex.dialects import anthropic, openai
+from cortex.dialects.status import http_status
+from cortex.protocol.errors import CortexError, Refused
 
 log = logging.getLogger(__name__)
 
-# code -> (HTTP status, OpenAI error type)
-_STATUS: dict[ErrorCode, tuple[int, str]] = {
-    ErrorCode.invalid_request: (400, "invalid_request_error"),
-    ErrorCode.payload_too_large: (413, "invalid_request_error"),
-    ErrorCode.model_not_found: (404, "invalid_request_error"),
-    ErrorCode.preflight_failed: (422, "invalid_request_error"),
-    ErrorCode.insufficient_capacity: (503, "service_unavailable_error"),
-    ErrorCode.load_failed: (502, "server_error"),
-    ErrorCode.unauthorized: (401, "authentication_error"),
-    ErrorCode.forbidden: (403, "permission_error"),
-    ErrorCode.busy: (429, "rate_limit_error"),
-    ErrorCode.model_not_loaded: (503, "service_unavailable_error"),
-    ErrorCode.shutting_down: (503, "service_unavailable_error"),
-    ErrorCode.transport: (503, "service_unavailable_error"),
-    ErrorCode.timeout: (504, "timeout_error"),
-    ErrorCode.node_lost: (502, "server_error"),
-    ErrorCode.cancelled: (499, "server_error"),
-}
 
-
-def status_for(code: ErrorCode) -> tuple[int, str]:
-    return _STATUS.get(code, (500, "server_error"))
+def _anthropic(request: Request) -> bool:
+    """Errors leave in the dialect of the endpoint that was called."""
+    return request.url.path.startswith("/v1/messages")
 
 
 def _id_header(request: Request) -> dict[str, str]:
@@ -45,24 +28,24 @@ def _id_header(request: Request) -> dict[str, str]:
     return {"x-request-id": rid} if rid and rid.isprintable() else {}
 
 
-def error_payload(exc: CortexError) -> dict[str, Any]:
-    """The OpenAI envelope; a preflight refusal adds its structured form (kind, model, detail, suggestion)."""
-    body = error_body(exc.message, status_for(exc.code)[1], exc.code.value)
-    if isinstance(exc, Refused):
-        body["error"].update(exc.refusal.model_dump(exclude_none=True))
-        if exc.refusal.suggestion:
-            body["error"]["message"] = f"{exc.message}; {exc.refusal.suggestion}"
-    return body
+def _plain(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
+    """An error raised before any job: in the caller's dialect."""
+    if _anthropic(request):
+        body = anthropic.error_body(message, anthropic.error_type(status))
+    else:
+        body = openai.error_body(message, openai.error_type(status), None, param)
+    return JSONResponse(body, status_code=status, headers=_id_header(request))
 
 
 def error_response(request: Request, exc: CortexError) -> JSONResponse:
-    status = status_for(exc.code)[0]
+    status = http_status(exc.code)
     headers = _id_header(request)
     if status in (429, 503):
         headers["Retry-After"] = "1"
     if isinstance(exc, Refused):
         log.warning("refused %s: reason=%s detail=%s", exc.refusal.model, exc.refusal.kind, exc.refusal.detail)
-    return JSONResponse(error_payload(exc), status_code=status, headers=headers)
+    body = anthropic.error_payload(exc) if _anthropic(request) else openai.error_payload(exc)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -84,16 +67,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        body = error_body(message, "invalid_request_error", None, param)
-        return JSONResponse(body, status_code=400, headers=_id_header(request))
+        return _plain(request, 400, message, param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        body = error_body(str(exc.detail), "invalid_request_error", None)
-        return JSONResponse(body, status_code=exc.status_code, headers=_id_header(request))
+        return _plain(request, exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        body = error_body(f"internal error: {type(exc).__name__}", "server_error")
-        return JSONResponse(body, status_code=500, headers=_id_header(request))
+        return _plain(request, 500, f"internal error: {type(exc).__name__}")

@@ -8,21 +8,23 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from cortex.dialects import openai
+from cortex.dialects import anthropic, openai
 from cortex.gateway.catalogue_view import model_entry
 from cortex.gateway.service import Gateway
 from cortex.gateway.streaming import (
+    AnswerWriter,
     ClientGone,
     ColdStart,
     Outcome,
     ServedJob,
     ServedStreamResponse,
     collect,
-    stream_openai,
+    stream_events,
     unless_disconnected,
 )
-from cortex.protocol.errors import CortexError
-from cortex.protocol.messages import InferenceJob
+from cortex.placement.policy import rank_holders
+from cortex.protocol.errors import CortexError, NoCapacity
+from cortex.protocol.messages import CountReply, CountRequest, InferenceJob
 
 router = APIRouter()
 
@@ -82,12 +84,37 @@ async def completions(body: openai.CompletionRequest, request: Request) -> Respo
     return await _serve(request, gw, job, "openai.completions", writer, body.stream)
 
 
+@router.post("/v1/messages")
+async def messages(body: anthropic.MessagesRequest, request: Request) -> Response:
+    gw = _gateway(request)
+    request_id = _request_id(request)
+    model_id = gw.resolve_model(body.model)
+    job = anthropic.to_job(body, model_id, job_id=uuid.uuid4().hex, request_id=request_id)
+    writer = anthropic.MessageWriter(anthropic.message_id(), model_id)
+    return await _serve(request, gw, job, "anthropic.messages", writer, body.stream)
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(body: anthropic.CountTokensRequest, request: Request) -> JSONResponse:
+    gw = _gateway(request)
+    assert gw.placer is not None and gw.control is not None and gw.dispatcher is not None
+    model_id = gw.resolve_model(body.model)
+    messages = anthropic.to_messages(body)
+    # The tokenizer and chat template live with the model, on a node that holds it.
+    await unless_disconnected(request, gw.placer.place(model_id))
+    holders = rank_holders(gw.fleet.holders(model_id), gw.dispatcher.usage.in_flight(model_id))
+    if not holders:
+        raise NoCapacity(f"{model_id} is not loaded on any node right now; retry")
+    reply = await gw.control.call(holders[0], "count", CountRequest(model=model_id, messages=messages), CountReply)
+    return JSONResponse({"input_tokens": reply.input_tokens}, headers={"x-request-id": _request_id(request)})
+
+
 def _include_usage(options: openai.StreamOptions | None) -> bool:
     return bool(options and options.include_usage)
 
 
 async def _serve(
-    request: Request, gw: Gateway, job: InferenceJob, api: str, writer: openai.ChunkWriter, stream: bool
+    request: Request, gw: Gateway, job: InferenceJob, api: str, writer: AnswerWriter, stream: bool
 ) -> Response:
     """Places the model if need be, runs the job, and answers: a stream, or one body."""
     assert gw.dispatcher is not None and gw.placer is not None
@@ -102,7 +129,7 @@ async def _serve(
             content = cold.stream(
                 pending,
                 lambda: dispatcher.open(job),
-                lambda served: stream_openai(served, writer),
+                writer,
                 gw.settings.gateway.keepalive_interval,
             )
             return ServedStreamResponse(cold, content, media_type="text/event-stream", headers=stream_headers)
@@ -120,7 +147,7 @@ async def _serve(
     served = ServedJob(opened, outcome, gw.metrics)
     if stream:
         return ServedStreamResponse(
-            served, stream_openai(served, writer), media_type="text/event-stream", headers=stream_headers
+            served, stream_events(served, writer), media_type="text/event-stream", headers=stream_headers
         )
     try:
         text, done = await unless_disconnected(request, collect(served))

@@ -16,10 +16,8 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from cortex.dialects import sse
-from cortex.dialects.openai import ChunkWriter, error_body
+from cortex.dialects.status import http_status
 from cortex.gateway.dispatch import OpenJob
-from cortex.gateway.errors import error_payload, status_for
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.protocol.errors import CortexError, ErrorCode, JobFailed
 from cortex.protocol.messages import Delta, Done, Failed
@@ -65,7 +63,7 @@ class Outcome:
     status: str = "200"
 
     def failed(self, code: ErrorCode) -> None:
-        self.status = str(status_for(code)[0])
+        self.status = str(http_status(code))
 
     def record(self, metrics: GatewayMetrics, node: str) -> None:
         now = time.perf_counter()
@@ -132,6 +130,20 @@ class Finishing(Protocol):
     async def finish(self) -> None: ...
 
 
+class StreamWriter(Protocol):
+    """One dialect's framing of a streamed answer (see dialects.openai, dialects.anthropic)."""
+
+    def start(self) -> list[bytes]: ...
+    def text(self, text: str) -> list[bytes]: ...
+    def finish(self, done: Done) -> list[bytes]: ...
+    def fail(self, exc: CortexError) -> list[bytes]: ...
+    def keepalive(self) -> bytes: ...
+
+
+class AnswerWriter(StreamWriter, Protocol):
+    def response(self, text: str, done: Done) -> dict[str, Any]: ...
+
+
 class ServedStreamResponse(StreamingResponse):
     """A streaming response that finishes its job however the response ends.
 
@@ -172,22 +184,22 @@ class ColdStart:
         self,
         pending: asyncio.Task[None],
         open_job: Callable[[], Awaitable[OpenJob]],
-        relay: Callable[[ServedJob], AsyncIterator[bytes]],
+        writer: StreamWriter,
         keepalive: float,
     ) -> AsyncIterator[bytes]:
-        """SSE comments while the load runs (so proxies and clients keep the connection), then the stream."""
+        """Keep-alives while the load runs (so proxies and clients keep the connection), then the stream."""
         try:
             while not (await asyncio.wait({pending}, timeout=keepalive))[0]:
-                yield b": loading the model\n\n"
+                yield writer.keepalive()
             pending.result()
             self.served = ServedJob(await open_job(), self.outcome, self._metrics)
         except CortexError as exc:
             self.outcome.failed(exc.code)
             log.warning("cold start of %s failed: %s", self.outcome.model, exc.message)
-            yield sse.event(error_payload(exc))
-            yield sse.event("[DONE]")
+            for chunk in writer.fail(exc):
+                yield chunk
             return
-        async for chunk in relay(self.served):
+        async for chunk in stream_events(self.served, writer):
             yield chunk
 
 
@@ -210,29 +222,27 @@ async def collect(served: ServedJob) -> tuple[str, Done]:
         await served.finish()
 
 
-async def stream_openai(served: ServedJob, writer: ChunkWriter) -> AsyncIterator[bytes]:
-    """Chat or text completion chunks (the writer decides which), `[DONE]` last."""
+async def stream_events(served: ServedJob, writer: StreamWriter) -> AsyncIterator[bytes]:
+    """The job's events in the client's dialect (the writer decides the framing)."""
     try:
         for chunk in writer.start():
-            yield sse.event(chunk)
+            yield chunk
         async for event in served.job.events():
             served.observe(event)
             if isinstance(event, Delta):
-                yield sse.event(writer.content(event.text))
+                for chunk in writer.text(event.text):
+                    yield chunk
             elif isinstance(event, Done):
                 for chunk in writer.finish(event):
-                    yield sse.event(chunk)
+                    yield chunk
             elif isinstance(event, Failed):
-                message = f"the model failed mid-answer: {event.message}"
-                yield sse.event(error_body(message, "server_error", event.code.value))
-        if served.outcome.done is None and served.outcome.status == "200":
-            served.outcome.failed(ErrorCode.node_lost)
-            yield sse.event(error_body("the job ended without a result", "server_error", "node_lost"))
-        yield sse.event("[DONE]")
+                raise JobFailed(f"the model failed mid-answer: {event.message}", code=event.code)
+        if served.outcome.done is None:
+            raise JobFailed("the job ended without a result", code=ErrorCode.node_lost)
     except CortexError as exc:
         served.outcome.failed(exc.code)
         log.warning("stream of job %s broke: %s", served.job.stream.job.job_id, exc.message)
-        yield sse.event(error_body(exc.message, "server_error", exc.code.value))
-        yield sse.event("[DONE]")
+        for chunk in writer.fail(exc):
+            yield chunk
     finally:
         await served.finish()

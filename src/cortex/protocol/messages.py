@@ -279,6 +279,18 @@ class CancelRequest(_Wire):
     job_id: str
 
 
+class CountRequest(_Wire):
+    """How many tokens these messages make as a prompt, through the model's own chat template."""
+
+    model: str
+    messages: list[ChatMessage]
+
+
+class CountReply(_Wire):
+    model: str
+    input_tokens: int
+
+
 class ModelReply(_Wire):
     model: ModelStatus
 

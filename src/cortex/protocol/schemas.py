@@ -17,6 +17,8 @@ SCHEMAS: dict[str, type[BaseModel] | TypeAdapter] = {
     "control-load-request": m.LoadRequest,
     "control-unload-request": m.UnloadRequest,
     "control-cancel-request": m.CancelRequest,
+    "control-count-request": m.CountRequest,
+    "control-count-reply": m.CountReply,
     "control-model-reply": m.ModelReply,
     "control-cancel-reply": m.CancelReply,
     "control-status-reply": m.StatusReply,

@@ -21,6 +21,8 @@ from cortex.protocol.errors import ErrorCode
 from cortex.protocol.messages import (
     CancelReply,
     CancelRequest,
+    CountReply,
+    CountRequest,
     LoadRequest,
     ModelReply,
     ModelStatus,
@@ -46,6 +48,7 @@ class Controller(Protocol):
     async def unload(self, request: UnloadRequest) -> ModelStatus: ...
     def status(self) -> StatusReply: ...
     def cancel(self, request: CancelRequest) -> CancelReply: ...
+    async def count(self, request: CountRequest) -> CountReply: ...
 
 
 async def start_control(nc: Client, node: str, subjects: Subjects, controller: Controller) -> Service:
@@ -70,11 +73,15 @@ async def start_control(nc: Client, node: str, subjects: Subjects, controller: C
     async def cancel(body: CancelRequest) -> BaseModel:
         return controller.cancel(body)
 
+    async def count(body: CountRequest) -> BaseModel:
+        return await controller.count(body)
+
     # Loads and unloads may take minutes; each runs in its own task so one does not hold up the next.
     await group.add_endpoint(name="load", handler=_in_task(_endpoint(LoadRequest, load)))
     await group.add_endpoint(name="unload", handler=_in_task(_endpoint(UnloadRequest, unload)))
     await group.add_endpoint(name="status", handler=_endpoint(None, status))
     await group.add_endpoint(name="cancel", handler=_endpoint(CancelRequest, cancel))
+    await group.add_endpoint(name="count", handler=_endpoint(CountRequest, count))
     return service
 
 

@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from cortex.protocol.errors import ErrorCode
-from cortex.protocol.messages import InferenceJob
+from cortex.protocol.messages import ChatMessage, InferenceJob
 from neuron.engine.detokenize import IncrementalDetokenizer
 from neuron.engine.outputs import Crashed, Finished, Output, Text
 from neuron.engine.sampling import Sampler
@@ -26,14 +26,17 @@ class PromptTooLong(ValueError):
     pass
 
 
-def encode_prompt(job: InferenceJob, model: LoadedModel) -> list[int]:
+def tokenize_prompt(messages: list[ChatMessage] | None, prompt: str | None, model: LoadedModel) -> list[int]:
+    """The prompt's token ids: chat messages through the model's own chat template, a raw prompt as it is."""
     tok = model.tokenizer
-    if job.messages is not None:
-        messages = [m.model_dump(exclude_none=True) for m in job.messages]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    else:
-        ids = tok(job.prompt, add_special_tokens=True)["input_ids"]
-    ids = list(ids)
+    if messages is not None:
+        turns = [m.model_dump(exclude_none=True) for m in messages]
+        return list(tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return list(tok(prompt, add_special_tokens=True)["input_ids"])
+
+
+def encode_prompt(job: InferenceJob, model: LoadedModel) -> list[int]:
+    ids = tokenize_prompt(job.messages, job.prompt, model)
     if len(ids) >= model.context:
         raise PromptTooLong(
             f"the prompt is {len(ids)} tokens; model {model.spec.id} takes at most {model.context - 1} "
