@@ -93,7 +93,7 @@ async def test_micro_service_is_discoverable_like_nats_micro_ls(nats_url, neuron
     assert info["name"] == "neuron"
     assert info["metadata"]["node"] == "t1"
     subjects = {e["subject"] for e in info["endpoints"]}
-    assert subjects == {f"cortex.node.t1.{v}" for v in ("load", "unload", "status", "cancel")}
+    assert subjects == {f"cortex.node.t1.{v}" for v in ("load", "unload", "status", "cancel", "count")}
 
 
 def test_status_reports_the_ready_model_and_devices(nats_url, neuron) -> None:
