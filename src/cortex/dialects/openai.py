@@ -47,15 +47,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class _Sampled(BaseModel):
+    """The fields both OpenAI endpoints share."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1)
-    messages: list[ChatMessageIn] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = None
@@ -63,8 +63,25 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     n: int | None = Field(None, ge=1)
+    user: str | None = None  # a label
+    logit_bias: dict[str, float] | None = None  # refused when set
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=_stops(self.stop),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+        )
+
+
+class ChatCompletionRequest(_Sampled):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     # Labels only: accepted, never change the output.
-    user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -77,7 +94,6 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
     reasoning_effort: str | None = None
 
 
@@ -124,7 +140,6 @@ def to_job(req: ChatCompletionRequest, model_id: str, *, job_id: str, request_id
     _refuse_unsupported(req)
     if req.max_tokens and req.max_completion_tokens and req.max_tokens != req.max_completion_tokens:
         raise InvalidRequest("`max_tokens` and `max_completion_tokens` disagree; send one of them")
-    stop = _stops(req.stop)
     messages = [
         ChatMessage(
             role="system" if m.role == "developer" else m.role,
@@ -133,45 +148,22 @@ def to_job(req: ChatCompletionRequest, model_id: str, *, job_id: str, request_id
         )
         for i, m in enumerate(req.messages)
     ]
-    sampling = SamplingParams(
-        max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        seed=req.seed,
-        stop=stop,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-    )
+    sampling = req.sampling(req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS)
     return InferenceJob(job_id=job_id, request_id=request_id, model=model_id, messages=messages, sampling=sampling)
 
 
 # --- /v1/completions ------------------------------------------------------------------------------
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(_Sampled):
     """The legacy prompt-completion API: the prompt goes to the model as it is, with no chat template."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(min_length=1)
     prompt: str | list[str] | list[int] | list[list[int]]
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     echo: bool = False
-    n: int | None = Field(None, ge=1)
     best_of: int | None = Field(None, ge=1)
-    user: str | None = None
     # Recognised but not served; refused by name when set.
     suffix: str | None = None
     logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
 
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for this endpoint
@@ -200,15 +192,7 @@ def completion_to_job(req: CompletionRequest, model_id: str, *, job_id: str, req
     for name in ("n", "best_of"):
         if getattr(req, name) not in (None, 1):
             raise InvalidRequest(f"`{name}` must be 1: this server returns one choice per request")
-    sampling = SamplingParams(
-        max_tokens=req.max_tokens or DEFAULT_COMPLETION_TOKENS,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        seed=req.seed,
-        stop=_stops(req.stop),
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-    )
+    sampling = req.sampling(req.max_tokens or DEFAULT_COMPLETION_TOKENS)
     prompt = completion_prompt(req)
     return InferenceJob(job_id=job_id, request_id=request_id, model=model_id, prompt=prompt, sampling=sampling)
 
