@@ -1,4 +1,5 @@
-"""Model lifecycle on a fleet of three neurons that each declare 20 MB: one tiny model (14 MB) fits a node.
+"""Model lifecycle on a fleet of three neurons that each declare 20 MB: one tiny model (17 MB: 13 of weights,
+4 of KV cache for 2048 tokens x 4 sequences) fits a node.
 
 Its own nats-server, so no other test's nodes take the loads. n1 holds `lc/pinned` (pinned_on);
 n2 and n3 have one free slot each, so a third model forces an eviction. Two gateways: one
@@ -26,6 +27,7 @@ import pytest
 from tests.conftest import SMOLLM2_GGUF, Gateway, running_nats, start_gateway, start_neuron, wait_until
 
 NODES = ("n1", "n2", "n3")
+MODEL_MB = 17
 ADMIN_KEY = "s3cret-admin-key-for-tests"
 
 
@@ -75,7 +77,8 @@ def lc_models(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
     for name in ("m-Q4_K_M.gguf", "m-Q6_K.gguf"):
         (quants / name).write_bytes(b"GGUF")
     (root / "empty").mkdir()
-    tiny = f'source = "file:{tiny_model_dir}"\ncontext = 256'
+    # Context long enough that a stream of 1500 tokens stays in flight for seconds.
+    tiny = f'source = "file:{tiny_model_dir}"\ncontext = 2048'
     entries = [f'id = "lc/{x}"\n{tiny}' for x in ("a", "b", "c", "d", "e", "f", "idle")]
     entries += [
         f'id = "lc/pinned"\n{tiny}\npinned_on = ["n1"]',
@@ -167,7 +170,7 @@ def test_a_cold_model_loads_on_first_request_on_a_node_with_room(fleet) -> None:
     [node] = gw.models()["lc/a"]
     assert node in ("n2", "n3")  # n1 is full with its pinned model
     entry = _entry(gw, "lc/a")
-    assert entry["memory_source"] == "measured" and entry["memory_mb"] == 14
+    assert entry["memory_source"] == "measured" and entry["memory_mb"] == MODEL_MB
     httpx.post(f"{gw.url}/admin/models/unload", json={"model": "lc/a"}, timeout=30)
     wait_until(lambda: not _entry(gw, "lc/a")["loaded"], 10, "the unload")
     assert _entry(gw, "lc/a")["memory_source"] == "measured", "the node remembers what it took"
@@ -196,7 +199,7 @@ def test_priority_evicts_the_lowest_priority_first_even_if_recent(fleet) -> None
 def test_a_model_with_a_job_in_flight_is_not_evicted(fleet) -> None:
     gw = fleet["lru"]
     _fill(gw, "lc/a", "lc/b")  # a is the least recent...
-    body = {"model": "lc/a", "messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "stream": True}
+    body = {"model": "lc/a", "messages": [{"role": "user", "content": "go"}], "max_tokens": 1500, "stream": True}
     with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=60) as stream:
         lines = stream.iter_lines()
         next(lines)  # ...but it is generating
@@ -209,7 +212,7 @@ def test_a_model_with_a_job_in_flight_is_not_evicted(fleet) -> None:
 def test_no_room_when_everything_is_pinned_or_busy_is_503_with_the_numbers(fleet) -> None:
     gw = fleet["lru"]
     _fill(gw, "lc/a", "lc/b")
-    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "stream": True}
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 1500, "stream": True}
     with contextlib.ExitStack() as streams:
         readers = []  # a line iterator that is dropped closes its response, so keep them
         for model in ("lc/a", "lc/b"):
@@ -223,7 +226,7 @@ def test_no_room_when_everything_is_pinned_or_busy_is_503_with_the_numbers(fleet
     assert resp.headers["retry-after"]
     error = resp.json()["error"]
     assert error["code"] == "insufficient_capacity"
-    assert "lc/c needs 14 MB" in error["message"] and "20 MB" in error["message"]
+    assert f"lc/c needs {MODEL_MB} MB" in error["message"] and "20 MB" in error["message"]
     assert "cannot be evicted" in error["message"]
 
 
@@ -317,10 +320,18 @@ def test_models_list_the_catalogue_with_placement_and_memory(fleet) -> None:
     assert {"lc/a", "lc/pinned", "lc/huge", "lc/empty"} <= set(data)
     pinned = data["lc/pinned"]
     assert pinned["loaded"] == [
-        {"node": "n1", "state": "ready", "device": "cpu", "memory_mb": 14, "in_flight": 0, "queued": 0, "pinned": True}
+        {
+            "node": "n1",
+            "state": "ready",
+            "device": "cpu",
+            "memory_mb": MODEL_MB,
+            "in_flight": 0,
+            "queued": 0,
+            "pinned": True,
+        }
     ]
     idle = data["lc/idle"]  # never loaded
-    assert idle["nodes"] == [] and idle["memory_source"] == "estimate" and idle["memory_mb"] == 14
+    assert idle["nodes"] == [] and idle["memory_source"] == "estimate" and idle["memory_mb"] == MODEL_MB
     assert idle["placeable_on"] == ["n2", "n3"]  # n1 is full, and its model is pinned
     assert data["lc/huge"]["memory_source"] == "catalogue"
 
@@ -359,7 +370,7 @@ def test_cli_loads_with_progress_lists_and_unloads(fleet) -> None:
 
     loaded = cortex("load", "lc/c")
     assert loaded.returncode == 0, loaded.stderr
-    assert "lc/c is ready on n" in loaded.stdout and "14 MB" in loaded.stdout
+    assert "lc/c is ready on n" in loaded.stdout and f"{MODEL_MB} MB" in loaded.stdout
     listing = cortex("models")
     assert listing.stdout.splitlines()[0].split() == ["MODEL", "STATE", "NODES", "MEMORY", "PLACEABLE", "ON"]
     assert any(line.startswith("lc/c ") and ":ready" in line for line in listing.stdout.splitlines())

@@ -7,15 +7,18 @@ from before the request this gateway sent a moment ago.
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 
 from cortex.protocol.messages import Heartbeat
+
+_KEEP_FINISHES_S = 60.0  # heartbeats come every few seconds; older finishes are in them
 
 
 class LocalUsage:
     def __init__(self) -> None:
         self._in_flight: Counter[tuple[str, str]] = Counter()
         self._last_used: dict[tuple[str, str], float] = {}
+        self._finished: dict[tuple[str, str], deque[float]] = {}
 
     def started(self, node: str, model: str) -> None:
         self._in_flight[node, model] += 1
@@ -25,7 +28,11 @@ class LocalUsage:
         self._in_flight[node, model] -= 1
         if self._in_flight[node, model] <= 0:
             del self._in_flight[node, model]
-        self._last_used[node, model] = time.time()
+        now = self._last_used[node, model] = time.time()
+        recent = self._finished.setdefault((node, model), deque())
+        recent.append(now)
+        while recent and now - recent[0] > _KEEP_FINISHES_S:
+            recent.popleft()
 
     def in_flight(self, model: str) -> dict[str, int]:
         """node -> this gateway's jobs in flight there for the model."""
@@ -37,10 +44,12 @@ class LocalUsage:
         for status in heartbeat.models:
             key = (heartbeat.node, status.id)
             local_use = self._last_used.get(key)
+            # Jobs of ours that finished after the node sent this heartbeat are still counted in it.
+            done_since = sum(1 for t in self._finished.get(key, ()) if t > heartbeat.sent_at)
             models.append(
                 status.model_copy(
                     update={
-                        "in_flight": max(status.in_flight, self._in_flight.get(key, 0)),
+                        "in_flight": max(status.in_flight - done_since, self._in_flight.get(key, 0)),
                         "last_used": max(status.last_used or 0.0, local_use or 0.0) or None,
                     }
                 )
