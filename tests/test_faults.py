@@ -36,7 +36,7 @@ def test_client_disconnect_mid_stream_stops_generation_on_the_neuron(gateway, ne
         assert len(running) == 1 and running[0]["state"] == "running"
         left_at = time.monotonic()
     # Leaving the `with` closed the connection after a handful of the 8000 tokens.
-    wait_until(lambda: _jobs(nats_url, "t1") == [], 3.0, "the neuron to drop the job")
+    wait_until(lambda: _jobs(nats_url, "t1") == [], 10.0, "the neuron to drop the job")
     assert time.monotonic() - left_at < 3.0
     assert "cancelled (request" in neuron.output()
 
@@ -46,7 +46,7 @@ def test_client_disconnect_while_waiting_for_a_whole_answer_stops_generation(gat
         httpx.post(f"{gateway.url}/v1/chat/completions", json=LONG, timeout=1.5)
     except httpx.ReadTimeout:
         pass
-    wait_until(lambda: _jobs(nats_url, "t1") == [], 3.0, "the neuron to drop the job")
+    wait_until(lambda: _jobs(nats_url, "t1") == [], 10.0, "the neuron to drop the job")
 
 
 def test_killed_neuron_ends_its_streams_leaves_the_fleet_and_its_model_moves(
@@ -83,7 +83,7 @@ def test_killed_neuron_ends_its_streams_leaves_the_fleet_and_its_model_moves(
 def test_sigterm_finishes_in_flight_jobs_then_removes_the_heartbeat(spawn, nats_url, models_toml, gateway) -> None:
     node = start_neuron(spawn, nats_url, models_toml, "leaving", "test/tiny-llama-c")
     gateway.wait_for_model("test/tiny-llama-c")
-    body = {"model": "test/tiny-llama-c", "messages": [{"role": "user", "content": "x"}], "max_tokens": 600}
+    body = {"model": "test/tiny-llama-c", "messages": [{"role": "user", "content": "x"}], "max_tokens": 300}
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json={**body, "stream": True}, timeout=30) as r:
         lines = r.iter_lines()
         next(lines)
@@ -128,4 +128,4 @@ def test_client_that_leaves_while_its_job_is_queued_frees_the_queue_slot(gateway
             3.0,
             "the queued job of the client that left to be dropped",
         )
-    wait_until(lambda: _jobs(nats_url, "t1") == [], 3.0, "the streams' jobs to be dropped")
+    wait_until(lambda: _jobs(nats_url, "t1") == [], 10.0, "the streams' jobs to be dropped")
