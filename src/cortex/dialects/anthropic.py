@@ -14,23 +14,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.dialects import sse
-from cortex.dialects.status import describe, http_status
+from cortex.dialects.common import Part, describe, http_status, join_text, stop_list
 from cortex.protocol.errors import CortexError, InvalidRequest
 from cortex.protocol.messages import ChatMessage, Done, InferenceJob, SamplingParams
-
-
-class Block(BaseModel):
-    """Any content block; only `text` is understood, others are refused by name."""
-
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["user", "assistant"]
-    content: str | list[Block]
+    content: str | list[Part]
 
 
 class Metadata(BaseModel):
@@ -44,7 +36,7 @@ class MessagesRequest(BaseModel):
     model: str = Field(min_length=1)
     max_tokens: int = Field(ge=1)
     messages: list[Message] = Field(min_length=1)
-    system: str | list[Block] | None = None
+    system: str | list[Part] | None = None
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(None, ge=0.0, le=1.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -63,20 +55,9 @@ class CountTokensRequest(BaseModel):
 
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
-    system: str | list[Block] | None = None
+    system: str | list[Part] | None = None
     tools: list[dict[str, Any]] | None = None
     thinking: dict[str, Any] | None = None
-
-
-def _text(content: str | list[Block], where: str) -> str:
-    if isinstance(content, str):
-        return content
-    parts = []
-    for i, block in enumerate(content):
-        if block.type != "text" or block.text is None:
-            raise InvalidRequest(f"`{where}[{i}]` is a {block.type!r} block; only text blocks are supported yet")
-        parts.append(block.text)
-    return "".join(parts)
 
 
 def to_messages(req: MessagesRequest | CountTokensRequest) -> list[ChatMessage]:
@@ -85,16 +66,14 @@ def to_messages(req: MessagesRequest | CountTokensRequest) -> list[ChatMessage]:
             raise InvalidRequest(f"`{name}` is not supported by this server yet; remove it from the request")
     messages = []
     if req.system:
-        messages.append(ChatMessage(role="system", content=_text(req.system, "system")))
+        messages.append(ChatMessage(role="system", content=join_text(req.system, "system", "block")))
     for i, m in enumerate(req.messages):
-        messages.append(ChatMessage(role=m.role, content=_text(m.content, f"messages[{i}].content")))
+        messages.append(ChatMessage(role=m.role, content=join_text(m.content, f"messages[{i}].content", "block")))
     return messages
 
 
 def to_job(req: MessagesRequest, model_id: str, *, job_id: str, request_id: str) -> InferenceJob:
-    stops = list(req.stop_sequences or [])
-    if len(stops) > 16 or any(not s for s in stops):
-        raise InvalidRequest("`stop_sequences` takes at most 16 non-empty strings")
+    stops = stop_list(req.stop_sequences, "stop_sequences")
     sampling = SamplingParams(
         max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, stop=stops
     )

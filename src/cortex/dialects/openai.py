@@ -12,31 +12,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.dialects import sse
-from cortex.dialects.status import describe, http_status
+from cortex.dialects.common import Part, describe, http_status, join_text, stop_list
 from cortex.protocol.errors import CortexError, InvalidRequest
 from cortex.protocol.messages import ChatMessage, Done, InferenceJob, SamplingParams, Usage
 
 DEFAULT_MAX_TOKENS = 1024
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: str
-
-
-class ContentPart(BaseModel):
-    """Any content part; only `text` is understood, others are refused by name."""
-
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
-
-
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[Part] | None = None
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -72,7 +58,7 @@ class _Sampled(BaseModel):
             temperature=self.temperature,
             top_p=self.top_p,
             seed=self.seed,
-            stop=_stops(self.stop),
+            stop=stop_list(self.stop, "stop"),
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
         )
@@ -117,23 +103,7 @@ def _content(message: ChatMessageIn, index: int) -> str:
         if message.tool_calls:
             raise InvalidRequest(f"`messages[{index}].tool_calls` is not supported by this server yet")
         return ""
-    if isinstance(message.content, str):
-        return message.content
-    texts = []
-    for j, part in enumerate(message.content):
-        if part.type != "text" or part.text is None:
-            raise InvalidRequest(
-                f"`messages[{index}].content[{j}]` has type {part.type!r}; only text parts are supported"
-            )
-        texts.append(part.text)
-    return "".join(texts)
-
-
-def _stops(value: str | list[str] | None) -> list[str]:
-    stop = [value] if isinstance(value, str) else list(value or [])
-    if len(stop) > 16 or any(not s for s in stop):
-        raise InvalidRequest("`stop` takes at most 16 non-empty strings")
-    return stop
+    return join_text(message.content, f"messages[{index}].content", "part")
 
 
 def to_job(req: ChatCompletionRequest, model_id: str, *, job_id: str, request_id: str) -> InferenceJob:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cortex.dialects import anthropic, openai
-from cortex.dialects.status import http_status
+from cortex.dialects.common import http_status
 from cortex.protocol.errors import CortexError, Refused
 
 log = logging.getLogger(__name__)

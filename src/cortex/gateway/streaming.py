@@ -16,7 +16,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from cortex.dialects.status import http_status
+from cortex.dialects.common import http_status
 from cortex.gateway.dispatch import OpenJob
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.protocol.errors import CortexError, ErrorCode, JobFailed
