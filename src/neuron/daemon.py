@@ -183,13 +183,11 @@ class Neuron:
 
     async def start_load(self, spec: ModelSpec, device: str | None = None) -> ModelEntry:
         """Preflight, then the fit on this node's devices, then the load. Raises SourceRefused."""
-        entry = self.models.get(spec.id)
-        if entry is not None and entry.state in (ModelState.loading, ModelState.ready):
+        if (entry := self.models.active(spec.id)) is not None:
             return entry
         load_plan = await asyncio.to_thread(self.preflight, spec, device)
         self.estimates[spec.id] = load_plan.estimate()
-        entry = self.models.get(spec.id)
-        if entry is not None and entry.state in (ModelState.loading, ModelState.ready):
+        if (entry := self.models.active(spec.id)) is not None:
             return entry  # another request started it while we read the source
         views = self.device_views()
         workers = choose_devices(self._workers, views, spec, device)
@@ -204,7 +202,7 @@ class Neuron:
         try:
             entry = await self.start_load(request.model, request.device)
         except SourceRefused as exc:
-            log.warning("refused to load %s: %s", request.model.id, exc.log_fields())
+            log.warning("refused to load %s: %s", request.model.id, exc.refusal.log_fields())
             raise ControlError(422, ErrorCode.preflight_failed, str(exc), exc.refusal) from None
         except LoadError as exc:
             raise ControlError(400, ErrorCode.invalid_request, str(exc)) from None

@@ -18,7 +18,8 @@ from pydantic import ValidationError
 
 from cortex.protocol.catalogue import Catalogue
 from cortex.protocol.messages import ModelSpec, ModelState
-from cortex.transport.nats import watch_bucket
+from cortex.protocol.subjects import PINS_BUCKET
+from cortex.transport.nats import keep_watching, watch_bucket
 from neuron.models import LoadError
 from neuron.sources.inspect import SourceRefused
 
@@ -35,17 +36,17 @@ class Keeper:
         self._neuron = neuron
         self._node = node
         self._configured = {s.id: s for s in catalogue.models if node in s.pinned_on}
-        self._runtime: dict[str, ModelSpec] = {}
+        self._runtime: dict[str, ModelSpec] = {}  # KV key -> the pinned model
 
     def pinned(self, model_id: str) -> bool:
-        return model_id in self._configured or model_id in self._runtime
+        return model_id in self._configured or any(s.id == model_id for s in self._runtime.values())
 
     async def load(self, spec: ModelSpec, why: str) -> None:
         """Starts loading; a refusal is logged on one line with its kind (there is no caller to tell)."""
         try:
             await self._neuron.start_load(spec)
         except SourceRefused as exc:
-            log.error("cannot load %s (%s): %s", spec.id, why, exc.log_fields())
+            log.error("cannot load %s (%s): %s", spec.id, why, exc.refusal.log_fields())
             self._neuron.models.refused(spec, exc.refusal)
             await self._neuron.model_changed("load_failed", spec.id, exc.refusal.detail, exc.refusal.kind)
         except LoadError as exc:
@@ -56,28 +57,17 @@ class Keeper:
     async def run(self, pins: KeyValue) -> None:
         for spec in self._configured.values():
             await self.load(spec, "pinned in models.toml")
-        await asyncio.gather(self._watch_pins(pins), self._reap())
+        await asyncio.gather(keep_watching(lambda: self._watch_pins(pins), PINS_BUCKET), self._reap())
 
     async def _watch_pins(self, pins: KeyValue) -> None:
-        prefix = f"{self._node}."
-        while True:
-            try:
-                async for update in watch_bucket(pins, f"{prefix}*"):
-                    if update is not None:
-                        await self._apply(*update)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("watching runtime pins failed (%s); watching again in 1s", exc)
-            await asyncio.sleep(1.0)
+        async for update in watch_bucket(pins, f"{self._node}.*"):
+            if update is not None:
+                await self._apply(*update)
 
     async def _apply(self, key: str, value: bytes | None) -> None:
         if value is None:
-            spec = next(
-                (s for s in self._runtime.values() if self._neuron.subjects.pin_key(self._node, s.id) == key), None
-            )
+            spec = self._runtime.pop(key, None)
             if spec is not None:
-                del self._runtime[spec.id]
                 log.info("unpinned %s", spec.id)
                 await self._neuron.model_changed("unpinned", spec.id, None)
             return
@@ -86,9 +76,9 @@ class Keeper:
         except ValidationError as exc:
             log.warning("ignoring pin %s: not a model spec (%s)", key, exc.errors()[0]["msg"])
             return
-        if spec.id in self._runtime:
+        if key in self._runtime:
             return
-        self._runtime[spec.id] = spec
+        self._runtime[key] = spec
         log.info("pinned %s", spec.id)
         await self._neuron.model_changed("pinned", spec.id, None)
         await self.load(spec, "pinned at runtime")

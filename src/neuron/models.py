@@ -123,6 +123,11 @@ class ModelTable:
             entry = next((e for e in self._entries.values() if name in e.spec.aliases), None)
         return entry
 
+    def active(self, model_id: str) -> ModelEntry | None:
+        """The entry of a model loading or loaded here: a new load of it would be a duplicate."""
+        entry = self._entries.get(model_id)
+        return entry if entry is not None and entry.state in (ModelState.loading, ModelState.ready) else None
+
     def ready(self, name: str) -> ModelEntry | None:
         entry = self.get(name)
         return entry if entry is not None and entry.state is ModelState.ready else None
@@ -134,9 +139,9 @@ class ModelTable:
     def load(self, plan: Plan, workers: list[DeviceWorker]) -> ModelEntry:
         """Starts loading (or returns the entry already loading or loaded). Await `entry.done`."""
         spec = plan.spec
+        if (active := self.active(spec.id)) is not None:
+            return active
         entry = self._entries.get(spec.id)
-        if entry is not None and entry.state in (ModelState.loading, ModelState.ready):
-            return entry
         if entry is not None and entry.state is ModelState.unloading:
             raise LoadError(f"{spec.id} is being unloaded; load it again once that has finished")
         entry = ModelEntry(spec=spec, state=ModelState.loading, workers=workers, memory_mb=plan.memory_mb)

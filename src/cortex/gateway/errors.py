@@ -43,7 +43,7 @@ def error_response(request: Request, exc: CortexError) -> JSONResponse:
     if status in (429, 503):
         headers["Retry-After"] = "1"
     if isinstance(exc, Refused):
-        log.warning("refused %s: reason=%s detail=%s", exc.refusal.model, exc.refusal.kind, exc.refusal.detail)
+        log.warning("refused %s: %s", exc.refusal.model, exc.refusal.log_fields())
     body = anthropic.error_payload(exc) if _anthropic(request) else openai.error_payload(exc)
     return JSONResponse(body, status_code=status, headers=headers)
 

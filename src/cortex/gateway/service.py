@@ -23,7 +23,15 @@ from cortex.protocol.catalogue import Catalogue
 from cortex.protocol.errors import ModelNotFound
 from cortex.protocol.subjects import NODES_BUCKET, Subjects
 from cortex.transport.control import ControlClient
-from cortex.transport.nats import JobClient, connect, nodes_bucket, pins_bucket, placement_bucket, watch_bucket
+from cortex.transport.nats import (
+    JobClient,
+    connect,
+    keep_watching,
+    nodes_bucket,
+    pins_bucket,
+    placement_bucket,
+    watch_bucket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +57,7 @@ class Gateway:
         nats = self.settings.nats
         self.nc = await connect(nats.servers, "cortex gateway", **nats.connect_options())
         kv = await nodes_bucket(self.nc)
-        self._follow = asyncio.create_task(self._follow_fleet(kv))
+        self._follow = asyncio.create_task(keep_watching(lambda: self.fleet.follow(watch_bucket(kv)), NODES_BUCKET))
         self._client = JobClient(self.nc, self.subjects)
         await self._client.start()
         gw = self.settings.gateway
@@ -77,17 +85,6 @@ class Gateway:
             async with asyncio.timeout(2.0):
                 await self.fleet.synced.wait()
         log.info("gateway connected to %s; fleet: %s", nats.servers, self.fleet.ready_models() or "no models yet")
-
-    async def _follow_fleet(self, kv: KeyValue) -> None:
-        """Keeps the fleet view fed; a broken watch is started again (it replays every key first)."""
-        while True:
-            try:
-                await self.fleet.follow(watch_bucket(kv))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("watching %s failed (%s); watching again in 1s", NODES_BUCKET, exc)
-            await asyncio.sleep(1.0)
 
     async def aclose(self) -> None:
         if self._follow is not None:

@@ -171,6 +171,10 @@ class Refusal(_Wire):
     detail: str
     suggestion: str | None = None
 
+    def log_fields(self) -> str:
+        """The one log line a refusal gets, on whichever side meets it."""
+        return f"reason={self.kind} detail={self.detail}"
+
 
 class ModelStatus(_Wire):
     id: str

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import nats
@@ -295,6 +295,18 @@ class JobClient:
                 return False
             reply = await self._nc.request(self._subjects.control(node, "cancel"), body, timeout=2.0)
         return CancelReply.model_validate_json(reply.data).found
+
+
+async def keep_watching(follow: Callable[[], Awaitable[None]], what: str, retry_s: float = 1.0) -> None:
+    """Runs `follow` (a KV watch) for good: a broken watch is started again, and replays every key first."""
+    while True:
+        try:
+            await follow()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("watching %s failed (%s); watching again in %gs", what, exc, retry_s)
+        await asyncio.sleep(retry_s)
 
 
 async def watch_bucket(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str, bytes | None] | None]:

@@ -30,10 +30,6 @@ class SourceRefused(Exception):
         super().__init__(f"{refusal.kind}: {refusal.detail}")
         self.refusal = refusal
 
-    def log_fields(self) -> str:
-        """The one log line a refusal gets, on whichever side meets it."""
-        return f"reason={self.refusal.kind} detail={self.refusal.detail}"
-
 
 class SourceUnavailable(Exception):
     """The source could not be read just now (the hub is down or rate-limits us); try again later."""
