@@ -97,11 +97,62 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer, tokenize
     return path
 
 
+CHAT_DATA = Path(__file__).parent / "data" / "chat"
+
+
+def recorded(family: str, calls: int | None = None, starts: str = "") -> str:
+    """One output recorded from a real model (tests/data/chat/recorded.json), less its end token."""
+    for record in json.loads((CHAT_DATA / "recorded.json").read_text()):
+        expect = record["expect"]
+        if record["family"] != family or not record["output"].startswith(starts):
+            continue
+        if calls is None or len(expect["tool_calls"]) == calls:
+            return record["output"].split("<|im_end|>")[0]
+    raise LookupError(f"no {family} recording with {calls} calls")
+
+
 @pytest.fixture(scope="session")
-def models_toml(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+def replay_models(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, tuple[Path, Path]]:
+    """Tiny models that speak a real model's chat template and replay its recorded outputs:
+    id -> (model folder, recordings file). The tool and reasoning paths run end to end on them."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("replay")
+    plans = {
+        # Qwen2.5 (Hermes format): text and one call, then an answer once the tool's result is in.
+        "test/tools": ("qwen2.5", [("user", recorded("hermes", calls=1)), ("tool", recorded("hermes", calls=0))]),
+        "test/tools-parallel": ("qwen2.5", [("user", recorded("hermes", calls=2))]),
+        # Qwen3: reasoning in <think>, then the answer.
+        "test/thinker": ("qwen3", [("any", recorded("qwen3", calls=0, starts="<think>"))]),
+    }
+    out = {}
+    for model_id, (template, recordings) in plans.items():
+        folder = root / model_id.replace("/", "_")
+        folder.mkdir()
+        for name in ("config.json", "model.safetensors", "generation_config.json"):
+            if (tiny_model_dir / name).exists():
+                (folder / name).symlink_to(tiny_model_dir / name)
+        tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+        tok.chat_template = (CHAT_DATA / f"{template}.jinja").read_text()
+        tok.save_pretrained(folder)
+        script = folder.with_suffix(".json")
+        script.write_text(json.dumps([{"when_last": when, "output": text} for when, text in recordings]))
+        out[model_id] = (folder, script)
+    return out
+
+
+@pytest.fixture(scope="session")
+def models_toml(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, replay_models: dict[str, tuple[Path, Path]]
+) -> Path:
     path = tmp_path_factory.mktemp("config") / "models.toml"
+    replays = "".join(
+        f'\n[[models]]\nid = "{model_id}"\nsource = "file:{folder}"\nreplay = "{script}"\n'
+        for model_id, (folder, script) in replay_models.items()
+    )
     path.write_text(
-        f"""
+        replays
+        + f"""
 [[models]]
 id = "test/tiny-llama"
 source = "file:{tiny_model_dir}"

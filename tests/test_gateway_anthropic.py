@@ -120,15 +120,15 @@ def test_an_unknown_model_is_not_found_error(client) -> None:
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        ({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "`tools` is not supported"),
-        ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "`thinking` is not supported"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tool"),
+        ({"tool_choice": {"type": "any"}}, "has no `tools`"),
         ({"extra_body": {"temperature": 1.5}}, "temperature"),
         ({"extra_body": {"top_k": 0}}, "top_k"),
         ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "'image' block"),
         ({"extra_body": {"bogus": 1}}, "bogus"),
     ],
 )
-def test_what_is_not_served_yet_is_a_400_naming_it(client, extra: dict, needle: str) -> None:
+def test_what_cannot_be_served_is_a_400_naming_it(client, extra: dict, needle: str) -> None:
     with pytest.raises(anthropic.BadRequestError) as err:
         client.messages.create(**{"model": TINY, "max_tokens": 4, "messages": MESSAGES, **extra})
     assert needle in err.value.body["error"]["message"]
@@ -138,3 +138,11 @@ def test_a_prompt_beyond_the_context_names_the_limit(client) -> None:
     with pytest.raises(anthropic.BadRequestError) as err:
         client.messages.create(model=TINY, max_tokens=4, messages=[{"role": "user", "content": "word " * 9000}])
     assert "takes at most 8191" in err.value.body["error"]["message"]
+
+
+def test_an_assistant_turn_last_is_continued_as_a_prefill(client, tokenizer) -> None:
+    messages = [*MESSAGES, {"role": "assistant", "content": "Once upon a time"}]
+    msg = client.messages.create(model=TINY, max_tokens=5, messages=messages, extra_body=GREEDY)
+    prompt = tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=True, return_dict=False)
+    assert msg.usage.input_tokens == len(prompt)
+    assert not msg.content[0].text.startswith("Once upon a time")  # only the continuation comes back

@@ -61,10 +61,10 @@ def test_a_stop_sequence_is_honoured_and_trimmed(openai_client) -> None:
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        ({"suffix": "end"}, "`suffix` is not supported"),
+        ({"suffix": "end"}, "`suffix` (fill-in-the-middle) is not supported"),
         ({"n": 2}, "`n` must be 1"),
         ({"best_of": 3}, "`best_of` must be 1"),
-        ({"logprobs": 2}, "`logprobs` is not supported"),
+        ({"logprobs": 6}, "logprobs"),
         ({"prompt": [[1, 2, 3]]}, "token ids are not supported"),
         ({"prompt": ["a", "b"]}, "batches of prompts"),
         ({"prompt": ""}, "`prompt` is empty"),
@@ -83,3 +83,12 @@ def test_a_prompt_longer_than_the_context_names_the_limit(openai_client) -> None
     with pytest.raises(openai.BadRequestError) as err:
         openai_client.completions.create(model=TINY, prompt="word " * 9000, max_tokens=4)
     assert "takes at most 8191" in err.value.body["message"]
+
+
+def test_logprobs_come_in_the_completions_apis_own_shape(openai_client) -> None:
+    resp = openai_client.completions.create(model=TINY, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
+    lp = resp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert "".join(lp.tokens) == resp.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    assert all(len(alternatives) <= 2 for alternatives in lp.top_logprobs)

@@ -161,3 +161,35 @@ def test_prompt_beyond_nats_max_payload_is_413_naming_the_limit(openai_client) -
         openai_client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": huge}])
     assert err.value.status_code == 413
     assert "max_payload is 8388608 bytes" in err.value.body["message"]
+
+
+def test_logprobs_cover_every_token_with_the_alternatives_asked_for(openai_client) -> None:
+    resp = openai_client.chat.completions.create(
+        model=TINY, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    entries = resp.choices[0].logprobs.content
+    assert len(entries) == resp.usage.completion_tokens == 6
+    assert "".join(e.token for e in entries) == resp.choices[0].message.content
+    for entry in entries:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0.0
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy takes the likeliest
+
+
+def test_logit_bias_steers_the_choice(openai_client, tokenizer) -> None:
+    hello = tokenizer.convert_tokens_to_ids("Hello")
+    resp = openai_client.chat.completions.create(
+        model=TINY, messages=MESSAGES, max_tokens=4, temperature=0, logit_bias={str(hello): 100}
+    )
+    assert resp.choices[0].message.content == "Hello" * 4
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_a_400(openai_client) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=2, logit_bias={"999999": 1})
+    assert "outside this model's vocabulary" in err.value.body["message"]
+
+
+def test_a_chat_prompt_beyond_the_context_names_the_limit(openai_client) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "word " * 9000}])
+    assert "takes at most 8191" in err.value.body["message"]

@@ -42,7 +42,7 @@ from neuron import __version__
 from neuron.config import NeuronSettings
 from neuron.control.service import ControlError, start_control
 from neuron.devices.discovery import budgeted, discover, refresh
-from neuron.engine.generation import tokenize_prompt
+from neuron.engine.chat import PromptRejected
 from neuron.engine.worker import DeviceWorker
 from neuron.fit import check_fit, choose_devices
 from neuron.heartbeat import Heartbeater
@@ -237,8 +237,11 @@ class Neuron:
             raise ControlError(
                 404, ErrorCode.model_not_loaded, f"{request.model} is not loaded on {self.settings.node}"
             )
-        ids = await asyncio.to_thread(tokenize_prompt, request.messages, None, entry.loaded)
-        return CountReply(model=entry.spec.id, input_tokens=len(ids))
+        try:
+            tokens = await asyncio.to_thread(entry.loaded.chat.count, request.messages, request.tools)
+        except PromptRejected as exc:
+            raise ControlError(400, ErrorCode.invalid_request, str(exc)) from exc
+        return CountReply(model=entry.spec.id, input_tokens=tokens)
 
 
 async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:

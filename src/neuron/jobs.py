@@ -26,12 +26,15 @@ from cortex.protocol.messages import (
     Done,
     Failed,
     InferenceJob,
+    JobEvent,
     JobStatus,
+    ReasoningDelta,
     Timings,
+    ToolCallDelta,
     Usage,
 )
 from cortex.protocol.subjects import JOB_QUEUE_GROUP, Subjects
-from neuron.engine.outputs import Crashed, Finished, Text
+from neuron.engine.outputs import Crashed, Finished, Reasoning, Text, ToolCallPart
 from neuron.engine.worker import JobHandle
 from neuron.models import ModelEntry, ModelTable
 
@@ -47,7 +50,7 @@ class _Reply:
     job_id: str
     seq: int = 0
 
-    async def send(self, event: Accepted | Delta | Done | Failed) -> None:
+    async def send(self, event: JobEvent) -> None:
         await self.nc.publish(self.subject, event.to_bytes())
         self.seq += 1
 
@@ -207,8 +210,8 @@ class JobRelay:
         try:
             await reply.send(accepted)
             async for out in running.handle.outputs():
-                if isinstance(out, Text):
-                    await reply.send(Delta(job_id=job.job_id, seq=reply.seq, text=out.text, tokens=out.tokens))
+                if isinstance(out, Text | Reasoning | ToolCallPart):
+                    await reply.send(_piece(job.job_id, reply.seq, out))
                 elif isinstance(out, Finished):
                     await reply.send(_done(job.job_id, reply.seq, out))
                     log.info(
@@ -232,6 +235,16 @@ class JobRelay:
         finally:
             self._jobs.pop(job.job_id, None)
             running.entry.last_used = time.time()
+
+
+def _piece(job_id: str, seq: int, out: Text | Reasoning | ToolCallPart) -> Delta | ReasoningDelta | ToolCallDelta:
+    if isinstance(out, Text):
+        return Delta(job_id=job_id, seq=seq, text=out.text, tokens=out.tokens, logprobs=out.logprobs)
+    if isinstance(out, Reasoning):
+        return ReasoningDelta(job_id=job_id, seq=seq, text=out.text, tokens=out.tokens)
+    return ToolCallDelta(
+        job_id=job_id, seq=seq, index=out.index, id=out.id, name=out.name, arguments=out.arguments, tokens=out.tokens
+    )
 
 
 def _done(job_id: str, seq: int, out: Finished) -> Done:

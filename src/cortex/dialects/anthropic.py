@@ -1,28 +1,55 @@
 """Anthropic Messages (`/v1/messages`) <-> InferenceJob. Pure functions and builders, no I/O.
 
-Text conversations are served: `system` as a string or text blocks, `text` content blocks,
-`max_tokens` (required), `stop_sequences`, `temperature`, `top_p`, `top_k`, `metadata`.
-Tool use, images, documents and extended thinking are refused by name until the neuron
-parses tool calls and reasoning.
+Served: `system` as a string or text blocks; `text`, `tool_use`, `tool_result` and (dropped from
+the history, as Anthropic's own models do) `thinking` blocks; `tools` with `input_schema`;
+`tool_choice`; `thinking`; `max_tokens` (required); `stop_sequences`; `temperature`, `top_p`,
+`top_k`; `metadata`; an assistant turn last, which the model continues (a prefill). Images,
+documents and Anthropic's server tools are refused by name.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.dialects import sse
-from cortex.dialects.common import Part, describe, http_status, join_text, stop_list
+from cortex.dialects.common import Answer, Part, check_tools, describe, http_status, join_text, stop_list
 from cortex.protocol.errors import CortexError, InvalidRequest
-from cortex.protocol.messages import ChatMessage, Done, InferenceJob, SamplingParams
+from cortex.protocol.messages import (
+    ChatMessage,
+    Delta,
+    Done,
+    InferenceJob,
+    NamedTool,
+    SamplingParams,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+)
+
+
+class Block(BaseModel):
+    """A content block; which fields matter depends on `type` (see `_user_turns`, `_assistant_turn`)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+    id: str | None = None
+    name: str | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = None
+    content: str | list[Part] | None = None
+    is_error: bool | None = None
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["user", "assistant"]
-    content: str | list[Part]
+    content: str | list[Block]
 
 
 class Metadata(BaseModel):
@@ -30,13 +57,40 @@ class Metadata(BaseModel):
     user_id: str | None = None
 
 
-class MessagesRequest(BaseModel):
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="allow")  # cache_control and the like: hints, no effect on output
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,128}$")
+    description: str | None = None
+    input_schema: dict[str, Any] | None = None
+    type: str | None = None
+
+
+class ToolChoiceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class ThinkingIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = Field(None, ge=1024)
+
+
+class _Conversation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1)
-    max_tokens: int = Field(ge=1)
     messages: list[Message] = Field(min_length=1)
     system: str | list[Part] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoiceIn | None = None
+    thinking: ThinkingIn | None = None
+
+
+class MessagesRequest(_Conversation):
+    max_tokens: int = Field(ge=1)
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(None, ge=0.0, le=1.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -44,32 +98,97 @@ class MessagesRequest(BaseModel):
     metadata: Metadata | None = None
     stream: bool = False
     service_tier: str | None = None  # a label here
-    # Recognised but not served yet; refused by name when set.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: dict[str, Any] | None = None
-    thinking: dict[str, Any] | None = None
 
 
-class CountTokensRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CountTokensRequest(_Conversation):
+    pass
 
-    model: str = Field(min_length=1)
-    messages: list[Message] = Field(min_length=1)
-    system: str | list[Part] | None = None
-    tools: list[dict[str, Any]] | None = None
-    thinking: dict[str, Any] | None = None
+
+def _tool_result(block: Block, where: str) -> str:
+    content = block.content if block.content is not None else ""
+    text = join_text(content, f"{where}.content", "block")
+    return f"Error: {text}" if block.is_error else text
+
+
+def _user_turns(blocks: list[Block], where: str) -> list[ChatMessage]:
+    """Tool results become tool messages, in order; the text around them, user messages."""
+    out: list[ChatMessage] = []
+    texts: list[str] = []
+    for j, block in enumerate(blocks):
+        if block.type == "tool_result":
+            if not block.tool_use_id:
+                raise InvalidRequest(f"`{where}[{j}].tool_use_id` is required on a tool_result block")
+            if texts:
+                out.append(ChatMessage(role="user", content="".join(texts)))
+                texts = []
+            result = _tool_result(block, f"{where}[{j}]")
+            out.append(ChatMessage(role="tool", content=result, tool_call_id=block.tool_use_id))
+        elif block.type == "text" and block.text is not None:
+            texts.append(block.text)
+        else:
+            raise InvalidRequest(
+                f"`{where}[{j}]` is a {block.type!r} block; user turns take text and tool_result blocks"
+            )
+    if texts or not out:
+        out.append(ChatMessage(role="user", content="".join(texts)))
+    return out
+
+
+def _assistant_turn(blocks: list[Block], where: str) -> ChatMessage:
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    for j, block in enumerate(blocks):
+        if block.type == "text" and block.text is not None:
+            texts.append(block.text)
+        elif block.type == "tool_use":
+            if not block.id or not block.name:
+                raise InvalidRequest(f"`{where}[{j}]` needs `id` and `name` on a tool_use block")
+            calls.append(ToolCall(id=block.id, name=block.name, arguments=json.dumps(block.input or {})))
+        elif block.type not in ("thinking", "redacted_thinking"):  # past reasoning is not replayed
+            raise InvalidRequest(f"`{where}[{j}]` is a {block.type!r} block; assistant turns take text and tool_use")
+    return ChatMessage(role="assistant", content="".join(texts), tool_calls=calls or None)
 
 
 def to_messages(req: MessagesRequest | CountTokensRequest) -> list[ChatMessage]:
-    for name in ("tools", "thinking") + (("tool_choice",) if isinstance(req, MessagesRequest) else ()):
-        if getattr(req, name) not in (None, [], {}):
-            raise InvalidRequest(f"`{name}` is not supported by this server yet; remove it from the request")
     messages = []
     if req.system:
         messages.append(ChatMessage(role="system", content=join_text(req.system, "system", "block")))
     for i, m in enumerate(req.messages):
-        messages.append(ChatMessage(role=m.role, content=join_text(m.content, f"messages[{i}].content", "block")))
+        where = f"messages[{i}].content"
+        if isinstance(m.content, str):
+            messages.append(ChatMessage(role=m.role, content=m.content))
+        elif m.role == "user":
+            messages.extend(_user_turns(m.content, where))
+        else:
+            messages.append(_assistant_turn(m.content, where))
     return messages
+
+
+def to_tools(req: MessagesRequest | CountTokensRequest) -> tuple[list[Tool] | None, ToolChoice, bool]:
+    """The tools, the choice among them, and whether several calls may come in one turn."""
+    tools = []
+    for i, t in enumerate(req.tools or []):
+        if t.type not in (None, "custom"):
+            raise InvalidRequest(
+                f"`tools[{i}]` is Anthropic's server tool {t.type!r}, which this server does not run; "
+                "declare it as a custom tool with an input_schema"
+            )
+        if t.input_schema is None:
+            raise InvalidRequest(f"`tools[{i}].input_schema` is required")
+        tools.append(Tool(name=t.name, description=t.description, parameters=t.input_schema))
+    choice: ToolChoice = "auto"
+    parallel = True
+    if req.tool_choice is not None:
+        parallel = not req.tool_choice.disable_parallel_tool_use
+        kind = req.tool_choice.type
+        if kind == "tool":
+            if not req.tool_choice.name:
+                raise InvalidRequest("`tool_choice.name` is required when its type is tool")
+            choice = NamedTool(name=req.tool_choice.name)
+        else:
+            choice = {"auto": "auto", "any": "required", "none": "none"}[kind]  # type: ignore[assignment]
+    check_tools(tools, choice, "tool_choice")
+    return tools or None, choice, parallel
 
 
 def to_job(req: MessagesRequest, model_id: str, *, job_id: str, request_id: str) -> InferenceJob:
@@ -77,8 +196,27 @@ def to_job(req: MessagesRequest, model_id: str, *, job_id: str, request_id: str)
     sampling = SamplingParams(
         max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, stop=stops
     )
+    messages = to_messages(req)
+    prefill = messages[-1].role == "assistant"
+    if prefill and messages[-1].content != messages[-1].content.rstrip():
+        raise InvalidRequest("the final assistant content (a prefill) cannot end with trailing whitespace")
+    if prefill and messages[-1].tool_calls:
+        raise InvalidRequest("the final assistant turn holds tool_use blocks; send their tool_result in a user turn")
+    tools, choice, parallel = to_tools(req)
+    thinking = None if req.thinking is None or req.thinking.type == "adaptive" else req.thinking.type == "enabled"
+    if req.thinking and req.thinking.budget_tokens and req.thinking.budget_tokens >= req.max_tokens:
+        raise InvalidRequest("`thinking.budget_tokens` must be less than `max_tokens`")
     return InferenceJob(
-        job_id=job_id, request_id=request_id, model=model_id, messages=to_messages(req), sampling=sampling
+        job_id=job_id,
+        request_id=request_id,
+        model=model_id,
+        messages=messages,
+        sampling=sampling,
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=parallel,
+        reasoning=thinking,
+        continue_final=prefill,
     )
 
 
@@ -88,6 +226,8 @@ def to_job(req: MessagesRequest, model_id: str, *, job_id: str, request_id: str)
 def _stop_reason(done: Done) -> str:
     if done.finish_reason == "length":
         return "max_tokens"
+    if done.finish_reason == "tool_calls":
+        return "tool_use"
     return "stop_sequence" if done.stop_sequence else "end_turn"
 
 
@@ -101,9 +241,18 @@ def message_id() -> str:
     return f"msg_{uuid.uuid4().hex}"
 
 
+def _input(arguments: str) -> dict[str, Any]:
+    try:
+        value = json.loads(arguments)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 class MessageWriter:
-    """One message, whole or as Anthropic's stream: message_start, a text block (start, ping,
-    deltas, stop), message_delta with the stop reason and usage, message_stop.
+    """One message, whole or as Anthropic's stream: message_start, then one content block per run
+    of text, thinking or tool use (start, deltas, stop; a ping after the first start), message_delta
+    with the stop reason and usage, message_stop.
 
     The prompt's token count is known once the node has encoded it, so message_start carries
     `input_tokens: 0` and message_delta the real count (the SDKs take the later figure).
@@ -112,6 +261,8 @@ class MessageWriter:
     def __init__(self, message_id: str, model: str) -> None:
         self._id = message_id
         self._model = model
+        self._index = -1
+        self._block: str | None = None  # the type of the open block
 
     def _message(self, content: list[dict[str, Any]], done: Done | None) -> dict[str, Any]:
         return {
@@ -129,21 +280,49 @@ class MessageWriter:
     def _event(data: dict[str, Any]) -> bytes:
         return sse.event(data, data["type"])
 
-    def start(self) -> list[bytes]:
-        return [
-            self._event({"type": "message_start", "message": self._message([], None)}),
-            self._event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-            self.keepalive(),
-        ]
+    def _close(self) -> list[bytes]:
+        if self._block is None:
+            return []
+        self._block = None
+        return [self._event({"type": "content_block_stop", "index": self._index})]
 
-    def text(self, text: str) -> list[bytes]:
-        delta = {"type": "text_delta", "text": text}
-        return [self._event({"type": "content_block_delta", "index": 0, "delta": delta})]
+    def _open(self, block: dict[str, Any]) -> list[bytes]:
+        chunks = self._close()
+        self._index += 1
+        self._block = block["type"]
+        chunks.append(self._event({"type": "content_block_start", "index": self._index, "content_block": block}))
+        if self._index == 0:
+            chunks.append(self.keepalive())  # where Anthropic's own streams send their first ping
+        return chunks
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        return self._event({"type": "content_block_delta", "index": self._index, "delta": delta})
+
+    def start(self) -> list[bytes]:
+        return [self._event({"type": "message_start", "message": self._message([], None)})]
+
+    def text(self, delta: Delta) -> list[bytes]:
+        chunks = self._open({"type": "text", "text": ""}) if self._block != "text" else []
+        return [*chunks, self._delta({"type": "text_delta", "text": delta.text})]
+
+    def reasoning(self, text: str) -> list[bytes]:
+        chunks = self._open({"type": "thinking", "thinking": "", "signature": ""}) if self._block != "thinking" else []
+        return [*chunks, self._delta({"type": "thinking_delta", "thinking": text})]
+
+    def tool_call(self, delta: ToolCallDelta) -> list[bytes]:
+        chunks = []
+        if delta.id is not None:
+            chunks = self._open({"type": "tool_use", "id": delta.id, "name": delta.name, "input": {}})
+        if delta.arguments:
+            chunks.append(self._delta({"type": "input_json_delta", "partial_json": delta.arguments}))
+        return chunks
 
     def finish(self, done: Done) -> list[bytes]:
+        chunks = self._open({"type": "text", "text": ""}) if self._index < 0 else []  # never an empty message
         delta = {"stop_reason": _stop_reason(done), "stop_sequence": done.stop_sequence}
         return [
-            self._event({"type": "content_block_stop", "index": 0}),
+            *chunks,
+            *self._close(),
             self._event({"type": "message_delta", "delta": delta, "usage": _usage(done)}),
             self._event({"type": "message_stop"}),
         ]
@@ -154,8 +333,15 @@ class MessageWriter:
     def keepalive(self) -> bytes:
         return self._event({"type": "ping"})
 
-    def response(self, text: str, done: Done) -> dict[str, Any]:
-        return self._message([{"type": "text", "text": text}], done)
+    def response(self, answer: Answer, done: Done) -> dict[str, Any]:
+        content: list[dict[str, Any]] = []
+        if answer.reasoning:
+            content.append({"type": "thinking", "thinking": answer.reasoning, "signature": ""})
+        if answer.text or not answer.calls:
+            content.append({"type": "text", "text": answer.text})
+        for call in answer.calls:
+            content.append({"type": "tool_use", "id": call.id, "name": call.name, "input": _input(call.arguments)})
+        return self._message(content, done)
 
 
 # --- errors ---------------------------------------------------------------------------------------

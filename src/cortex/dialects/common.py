@@ -3,11 +3,13 @@ types), how an error is described, and the checks on content parts and stop sequ
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from cortex.protocol.errors import CortexError, ErrorCode, InvalidRequest, Refused
+from cortex.protocol.messages import Delta, ReasoningDelta, TokenLogprob, Tool, ToolCall, ToolCallDelta, ToolChoice
 
 _STATUS: dict[ErrorCode, int] = {
     ErrorCode.invalid_request: 400,
@@ -66,3 +68,39 @@ def stop_list(value: str | list[str] | None, field: str) -> list[str]:
     if len(stop) > 16 or any(not s for s in stop):
         raise InvalidRequest(f"`{field}` takes at most 16 non-empty strings")
     return stop
+
+
+def check_tools(tools: list[Tool] | None, choice: ToolChoice, field: str) -> None:
+    """A named or required tool_choice needs tools, and a named one must be among them."""
+    names = {t.name for t in tools or []}
+    if len(names) != len(tools or []):
+        raise InvalidRequest(f"`{field}` names a tool twice; tool names must be unique")
+    if choice == "auto" or choice == "none":
+        return
+    if not names:
+        raise InvalidRequest(f"`{field}` forces a tool call but the request has no `tools`")
+    if not isinstance(choice, str) and choice.name not in names:
+        raise InvalidRequest(f"`{field}` names tool {choice.name!r}, which is not among `tools`: {sorted(names)}")
+
+
+@dataclass
+class Answer:
+    """A whole answer gathered from a job's events, for a non-streaming response."""
+
+    text: str = ""
+    reasoning: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+
+    def add(self, event: Delta | ReasoningDelta | ToolCallDelta) -> None:
+        if isinstance(event, Delta):
+            self.text += event.text
+            if event.logprobs is not None:
+                self.logprobs = (self.logprobs or []) + event.logprobs
+        elif isinstance(event, ReasoningDelta):
+            self.reasoning += event.text
+        else:
+            while len(self.calls) <= event.index:
+                call_id = event.id or f"call_{len(self.calls)}"
+                self.calls.append(ToolCall(id=call_id, name=event.name or "", arguments=""))
+            self.calls[event.index].arguments += event.arguments

@@ -12,11 +12,37 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.dialects import sse
-from cortex.dialects.common import Part, describe, http_status, join_text, stop_list
+from cortex.dialects.common import Answer, Part, check_tools, describe, http_status, join_text, stop_list
 from cortex.protocol.errors import CortexError, InvalidRequest
-from cortex.protocol.messages import ChatMessage, Done, InferenceJob, SamplingParams, Usage
+from cortex.protocol.messages import (
+    ChatMessage,
+    Delta,
+    Done,
+    InferenceJob,
+    NamedTool,
+    SamplingParams,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    Usage,
+)
 
 DEFAULT_MAX_TOKENS = 1024
+
+
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
 
 
 class ChatMessageIn(BaseModel):
@@ -25,7 +51,32 @@ class ChatMessageIn(BaseModel):
     content: str | list[Part] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # accepted; without constrained decoding the schema guides, it does not bind
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -50,7 +101,7 @@ class _Sampled(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     n: int | None = Field(None, ge=1)
     user: str | None = None  # a label
-    logit_bias: dict[str, float] | None = None  # refused when set
+    logit_bias: dict[str, float] | None = None
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(
@@ -61,65 +112,114 @@ class _Sampled(BaseModel):
             stop=stop_list(self.stop, "stop"),
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=_logit_bias(self.logit_bias),
         )
 
 
 class ChatCompletionRequest(_Sampled):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     # Labels only: accepted, never change the output.
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    # Recognised but not served yet; refused by name when set (see `_refuse_unsupported`).
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    reasoning_effort: str | None = None
-
-
-_UNSUPPORTED = ("tools", "tool_choice", "logit_bias", "top_logprobs", "reasoning_effort")
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
-    for name in _UNSUPPORTED:
-        if getattr(req, name) not in (None, [], {}):
-            raise InvalidRequest(f"`{name}` is not supported by this server yet; remove it from the request")
-    if req.logprobs:
-        raise InvalidRequest("`logprobs` is not supported by this server yet; remove it or set it to false")
     if req.n not in (None, 1):
-        raise InvalidRequest("`n` must be 1: this server returns one choice per request")
-    if req.response_format and req.response_format.get("type") not in (None, "text"):
-        raise InvalidRequest("`response_format` other than text is not supported yet")
+        raise InvalidRequest("`n` must be 1: this server returns one choice per request; send n requests instead")
+    kind = (req.response_format or {}).get("type")
+    if kind not in (None, "text"):
+        raise InvalidRequest(
+            f"`response_format` of type {kind!r} is not supported: this server has no constrained decoding; "
+            "ask for the format in the prompt and leave response_format unset or set it to text"
+        )
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequest("`top_logprobs` needs `logprobs: true`")
 
 
 def _content(message: ChatMessageIn, index: int) -> str:
     if message.content is None:
-        if message.tool_calls:
-            raise InvalidRequest(f"`messages[{index}].tool_calls` is not supported by this server yet")
+        if message.role != "assistant" or not message.tool_calls:
+            raise InvalidRequest(
+                f"`messages[{index}].content` is missing; only an assistant turn with tool_calls may omit it"
+            )
         return ""
     return join_text(message.content, f"messages[{index}].content", "part")
+
+
+def _message(m: ChatMessageIn, index: int) -> ChatMessage:
+    if m.role == "tool" and not m.tool_call_id:
+        raise InvalidRequest(f"`messages[{index}].tool_call_id` is required on a tool message")
+    if m.tool_calls and m.role != "assistant":
+        raise InvalidRequest(f"`messages[{index}].tool_calls` is only allowed on assistant messages")
+    calls = [ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in m.tool_calls or []]
+    return ChatMessage(
+        role="system" if m.role == "developer" else m.role,
+        content=_content(m, index),
+        name=m.name,
+        tool_calls=calls or None,
+        tool_call_id=m.tool_call_id if m.role == "tool" else None,
+    )
+
+
+def _tools(req: ChatCompletionRequest) -> tuple[list[Tool] | None, ToolChoice]:
+    tools = [
+        Tool(name=t.function.name, description=t.function.description, parameters=t.function.parameters or {})
+        for t in req.tools or []
+    ] or None
+    choice: ToolChoice = "auto"
+    if isinstance(req.tool_choice, NamedToolChoice):
+        choice = NamedTool(name=req.tool_choice.function.name)
+    elif req.tool_choice is not None:
+        choice = req.tool_choice
+    check_tools(tools, choice, "tool_choice")
+    return tools, choice
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    if len(bias) > 300:
+        raise InvalidRequest("`logit_bias` takes at most 300 tokens")
+    out = {}
+    for key, value in bias.items():
+        if not key.isdigit():
+            raise InvalidRequest(f"`logit_bias` keys are token ids as strings; {key!r} is not one")
+        if not -100 <= value <= 100:
+            raise InvalidRequest(f"`logit_bias` values lie in -100..100; token {key} has {value}")
+        out[int(key)] = value
+    return out
 
 
 def to_job(req: ChatCompletionRequest, model_id: str, *, job_id: str, request_id: str) -> InferenceJob:
     _refuse_unsupported(req)
     if req.max_tokens and req.max_completion_tokens and req.max_tokens != req.max_completion_tokens:
         raise InvalidRequest("`max_tokens` and `max_completion_tokens` disagree; send one of them")
-    messages = [
-        ChatMessage(
-            role="system" if m.role == "developer" else m.role,
-            content=_content(m, i),
-            name=m.name,
-        )
-        for i, m in enumerate(req.messages)
-    ]
+    messages = [_message(m, i) for i, m in enumerate(req.messages)]
+    tools, choice = _tools(req)
     sampling = req.sampling(req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS)
-    return InferenceJob(job_id=job_id, request_id=request_id, model=model_id, messages=messages, sampling=sampling)
+    sampling.logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return InferenceJob(
+        job_id=job_id,
+        request_id=request_id,
+        model=model_id,
+        messages=messages,
+        sampling=sampling,
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=req.parallel_tool_calls is not False,
+        reasoning=None if req.reasoning_effort is None else req.reasoning_effort not in ("none", "minimal"),
+    )
 
 
 # --- /v1/completions ------------------------------------------------------------------------------
@@ -133,7 +233,7 @@ class CompletionRequest(_Sampled):
     best_of: int | None = Field(None, ge=1)
     # Recognised but not served; refused by name when set.
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
 
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for this endpoint
@@ -154,15 +254,13 @@ def completion_prompt(req: CompletionRequest) -> str:
 
 
 def completion_to_job(req: CompletionRequest, model_id: str, *, job_id: str, request_id: str) -> InferenceJob:
-    for name in ("suffix", "logit_bias"):
-        if getattr(req, name) not in (None, {}):
-            raise InvalidRequest(f"`{name}` is not supported by this server; remove it from the request")
-    if req.logprobs is not None:
-        raise InvalidRequest("`logprobs` is not supported by this server; remove it from the request")
+    if req.suffix:
+        raise InvalidRequest("`suffix` (fill-in-the-middle) is not supported by this server; remove it")
     for name in ("n", "best_of"):
         if getattr(req, name) not in (None, 1):
             raise InvalidRequest(f"`{name}` must be 1: this server returns one choice per request")
     sampling = req.sampling(req.max_tokens or DEFAULT_COMPLETION_TOKENS)
+    sampling.logprobs = req.logprobs
     prompt = completion_prompt(req)
     return InferenceJob(job_id=job_id, request_id=request_id, model=model_id, prompt=prompt, sampling=sampling)
 
@@ -175,12 +273,19 @@ def usage(u: Usage) -> dict[str, int]:
 
 
 def _finish_reason(done: Done) -> str:
-    return "length" if done.finish_reason == "length" else "stop"
+    return done.finish_reason if done.finish_reason in ("length", "tool_calls") else "stop"
+
+
+def _logprobs(logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    if logprobs is None:
+        return None
+    return {"content": [lp.model_dump() for lp in logprobs], "refusal": None}
 
 
 class ChunkWriter:
     """Builds one chat completion, whole or as the SSE chunks OpenAI streams: the role first, then
-    content deltas, the finish_reason chunk, the usage chunk when asked for, `[DONE]`."""
+    content, `reasoning_content` and tool-call deltas, the finish_reason chunk, the usage chunk
+    when asked for, `[DONE]`."""
 
     object = "chat.completion"
 
@@ -199,25 +304,37 @@ class ChunkWriter:
             chunk["usage"] = None
         return sse.event(chunk)
 
-    def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
-        delta = {"content": text} if text is not None else {}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def _delta(self, delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None) -> bytes:
+        return self._chunk([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
 
     def start(self) -> list[bytes]:
-        first = self._choice("", None)
-        first["delta"] = {"role": "assistant", "content": ""}
-        return [self._chunk([first])]
+        return [self._delta({"role": "assistant", "content": ""})]
 
-    def text(self, text: str) -> list[bytes]:
-        return [self._chunk([self._choice(text, None)])]
+    def text(self, delta: Delta) -> list[bytes]:
+        return [self._delta({"content": delta.text}, logprobs=_logprobs(delta.logprobs))]
+
+    def reasoning(self, text: str) -> list[bytes]:
+        return [self._delta({"reasoning_content": text})]
+
+    def tool_call(self, delta: ToolCallDelta) -> list[bytes]:
+        call: dict[str, Any] = {"index": delta.index}
+        if delta.id is not None:
+            call |= {"id": delta.id, "type": "function", "function": {"name": delta.name, "arguments": delta.arguments}}
+        else:
+            call["function"] = {"arguments": delta.arguments}
+        return [self._delta({"tool_calls": [call]})]
+
+    def _usage_chunk(self, done: Done) -> list[bytes]:
+        if not self._include_usage:
+            return []
+        last = self._body(self._chunk_object, [])
+        last["usage"] = usage(done.usage)
+        return [sse.event(last)]
+
+    _chunk_object = "chat.completion.chunk"
 
     def finish(self, done: Done) -> list[bytes]:
-        chunks = [self._chunk([self._choice(None, _finish_reason(done))])]
-        if self._include_usage:
-            last = self._body(f"{self.object}.chunk", [])
-            last["usage"] = usage(done.usage)
-            chunks.append(sse.event(last))
-        return [*chunks, sse.event("[DONE]")]
+        return [self._delta({}, _finish_reason(done)), *self._usage_chunk(done), sse.event("[DONE]")]
 
     def fail(self, exc: CortexError) -> list[bytes]:
         """An error after the stream began: in-band, then the end."""
@@ -226,9 +343,22 @@ class ChunkWriter:
     def keepalive(self) -> bytes:
         return b": loading the model\n\n"
 
-    def response(self, text: str, done: Done) -> dict[str, Any]:
-        message = {"role": "assistant", "content": text, "refusal": None}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(done)}
+    def response(self, answer: Answer, done: Done) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": answer.text, "refusal": None}
+        if answer.calls:
+            message["content"] = answer.text or None
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in answer.calls
+            ]
+        if answer.reasoning:
+            message["reasoning_content"] = answer.reasoning
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": _logprobs(answer.logprobs),
+            "finish_reason": _finish_reason(done),
+        }
         return {**self._body(self.object, [choice]), "usage": usage(done.usage)}
 
 
@@ -237,33 +367,49 @@ class TextWriter(ChunkWriter):
     no role chunk. With `echo`, the prompt comes first."""
 
     object = "text_completion"
+    _chunk_object = "text_completion"  # streamed chunks keep the plain object name
 
     def __init__(self, completion_id: str, model: str, include_usage: bool, echo: str | None = None) -> None:
         super().__init__(completion_id, model, include_usage)
         self._echo = echo
+        self._offset = len(echo or "")  # where the next token starts in the whole text
+
+    def _legacy(self, logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        """The completions API's own logprobs shape: parallel lists, alternatives as {token: logprob}."""
+        if logprobs is None:
+            return None
+        offsets = []
+        for lp in logprobs:
+            offsets.append(self._offset)
+            self._offset += len(lp.token)
+        return {
+            "tokens": [lp.token for lp in logprobs],
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{t.token: t.logprob for t in lp.top_logprobs} for lp in logprobs],
+            "text_offset": offsets,
+        }
 
     def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
-        chunk = self._body(self.object, choices)  # streamed chunks keep the plain object name
+        chunk = self._body(self.object, choices)
         if self._include_usage:
             chunk["usage"] = None
         return sse.event(chunk)
 
-    def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    def _text(self, text: str, finish_reason: str | None = None, logprobs: Any = None) -> bytes:
+        return self._chunk([{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}])
 
     def start(self) -> list[bytes]:
-        return self.text(self._echo) if self._echo else []
+        return [self._text(self._echo)] if self._echo else []
+
+    def text(self, delta: Delta) -> list[bytes]:
+        return [self._text(delta.text, logprobs=self._legacy(delta.logprobs))]
 
     def finish(self, done: Done) -> list[bytes]:
-        chunks = [self._chunk([self._choice(None, _finish_reason(done))])]
-        if self._include_usage:
-            last = self._body(self.object, [])
-            last["usage"] = usage(done.usage)
-            chunks.append(sse.event(last))
-        return [*chunks, sse.event("[DONE]")]
+        return [self._text("", _finish_reason(done)), *self._usage_chunk(done), sse.event("[DONE]")]
 
-    def response(self, text: str, done: Done) -> dict[str, Any]:
-        choice = self._choice((self._echo or "") + text, _finish_reason(done))
+    def response(self, answer: Answer, done: Done) -> dict[str, Any]:
+        choice = {"index": 0, "text": (self._echo or "") + answer.text, "logprobs": self._legacy(answer.logprobs)}
+        choice["finish_reason"] = _finish_reason(done)
         return {**self._body(self.object, [choice]), "usage": usage(done.usage)}
 
 

@@ -100,12 +100,14 @@ async def count_tokens(body: anthropic.CountTokensRequest, request: Request) -> 
     assert gw.placer is not None and gw.control is not None and gw.dispatcher is not None
     model_id = gw.resolve_model(body.model)
     messages = anthropic.to_messages(body)
+    tools, _, _ = anthropic.to_tools(body)
     # The tokenizer and chat template live with the model, on a node that holds it.
     await unless_disconnected(request, gw.placer.place(model_id))
     holders = rank_holders(gw.fleet.holders(model_id), gw.dispatcher.usage.in_flight(model_id))
     if not holders:
         raise NoCapacity(f"{model_id} is not loaded on any node right now; retry")
-    reply = await gw.control.call(holders[0], "count", CountRequest(model=model_id, messages=messages), CountReply)
+    count = CountRequest(model=model_id, messages=messages, tools=tools)
+    reply = await gw.control.call(holders[0], "count", count, CountReply)
     return JSONResponse({"input_tokens": reply.input_tokens}, headers={"x-request-id": _request_id(request)})
 
 
@@ -150,7 +152,7 @@ async def _serve(
             served, stream_events(served, writer), media_type="text/event-stream", headers=stream_headers
         )
     try:
-        text, done = await unless_disconnected(request, collect(served))
+        answer, done = await unless_disconnected(request, collect(served))
     except ClientGone:
         return Response(status_code=499)
-    return JSONResponse(writer.response(text, done), headers=headers)
+    return JSONResponse(writer.response(answer, done), headers=headers)

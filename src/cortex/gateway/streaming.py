@@ -16,11 +16,13 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from cortex.dialects.common import http_status
+from cortex.dialects.common import Answer, http_status
 from cortex.gateway.dispatch import OpenJob
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.protocol.errors import CortexError, ErrorCode, JobFailed
-from cortex.protocol.messages import Delta, Done, Failed
+from cortex.protocol.messages import Delta, Done, Failed, ReasoningDelta, ToolCallDelta
+
+_PIECES = (Delta, ReasoningDelta, ToolCallDelta)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -104,7 +106,7 @@ class ServedJob:
         metrics.in_flight.inc()
 
     def observe(self, event: Any) -> None:
-        if isinstance(event, Delta) and self.outcome.first_token_at is None:
+        if isinstance(event, _PIECES) and self.outcome.first_token_at is None:
             self.outcome.first_token_at = time.perf_counter()
         elif isinstance(event, Done):
             self.outcome.done = event
@@ -134,14 +136,16 @@ class StreamWriter(Protocol):
     """One dialect's framing of a streamed answer (see dialects.openai, dialects.anthropic)."""
 
     def start(self) -> list[bytes]: ...
-    def text(self, text: str) -> list[bytes]: ...
+    def text(self, delta: Delta) -> list[bytes]: ...
+    def reasoning(self, text: str) -> list[bytes]: ...
+    def tool_call(self, delta: ToolCallDelta) -> list[bytes]: ...
     def finish(self, done: Done) -> list[bytes]: ...
     def fail(self, exc: CortexError) -> list[bytes]: ...
     def keepalive(self) -> bytes: ...
 
 
 class AnswerWriter(StreamWriter, Protocol):
-    def response(self, text: str, done: Done) -> dict[str, Any]: ...
+    def response(self, answer: Answer, done: Done) -> dict[str, Any]: ...
 
 
 class ServedStreamResponse(StreamingResponse):
@@ -203,18 +207,18 @@ class ColdStart:
             yield chunk
 
 
-async def collect(served: ServedJob) -> tuple[str, Done]:
-    parts: list[str] = []
+async def collect(served: ServedJob) -> tuple[Answer, Done]:
+    answer = Answer()
     try:
         async for event in served.job.events():
             served.observe(event)
-            if isinstance(event, Delta):
-                parts.append(event.text)
+            if isinstance(event, _PIECES):
+                answer.add(event)
             elif isinstance(event, Failed):
                 raise JobFailed(f"the model failed mid-answer: {event.message}", code=event.code)
         if served.outcome.done is None:
             raise JobFailed("the job ended without a result", code=ErrorCode.node_lost)
-        return "".join(parts), served.outcome.done
+        return answer, served.outcome.done
     except CortexError as exc:
         served.outcome.failed(exc.code)
         raise
@@ -229,8 +233,8 @@ async def stream_events(served: ServedJob, writer: StreamWriter) -> AsyncIterato
             yield chunk
         async for event in served.job.events():
             served.observe(event)
-            if isinstance(event, Delta):
-                for chunk in writer.text(event.text):
+            if isinstance(event, _PIECES):
+                for chunk in _piece(writer, event):
                     yield chunk
             elif isinstance(event, Done):
                 for chunk in writer.finish(event):
@@ -246,3 +250,11 @@ async def stream_events(served: ServedJob, writer: StreamWriter) -> AsyncIterato
             yield chunk
     finally:
         await served.finish()
+
+
+def _piece(writer: StreamWriter, event: Delta | ReasoningDelta | ToolCallDelta) -> list[bytes]:
+    if isinstance(event, Delta):
+        return writer.text(event)
+    if isinstance(event, ReasoningDelta):
+        return writer.reasoning(event.text)
+    return writer.tool_call(event)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
@@ -40,10 +40,35 @@ class _Wire(BaseModel):
 # --- the job -------------------------------------------------------------------------------
 
 
+class ToolCall(_Wire):
+    """A call the model made (in an assistant message of the history, or parsed from its output)."""
+
+    id: str
+    name: str
+    arguments: str = Field(description="The arguments as JSON text, as the model wrote them.")
+
+
 class ChatMessage(_Wire):
     role: Literal["system", "user", "assistant", "tool"]
     content: str
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="On assistant messages: the calls it made.")
+    tool_call_id: str | None = Field(None, description="On tool messages: the call this is the result of.")
+
+
+class Tool(_Wire):
+    """A function the model may call; `parameters` is a JSON schema."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class NamedTool(_Wire):
+    name: str
+
+
+ToolChoice = Literal["auto", "none", "required"] | NamedTool
 
 
 class SamplingParams(_Wire):
@@ -55,6 +80,10 @@ class SamplingParams(_Wire):
     stop: list[str] = Field(default_factory=list, max_length=16)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = Field(None, description="Token id -> bias added to its logit (-100..100).")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="Report each token's log probability and this many alternatives."
+    )
 
 
 class InferenceJob(_Wire):
@@ -67,6 +96,15 @@ class InferenceJob(_Wire):
     messages: list[ChatMessage] | None = None
     prompt: str | None = Field(None, description="Raw prompt, sent to the model without a chat template.")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
+    tools: list[Tool] | None = Field(None, description="Rendered with the model's chat template; calls are parsed.")
+    tool_choice: ToolChoice = Field("auto", description="`required` or a named tool forces a call.")
+    parallel_tool_calls: bool = Field(True, description="False: the answer ends after its first call.")
+    reasoning: bool | None = Field(
+        None, description="Ask the chat template to think (or not); the model's default if unset."
+    )
+    continue_final: bool = Field(
+        False, description="The last message is an assistant turn to continue (a prefill), not one to answer."
+    )
     created_at: float = Field(default_factory=time.time, description="Unix time the gateway built it.")
     deadline: float | None = Field(None, description="Unix time after which the result is useless.")
 
@@ -92,10 +130,43 @@ class Accepted(_Event):
     queue_position: int = Field(0, description="Jobs ahead of this one for the same model; 0 = running.")
 
 
+class TopLogprob(_Wire):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 class Delta(_Event):
     type: Literal["delta"] = "delta"
     text: str
     tokens: int = Field(description="Generated tokens this piece of text covers.")
+    logprobs: list[TokenLogprob] | None = Field(None, description="When the job asked: one per token covered.")
+
+
+class ReasoningDelta(_Event):
+    """Text the model wrote inside its reasoning (`<think>`), not part of the answer."""
+
+    type: Literal["reasoning"] = "reasoning"
+    text: str
+    tokens: int
+
+
+class ToolCallDelta(_Event):
+    """Part of a tool call: the first for an `index` carries `id` and `name`, later ones argument text.
+
+    The `arguments` fragments of one index, joined, are the call's arguments as JSON text.
+    """
+
+    type: Literal["tool_call"] = "tool_call"
+    index: int = Field(ge=0)
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+    tokens: int = 0
 
 
 class Usage(_Wire):
@@ -116,7 +187,7 @@ class Timings(_Wire):
 
 class Done(_Event):
     type: Literal["done"] = "done"
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: Literal["stop", "length", "tool_calls", "cancelled"]
     stop_sequence: str | None = Field(None, description="The stop sequence that ended it, if one did.")
     usage: Usage
     timings: Timings
@@ -129,8 +200,8 @@ class Failed(_Event):
     retryable: bool = False
 
 
-JobEvent = Annotated[Accepted | Delta | Done | Failed, Field(discriminator="type")]
-JOB_EVENT: TypeAdapter[Accepted | Delta | Done | Failed] = TypeAdapter(JobEvent)
+JobEvent = Annotated[Accepted | Delta | ReasoningDelta | ToolCallDelta | Done | Failed, Field(discriminator="type")]
+JOB_EVENT: TypeAdapter[Accepted | Delta | ReasoningDelta | ToolCallDelta | Done | Failed] = TypeAdapter(JobEvent)
 
 
 # --- heartbeat (KV cortex_nodes, key = node) -----------------------------------------------------
@@ -253,6 +324,12 @@ class ModelSpec(_Wire):
         None, ge=0.0, le=2.0, description="Used when a request sets none; else the model's generation config, else 1."
     )
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Used when a request sets none.")
+    tool_parser: Literal["auto", "hermes", "llama3", "mistral", "none"] = Field(
+        "auto", description="How its output's tool calls are written; `auto` reads the chat template."
+    )
+    replay: str | None = Field(
+        None, description="A JSON file of recorded outputs to replay instead of sampling (tests, demos)."
+    )
 
 
 class LoadRequest(_Wire):
@@ -288,6 +365,7 @@ class CountRequest(_Wire):
 
     model: str
     messages: list[ChatMessage]
+    tools: list[Tool] | None = None
 
 
 class CountReply(_Wire):

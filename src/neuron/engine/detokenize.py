@@ -18,15 +18,19 @@ class _Decoder(Protocol):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: _Decoder, prompt_ids: list[int]) -> None:
+    def __init__(self, tokenizer: _Decoder, prompt_ids: list[int], keep: frozenset[int] = frozenset()) -> None:
         self._tok = tokenizer
+        # Special tokens are dropped, except `keep` (those that mark reasoning or a tool call).
+        self._drop = frozenset(getattr(tokenizer, "all_special_ids", None) or ()) - keep if keep else None
         # A few prompt tokens as left context, so the first generated word keeps its space.
         self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix = 0
         self._read = len(self._ids)
 
     def _decode(self, start: int, end: int | None = None) -> str:
-        return self._tok.decode(self._ids[start:end], skip_special_tokens=True)
+        if self._drop is None:
+            return self._tok.decode(self._ids[start:end], skip_special_tokens=True)
+        return self._tok.decode([i for i in self._ids[start:end] if i not in self._drop], skip_special_tokens=False)
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)

@@ -14,35 +14,25 @@ import torch
 from transformers import DynamicCache
 
 from cortex.protocol.errors import ErrorCode
-from cortex.protocol.messages import ChatMessage, InferenceJob
+from cortex.protocol.messages import InferenceJob, TokenLogprob, TopLogprob
+from neuron.engine.chat import PromptRejected, Rendered
 from neuron.engine.detokenize import IncrementalDetokenizer
-from neuron.engine.outputs import Crashed, Finished, Output, Text
-from neuron.engine.sampling import Sampler
+from neuron.engine.outputs import Crashed, Finished, Output, Reasoning, Text, ToolCallPart
+from neuron.engine.parsing.output import Call, Content, Parsed, PlainText, Thought
+from neuron.engine.replay import ReplaySampler
+from neuron.engine.sampling import BadLogitBias, Sampler
 from neuron.engine.stops import StopMatcher
 from neuron.sources.loader import LoadedModel
 
 
-class PromptTooLong(ValueError):
-    pass
-
-
-def tokenize_prompt(messages: list[ChatMessage] | None, prompt: str | None, model: LoadedModel) -> list[int]:
-    """The prompt's token ids: chat messages through the model's own chat template, a raw prompt as it is."""
-    tok = model.tokenizer
-    if messages is not None:
-        turns = [m.model_dump(exclude_none=True) for m in messages]
-        return list(tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False))
-    return list(tok(prompt, add_special_tokens=True)["input_ids"])
-
-
-def encode_prompt(job: InferenceJob, model: LoadedModel) -> list[int]:
-    ids = tokenize_prompt(job.messages, job.prompt, model)
-    if len(ids) >= model.context:
-        raise PromptTooLong(
-            f"the prompt is {len(ids)} tokens; model {model.spec.id} takes at most {model.context - 1} "
+def encode_prompt(job: InferenceJob, model: LoadedModel) -> Rendered:
+    rendered = model.chat.render(job)
+    if len(rendered.ids) >= model.context:
+        raise PromptRejected(
+            f"the prompt is {len(rendered.ids)} tokens; model {model.spec.id} takes at most {model.context - 1} "
             "so that one token can be generated; shorten the prompt"
         )
-    return ids
+    return rendered
 
 
 class Generation:
@@ -61,6 +51,8 @@ class Generation:
         self._prompt_len = 0
         self._last = 0
         self._emitted_tokens = 0
+        self._logprobs: list[TokenLogprob] = []
+        self._parser = PlainText()
         self._cache: DynamicCache | None = None
 
     def cancel(self) -> None:
@@ -75,18 +67,26 @@ class Generation:
         self.state = "running"
         self._prefill_at = time.perf_counter()
         try:
-            ids = encode_prompt(self.job, self.model)
-        except PromptTooLong as exc:
+            rendered = encode_prompt(self.job, self.model)
+            vocab = getattr(self.model.model.config, "vocab_size", None)
+            self._sampler: Sampler | ReplaySampler = Sampler(
+                self.job.sampling, self.model.sampling, self.model.device, vocab
+            )
+        except (PromptRejected, BadLogitBias) as exc:
             self._crash(ErrorCode.invalid_request, str(exc))
             return
+        ids = rendered.ids
+        if self.model.replay is not None:
+            self._sampler = ReplaySampler(self.model.replay.tokens(self.job))
         self._prompt_len = len(ids)
-        self._detok = IncrementalDetokenizer(self.model.tokenizer, ids)
+        self._parser = rendered.parser
+        self._send(rendered.prefilled)
+        self._detok = IncrementalDetokenizer(self.model.tokenizer, ids, self.model.chat.keep_ids)
         self._stops = StopMatcher(self.job.sampling.stop)
-        self._sampler = Sampler(self.job.sampling, self.model.sampling, self.model.device)
         self._cache = DynamicCache()
         logits = self._forward(torch.tensor([ids], device=self.model.device))
         self._decode_at = time.perf_counter()
-        self._accept(self._sampler(logits))
+        self._accept(self._sample(logits))
 
     def step(self) -> None:
         if self._cancel.is_set():
@@ -96,7 +96,7 @@ class Generation:
             self._crash(ErrorCode.timeout, f"job {self.job.job_id} passed its deadline")
             return
         logits = self._forward(torch.tensor([[self._last]], device=self.model.device))
-        self._accept(self._sampler(logits))
+        self._accept(self._sample(logits))
 
     def fail(self, exc: BaseException) -> None:
         self._crash(ErrorCode.internal, f"generation failed: {type(exc).__name__}: {exc}")
@@ -107,36 +107,75 @@ class Generation:
         self._cache = out.cache
         return out.logits[0, -1]
 
+    def _sample(self, logits: torch.Tensor) -> int:
+        token = self._sampler(logits)
+        if self.job.sampling.logprobs is not None:
+            self._logprobs.append(self._logprob(logits, token, self.job.sampling.logprobs))
+        return token
+
+    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        """The model's own distribution (before temperature and the other sampling settings)."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        alternatives = []
+        if top:
+            values, ids = torch.topk(logprobs, top)
+            alternatives = [self._top(int(i), float(v)) for v, i in zip(values, ids, strict=True)]
+        chosen = self._top(token, float(logprobs[token]))
+        return TokenLogprob(**chosen.model_dump(), top_logprobs=alternatives)
+
+    def _top(self, token: int, logprob: float) -> TopLogprob:
+        text = self.model.tokenizer.decode([token])
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
     def _accept(self, token: int) -> None:
         self.generated += 1
         self._last = token
         if self.generated == 1:
             self._first_at = time.perf_counter()
         if token in self.model.eos_ids:
-            self._emit(self._stops.push(self._detok.flush())[0] + self._stops.flush())
+            self._emit(self._stops.push(self._detok.flush())[0] + self._stops.flush(), final=True)
             self._finish("stop", None)
             return
         text, matched = self._stops.push(self._detok.push(token))
-        self._emit(text)
         if matched is not None:
+            self._emit(text, final=True)
             self._finish("stop", matched)
+            return
+        self._emit(text)
+        if self._parser.ended:  # the one call a request without parallel tool calls may make
+            self._emit("", final=True)
+            self._finish("stop", None)
         elif self.generated >= self.job.sampling.max_tokens or self._prompt_len + self.generated >= self.model.context:
             tail, matched = self._stops.push(self._detok.flush())
-            self._emit(tail + ("" if matched else self._stops.flush()))
+            self._emit(tail + ("" if matched else self._stops.flush()), final=True)
             self._finish("stop" if matched else "length", matched)
 
-    def _emit(self, text: str) -> None:
-        # Tokens that produced no text yet (a partial character, a possible stop) are counted
-        # into the next delta, so the deltas' token counts add up to `generated`.
-        if text:
-            self._sink(Text(text, self.generated - self._emitted_tokens))
-            self._emitted_tokens = self.generated
+    def _emit(self, text: str, final: bool = False) -> None:
+        pieces = self._parser.push(text) if text else []
+        if final:
+            pieces += self._parser.finish()
+        self._send(pieces)
+
+    def _send(self, pieces: list[Parsed]) -> None:
+        # Tokens that produced nothing yet (a partial character, a possible stop or marker) are
+        # counted into the next piece, so the pieces' token counts add up to `generated`.
+        for piece in pieces:
+            tokens, self._emitted_tokens = self.generated - self._emitted_tokens, self.generated
+            if isinstance(piece, Content):
+                logprobs, self._logprobs = (self._logprobs or None), []
+                self._sink(Text(piece.text, tokens, logprobs))
+            elif isinstance(piece, Thought):
+                self._sink(Reasoning(piece.text, tokens))
+            elif isinstance(piece, Call):
+                self._sink(ToolCallPart(piece.index, piece.id, piece.name, piece.arguments, tokens))
 
     def _finish(self, reason: str, stop: str | None) -> None:
         now = time.perf_counter()
         first = self._first_at or now
         self.finished = True
         self._cache = None
+        if reason == "stop" and stop is None and self._parser.calls:
+            reason = "tool_calls"
         self._sink(
             Finished(
                 finish_reason=reason,  # type: ignore[arg-type]

@@ -6,17 +6,34 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cortex.protocol.errors import ErrorCode
+from cortex.protocol.messages import TokenLogprob
 
 
 @dataclass(frozen=True, slots=True)
 class Text:
     text: str
     tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reasoning:
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallPart:
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+    tokens: int
 
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: Literal["stop", "length", "tool_calls", "cancelled"]
     stop_sequence: str | None
     prompt_tokens: int
     completion_tokens: int
@@ -32,4 +49,4 @@ class Crashed:
     message: str
 
 
-Output = Text | Finished | Crashed
+Output = Text | Reasoning | ToolCallPart | Finished | Crashed

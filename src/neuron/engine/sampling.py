@@ -30,9 +30,24 @@ class SamplingDefaults:
         return cls(temperature=1.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p)
 
 
+class BadLogitBias(ValueError):
+    pass
+
+
 class Sampler:
-    def __init__(self, params: SamplingParams, defaults: SamplingDefaults, device: torch.device) -> None:
+    def __init__(
+        self, params: SamplingParams, defaults: SamplingDefaults, device: torch.device, vocab_size: int | None = None
+    ) -> None:
         self._p = params
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if params.logit_bias:
+            outside = [i for i in params.logit_bias if i < 0 or (vocab_size is not None and i >= vocab_size)]
+            if outside:
+                raise BadLogitBias(
+                    f"`logit_bias` names token id {outside[0]}, outside this model's vocabulary (0..{vocab_size})"
+                )
+            ids = torch.tensor(list(params.logit_bias), device=device)
+            self._bias = (ids, torch.tensor(list(params.logit_bias.values()), device=device, dtype=torch.float32))
         self._temperature = params.temperature if params.temperature is not None else defaults.temperature
         self._top_p = params.top_p if params.top_p is not None else defaults.top_p
         self._gen = torch.Generator(device=device)
@@ -42,6 +57,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> int:
         p = self._p
         logits = logits.float()
+        if self._bias is not None:
+            logits = logits.clone()
+            logits[self._bias[0]] += self._bias[1]
         if self._counts and (p.presence_penalty or p.frequency_penalty):
             ids = torch.tensor(list(self._counts), device=logits.device)
             counts = torch.tensor(list(self._counts.values()), device=logits.device, dtype=logits.dtype)

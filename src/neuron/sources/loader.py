@@ -24,6 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cortex.protocol.messages import ModelSpec
 from cortex.protocol.subjects import model_key
+from neuron.engine.chat import ChatFormat
+from neuron.engine.replay import Replay
 from neuron.engine.sampling import SamplingDefaults
 from neuron.sources.preflight import Plan
 from neuron.sources.resolve import ResolvedSource
@@ -44,6 +46,8 @@ class LoadedModel:
     eos_ids: frozenset[int]
     memory_mb: int
     sampling: SamplingDefaults
+    chat: ChatFormat
+    replay: Replay | None = None
     convert_to: Path | None = None  # where to save the dequantized weights, if not done yet
     from_cache: bool = False
 
@@ -92,15 +96,18 @@ def load(
     model.eval()
     config = model.config
     context = spec.context or getattr(config, "max_position_embeddings", None) or 2048
+    eos = _eos_ids(model, tokenizer)
     return LoadedModel(
         spec=spec,
         model=model,
         tokenizer=tokenizer,
         device=device,
         context=int(context),
-        eos_ids=_eos_ids(model, tokenizer),
+        eos_ids=eos,
         memory_mb=_weights_mb(model) + plan.kv_mb,
         sampling=SamplingDefaults.for_model(spec, getattr(model, "generation_config", None)),
+        chat=ChatFormat(spec, tokenizer),
+        replay=Replay.from_file(spec.replay, tokenizer, min(eos)) if spec.replay and eos else None,
         convert_to=convert_to,
         from_cache=not kwargs and source.gguf_file is not None,
     )
