@@ -16,7 +16,7 @@ from neuron.engine.chat import ChatFormat, PromptRejected
 from neuron.engine.detokenize import IncrementalDetokenizer
 from neuron.engine.parsing.json_calls import CallArguments, CallEnd, CallScanner, CallStart
 from neuron.engine.parsing.output import Call, Content, OutputParser, Thought
-from neuron.engine.parsing.syntax import HERMES, MISTRAL
+from neuron.engine.parsing.syntax import HERMES, LLAMA3, MISTRAL
 
 DATA = Path(__file__).parent / "data" / "chat"
 RECORDED = json.loads((DATA / "recorded.json").read_text())
@@ -250,4 +250,46 @@ def test_the_tokenizers_own_response_template_is_used_when_it_has_one(load_token
     assert [c["name"] for c in got["calls"]] == [c["name"] for c in record["expect"]["tool_calls"]]
     assert [json.loads(c["arguments"]) for c in got["calls"]] == [
         c["arguments"] for c in record["expect"]["tool_calls"]
+    ]
+
+
+def test_llama3_calls_separated_in_a_later_piece_are_all_found() -> None:
+    pieces = ['{"name": "a", "parameters": {"x": 1}}', " ", '; {"name": "b", "parameters": {}}']
+    got = _run(OutputParser(LLAMA3, reasoning=False, thinking=False), pieces)
+    assert [(c["name"], c["arguments"]) for c in got["calls"]] == [("a", '{"x": 1}'), ("b", "{}")]
+    assert got["content"] == ""
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['<tool_call>{"name": 5, "arguments": {}}</tool_call>', '<tool_call>\n{"na'],
+    ids=["name-not-a-string", "cut-before-the-name"],
+)
+def test_a_call_that_never_took_shape_stays_answer_text(text) -> None:
+    got = _run(OutputParser(HERMES, reasoning=False, thinking=False), [text])
+    assert got == {"content": text, "reasoning": None, "calls": []}
+
+
+def test_a_marker_that_is_a_special_token_survives_detokenization(load_tokenizer) -> None:
+    tok = load_tokenizer("mistral")
+    tok.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    chat = _chat(tok)
+    output = '[TOOL_CALLS][{"name": "get_current_weather", "arguments": {"city": "Paris"}}]'
+    ids = tok(output, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tok.convert_tokens_to_ids("[TOOL_CALLS]")  # one special token, as in Mistral's vocabulary
+    detok = IncrementalDetokenizer(tok, [], chat.drop_ids)
+    text = "".join(detok.push(t) for t in [*ids, tok.convert_tokens_to_ids("<|im_end|>")]) + detok.flush()
+    assert text == output  # the marker kept, other special tokens dropped
+
+
+def test_a_forced_call_through_the_tokenizers_response_template(load_tokenizer) -> None:
+    from transformers.cli.serving.utils import get_response_template
+
+    tok = load_tokenizer("qwen2.5")
+    qwen = type("Model", (), {"config": type("Config", (), {"model_type": "qwen2"})})
+    tok.response_template = get_response_template(tok, qwen)
+    rendered = _chat(tok).render(_job(tools=[WEATHER], tool_choice=NamedTool(name="get_current_weather")))
+    got = _run(rendered.parser, ['{"city": "Paris"}}', "\n</tool_call>"])
+    assert [(c["name"], json.loads(c["arguments"])) for c in got["calls"]] == [
+        ("get_current_weather", {"city": "Paris"})
     ]

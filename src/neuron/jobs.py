@@ -232,6 +232,11 @@ class JobRelay:
             running.handle.cancel()
             if isinstance(exc, asyncio.CancelledError):
                 raise
+        except Exception as exc:  # an event that cannot be built must still end the job, not hang it
+            log.exception("job %s: relaying its events failed; cancelling", job.job_id)
+            running.handle.cancel()
+            with contextlib.suppress(nats.errors.Error):
+                await reply.fail(ErrorCode.internal, f"the node could not relay the answer: {type(exc).__name__}")
         finally:
             self._jobs.pop(job.job_id, None)
             running.entry.last_used = time.time()

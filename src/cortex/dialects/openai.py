@@ -193,7 +193,7 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         raise InvalidRequest("`logit_bias` takes at most 300 tokens")
     out = {}
     for key, value in bias.items():
-        if not key.isdigit():
+        if not (key.isascii() and key.isdigit()):
             raise InvalidRequest(f"`logit_bias` keys are token ids as strings; {key!r} is not one")
         if not -100 <= value <= 100:
             raise InvalidRequest(f"`logit_bias` values lie in -100..100; token {key} has {value}")

@@ -18,6 +18,8 @@ from cortex.protocol.messages import ChatMessage, InferenceJob, ModelSpec, Named
 from neuron.engine.parsing.output import OutputParser, Parsed, Parser, PlainText
 from neuron.engine.parsing.syntax import (
     FAMILIES,
+    HERMES,
+    THINK_CLOSE,
     THINK_OPEN,
     ToolSyntax,
     detect,
@@ -70,14 +72,17 @@ class ChatFormat:
         self.has_template = bool(template)
         self.renders_tools = template_renders_tools(template)
         self.syntax: ToolSyntax | None = None
+        # Whether the call format is known for sure (named in the catalogue, seen in the template, or
+        # the Hermes prompt cortex writes itself), so a forced call can be started in it.
+        self.syntax_known = True
         if spec.tool_parser != "none":
-            self.syntax = detect(template) if spec.tool_parser == "auto" else FAMILIES[spec.tool_parser]
+            detected = detect(template) if spec.tool_parser == "auto" else FAMILIES[spec.tool_parser]
+            self.syntax = detected or HERMES  # Hermes: the most common format, and cortex's own fallback
+            self.syntax_known = detected is not None or not self.renders_tools
         self.reasons = THINK_OPEN in template
         self.response_template = getattr(tokenizer, "response_template", None) is not None
-        markers = [THINK_OPEN, "</think>", *(self.syntax.opens if self.syntax else ())]
-        special = set(getattr(tokenizer, "all_special_tokens", []) or [])
-        # Special tokens are dropped from the text, except those that mark reasoning or a call.
-        self.keep_ids = frozenset(tokenizer.convert_tokens_to_ids(m) for m in markers if m in special)
+        markers = [THINK_OPEN, THINK_CLOSE, *(self.syntax.opens if self.syntax else ())]
+        self.drop_ids = _dropped_special_ids(tokenizer, markers)
 
     # --- prompt ---------------------------------------------------------------------------------
 
@@ -88,12 +93,12 @@ class ChatFormat:
             return Rendered(list(tok(text, add_special_tokens=True)["input_ids"]), text, PlainText(), [])
         tools = job.tools if job.tools and job.tool_choice != "none" else None
         text = self.template_text(job.messages, tools, job.reasoning, job.continue_final)
+        parser = self._parser(job, text, tools)  # it reads the forced opening below as output
         forced = ""
-        if tools and self.syntax is not None and job.tool_choice != "auto":
+        if tools and self.syntax is not None and self.syntax_known and job.tool_choice != "auto":
             forced = self.syntax.force(job.tool_choice.name if isinstance(job.tool_choice, NamedTool) else None)
         text += forced
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
-        parser = self._parser(job, text, tools)
         return Rendered(ids, text, parser, parser.push(forced) if forced else [])
 
     def template_text(
@@ -165,6 +170,16 @@ class ChatFormat:
             return PlainText()
         syntax = self.syntax if tools else None
         return OutputParser(syntax, reasoning=self.reasons, thinking=thinking, max_calls=max_calls)
+
+
+def _dropped_special_ids(tokenizer: Any, markers: list[str]) -> frozenset[int] | None:
+    """Special tokens are dropped from the text, except those that mark reasoning or a call (Mistral's
+    `[TOOL_CALLS]`, Llama's `<|python_tag|>`). None: no marker is a special token, drop them all."""
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    special |= {i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items() if t.special}
+    vocab = tokenizer.get_vocab()
+    keep = {vocab[m] for m in markers if m in vocab and vocab[m] in special}
+    return frozenset(special - keep) if keep else None
 
 
 def _hermes_turns(turns: list[dict[str, Any]], schemas: list[dict[str, Any]] | None) -> list[dict[str, Any]]:

@@ -18,10 +18,10 @@ class _Decoder(Protocol):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: _Decoder, prompt_ids: list[int], keep: frozenset[int] = frozenset()) -> None:
+    def __init__(self, tokenizer: _Decoder, prompt_ids: list[int], drop: frozenset[int] | None = None) -> None:
+        """`drop`: the special tokens to leave out of the text; None leaves out every special token."""
         self._tok = tokenizer
-        # Special tokens are dropped, except `keep` (those that mark reasoning or a tool call).
-        self._drop = frozenset(getattr(tokenizer, "all_special_ids", None) or ()) - keep if keep else None
+        self._drop = drop
         # A few prompt tokens as left context, so the first generated word keeps its space.
         self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix = 0

@@ -68,7 +68,7 @@ class Generation:
         self._prefill_at = time.perf_counter()
         try:
             rendered = encode_prompt(self.job, self.model)
-            vocab = getattr(self.model.model.config, "vocab_size", None)
+            vocab = _vocab_size(self.model)
             self._sampler: Sampler | ReplaySampler = Sampler(
                 self.job.sampling, self.model.sampling, self.model.device, vocab
             )
@@ -81,7 +81,7 @@ class Generation:
         self._prompt_len = len(ids)
         self._parser = rendered.parser
         self._send(rendered.prefilled)
-        self._detok = IncrementalDetokenizer(self.model.tokenizer, ids, self.model.chat.keep_ids)
+        self._detok = IncrementalDetokenizer(self.model.tokenizer, ids, self.model.chat.drop_ids)
         self._stops = StopMatcher(self.job.sampling.stop)
         self._cache = DynamicCache()
         logits = self._forward(torch.tensor([ids], device=self.model.device))
@@ -165,8 +165,10 @@ class Generation:
                 logprobs, self._logprobs = (self._logprobs or None), []
                 self._sink(Text(piece.text, tokens, logprobs))
             elif isinstance(piece, Thought):
+                self._logprobs = []  # logprobs describe the answer's tokens only
                 self._sink(Reasoning(piece.text, tokens))
             elif isinstance(piece, Call):
+                self._logprobs = []
                 self._sink(ToolCallPart(piece.index, piece.id, piece.name, piece.arguments, tokens))
 
     def _finish(self, reason: str, stop: str | None) -> None:
@@ -193,6 +195,14 @@ class Generation:
         self.finished = True
         self._cache = None
         self._sink(Crashed(code, message))
+
+
+def _vocab_size(model: LoadedModel) -> int:
+    """The logits' width: what a logit_bias token id must stay under."""
+    head = model.model.get_output_embeddings()
+    if head is not None:
+        return int(head.weight.shape[0])
+    return int(model.model.config.get_text_config().vocab_size)
 
 
 def _ms(start: float, end: float) -> float:

@@ -33,7 +33,12 @@ CallPiece = CallStart | CallArguments | CallEnd
 
 
 class NotJson(ValueError):
-    """The text is not the JSON this scanner expects (the caller treats it as plain text)."""
+    """The text is not the JSON this scanner expects (the caller treats it as plain text).
+
+    `pieces` holds what the same feed had already read, before the text went wrong.
+    """
+
+    pieces: list[CallPiece] = []
 
 
 class _Value:
@@ -106,11 +111,16 @@ class CallScanner:
 
     def feed(self, text: str) -> list[CallPiece]:
         out: list[CallPiece] = []
-        for i, ch in enumerate(text):
-            if self.done:
-                self.rest += text[i:]
-                break
-            self._char(ch, out)
+        try:
+            for i, ch in enumerate(text):
+                if self.done:
+                    self.rest += text[i:]
+                    break
+                self._char(ch, out)
+        except NotJson as exc:
+            self._stream_arguments(out)
+            exc.pieces = out
+            raise
         self._stream_arguments(out)
         return out
 
@@ -170,7 +180,10 @@ class CallScanner:
         if value.role == "key":
             self._key, self._expect = value.text(), "colon"
         elif value.role == "name":
-            self._name = value.text()
+            name = value.text()
+            if not isinstance(name, str) or not name:
+                raise NotJson(f"a tool call's name must be a non-empty string, not {value.raw}")
+            self._name = name
             self._start(out)
         elif value.role == "args":
             if value.kind == "string":  # arguments sent as a JSON string holding the JSON
@@ -216,5 +229,12 @@ class CallScanner:
         out: list[CallPiece] = []
         self._stream_arguments(out)
         if self.in_call and self._started:
+            if not self._args_seen:
+                out.append(CallArguments("{}"))
             out.append(CallEnd())
         return out
+
+    @property
+    def started(self) -> bool:
+        """A call's name has been reported (so its text can no longer pass as answer text)."""
+        return self._started

@@ -87,6 +87,8 @@ class OutputParser:
         while buf and not self.ended:
             if self._state == "tool":
                 buf = self._tool(buf, out)
+            elif self._state == "between_calls":
+                buf = self._between_calls(buf)
             elif self._state == "after_call":
                 buf = self._after_call(buf)
             else:
@@ -97,6 +99,9 @@ class OutputParser:
         out: list[Parsed] = []
         held, self._held = self._held, ""
         if self._state == "tool" and self._scanner is not None:
+            if self._body_calls == 0 and not self._scanner.started:  # cut off before a call took shape
+                out.append(Content(self._opener + self._body))
+                return out
             self._pieces(self._scanner.finish(), out)
             if self._call_open:
                 self._end_call()
@@ -181,19 +186,32 @@ class OutputParser:
         self._body += buf
         try:
             self._pieces(self._scanner.feed(buf), out)
-        except NotJson:
+        except NotJson as exc:
+            self._pieces(exc.pieces, out)
             return self._not_a_call(out)
         if not self._scanner.done:
             return ""
         rest = self._scanner.rest
-        sep = self._syntax.separator
-        if sep and rest.lstrip().startswith(sep) and not self.ended:
-            self._open_tool(self._opener)
-            return rest.lstrip()[len(sep) :]
         self._scanner = None
-        self._state = "after_call" if self._syntax.close else "content"
         self._trim = True
+        if self._syntax.separator:
+            self._state = "between_calls"
+        else:
+            self._state = "after_call" if self._syntax.close else "content"
         return rest
+
+    def _between_calls(self, buf: str) -> str:
+        """After a call in a family that separates calls (Llama 3's `;`): another call, or the end of them."""
+        assert self._syntax is not None and self._syntax.separator is not None
+        stripped = buf.lstrip()
+        if not stripped:
+            self._held = buf
+            return ""
+        if stripped.startswith(self._syntax.separator):
+            self._open_tool(self._opener)
+            return stripped[len(self._syntax.separator) :]
+        self._state = "after_call" if self._syntax.close else "content"
+        return buf
 
     def _not_a_call(self, out: list[Parsed]) -> str:
         """The text after the marker is not a call: if nothing of one was reported, it is answer text;

@@ -75,9 +75,8 @@ MISTRAL = ToolSyntax(
 FAMILIES = {s.name: s for s in (HERMES, LLAMA3, MISTRAL)}
 
 
-def detect(chat_template: str | None) -> ToolSyntax:
-    """The family a chat template speaks, read from the markup it renders; Hermes when it names none
-    (it is also the format cortex renders tools in for templates that know nothing of tools)."""
+def detect(chat_template: str | None) -> ToolSyntax | None:
+    """The family a chat template speaks, read from the markup it renders; None when it names none."""
     text = chat_template or ""
     if "[TOOL_CALLS]" in text:
         return MISTRAL
@@ -85,7 +84,7 @@ def detect(chat_template: str | None) -> ToolSyntax:
         return HERMES
     if "<|python_tag|>" in text or re.search(r"ipython", text):
         return LLAMA3
-    return HERMES
+    return None
 
 
 def template_renders_tools(chat_template: str | None) -> bool:

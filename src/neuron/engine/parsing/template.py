@@ -62,8 +62,9 @@ class TemplateParser:
                     out.append(Thought(event["text"]))
                 elif field == "content":
                     out.append(Content(event["text"]))
-            elif event["type"] == "region_close" and field == "tool_calls" and not self.ended:
-                out.append(self._call(event["value"]))
+            elif event["type"] == "region_close" and field == "tool_calls":
+                values = event["value"] if isinstance(event["value"], list) else [event["value"]]
+                out.extend(self._call(v) for v in values if not self.ended)
         return out
 
     def _call(self, value: Any) -> Call:
