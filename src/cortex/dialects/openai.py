@@ -6,6 +6,7 @@ only label a request (`user`, `metadata`, `store`, ...) are accepted and not use
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
@@ -294,6 +295,12 @@ class ChunkWriter:
         self._model = model
         self._created = int(time.time())
         self._include_usage = include_usage
+        # A text chunk is the same bytes around its text every time: build those once, since this
+        # runs for every token the gateway relays.
+        head, _, tail = self._chunk(
+            [{"index": 0, "delta": {"content": "\x00"}, "logprobs": None, "finish_reason": None}]
+        ).partition(b'"\\u0000"')
+        self._text_frame = (head, tail)
 
     def _body(self, object_: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self._id, "object": object_, "created": self._created, "model": self._model, "choices": choices}
@@ -311,6 +318,9 @@ class ChunkWriter:
         return [self._delta({"role": "assistant", "content": ""})]
 
     def text(self, delta: Delta) -> list[bytes]:
+        if delta.logprobs is None:
+            head, tail = self._text_frame
+            return [head + json.dumps(delta.text, ensure_ascii=False).encode() + tail]
         return [self._delta({"content": delta.text}, logprobs=_logprobs(delta.logprobs))]
 
     def reasoning(self, text: str) -> list[bytes]:

@@ -199,6 +199,8 @@ class JobStream:
 
     async def _next_message(self) -> Msg:
         """Waits for the next message, giving up early when the job's node leaves the fleet."""
+        if not self._queue.empty():  # the common case mid-stream: no timer needed
+            return self._queue.get_nowait()
         timeout = self._accept_timeout if self.node is None else self._idle_timeout
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
@@ -217,6 +219,11 @@ class JobStream:
                         f"no answer from {where} for job {self.job.job_id} within {timeout:g}s",
                         code=ErrorCode.timeout if self.node is None else ErrorCode.node_lost,
                     ) from None
+
+    @property
+    def pending(self) -> bool:
+        """More of this job's messages have arrived and wait to be read."""
+        return not self._queue.empty()
 
     async def cancel(self) -> bool:
         """Ask the node to stop this job. Returns whether the node still had it."""

@@ -88,14 +88,32 @@ class Generation:
         self._decode_at = time.perf_counter()
         self._accept(self._sample(logits))
 
-    def step(self) -> None:
+    def check(self) -> bool:
+        """Before a decode step: ends the job if it was cancelled or passed its deadline. True: go on."""
         if self._cancel.is_set():
             self._finish("cancelled", None)
-            return
-        if self.job.deadline is not None and time.time() > self.job.deadline:
+        elif self.job.deadline is not None and time.time() > self.job.deadline:
             self._crash(ErrorCode.timeout, f"job {self.job.job_id} passed its deadline")
-            return
-        logits = self._forward(torch.tensor([[self._last]], device=self.model.device))
+        return not self.finished
+
+    def take_cache(self) -> DynamicCache:
+        """The prompt's KV cache, handed to the batch this sequence decodes in."""
+        cache, self._cache = self._cache, None
+        assert cache is not None
+        return cache
+
+    @property
+    def next_input(self) -> int:
+        """The token the next decode step feeds in: the last one sampled."""
+        return self._last
+
+    @property
+    def position(self) -> int:
+        """The position of `next_input` in the sequence."""
+        return self._prompt_len + self.generated - 1
+
+    def advance(self, logits: torch.Tensor) -> None:
+        """One decode step's logits for this sequence: sample, detokenize, report."""
         self._accept(self._sample(logits))
 
     def fail(self, exc: BaseException) -> None:

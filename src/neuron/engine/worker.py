@@ -2,9 +2,9 @@
 
 The asyncio side talks to it through a queue: `call()` runs a function there and awaits
 the result; `start_job()` queues a job and returns a JobHandle whose outputs stream back.
-Between commands the thread steps every active generation once, round-robin, so jobs
-(and models) on a device share it fairly and a cancelled job stops within one token.
-A batching scheduler can replace the stepping without changing this interface.
+Between commands the thread admits waiting jobs (prefill, then into their model's decode
+batch, up to `max_batch` each) and steps every batch once, round-robin, so models on a
+device share it fairly and a cancelled job leaves at the next step.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from cortex.protocol.messages import DeviceInfo, InferenceJob
+from neuron.engine.batch import DecodeBatch
 from neuron.engine.generation import Generation
 from neuron.engine.outputs import Crashed, Finished, Output
 from neuron.sources.loader import LoadedModel
@@ -66,7 +67,7 @@ class DeviceWorker:
         self._max_batch = max_batch
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._active: list[Generation] = []
+        self._batches: list[DecodeBatch] = []
         self._waiting: deque[Generation] = deque()
 
     def start(self) -> None:
@@ -82,6 +83,13 @@ class DeviceWorker:
         self._inbox.put(_STOP)
         self._thread.join(timeout)
         self._thread = None
+
+    def batch_sizes(self) -> dict[str, int]:
+        """Sequences decoding now, per model (read from any thread)."""
+        sizes: dict[str, int] = {}
+        for batch in list(self._batches):
+            sizes[batch.model.spec.id] = sizes.get(batch.model.spec.id, 0) + len(batch)
+        return sizes
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -107,7 +115,7 @@ class DeviceWorker:
                     break
                 self._admit()
                 self._step_all()
-        for gen in [*self._active, *self._waiting]:
+        for gen in [*(g for b in self._batches for g in b.rows), *self._waiting]:
             self._end_cancelled(gen)
         self._refuse_leftovers()
 
@@ -125,7 +133,7 @@ class DeviceWorker:
 
     def _take_commands(self) -> bool:
         """Runs what is in the inbox; blocks only when there is nothing to step. False on stop."""
-        block = not self._active and not self._waiting
+        block = not self._batches and not self._waiting
         while True:
             try:
                 item = self._inbox.get(block=block)
@@ -148,8 +156,8 @@ class DeviceWorker:
         if not self._waiting:
             return
         running: dict[str, int] = {}
-        for gen in self._active:
-            running[gen.model.spec.id] = running.get(gen.model.spec.id, 0) + 1
+        for batch in self._batches:
+            running[batch.model.spec.id] = running.get(batch.model.spec.id, 0) + len(batch)
         still_waiting: deque[Generation] = deque()
         for gen in self._waiting:
             model_id = gen.model.spec.id
@@ -158,21 +166,32 @@ class DeviceWorker:
             elif running.get(model_id, 0) < self._max_batch:
                 running[model_id] = running.get(model_id, 0) + 1
                 if self._guard(gen, gen.prefill) and not gen.finished:
-                    self._active.append(gen)
+                    self._batch_for(gen).join(gen)
             else:
                 still_waiting.append(gen)
         self._waiting = still_waiting
 
+    def _batch_for(self, gen: Generation) -> DecodeBatch:
+        batch = next((b for b in self._batches if b.can_join(gen)), None)
+        if batch is None:
+            batch = DecodeBatch(gen.model)
+            self._batches.append(batch)
+        return batch
+
     def _step_all(self) -> None:
-        for gen in list(self._active):
-            self._guard(gen, gen.step)
-            if gen.finished:
-                self._active.remove(gen)
+        for batch in list(self._batches):
+            try:
+                batch.step()
+            except Exception as exc:
+                log.exception("a decode step of %s failed on the device thread", batch.model.spec.id)
+                batch.fail(exc)
+            if not batch.rows:
+                self._batches.remove(batch)
 
     def _end_cancelled(self, gen: Generation) -> None:
         """Cancels the generation (if not already) and lets it report `cancelled` now."""
         gen.cancel()
-        self._guard(gen, gen.step)
+        self._guard(gen, gen.check)
 
     @staticmethod
     def _guard(gen: Generation, action: Callable[[], None]) -> bool:

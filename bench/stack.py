@@ -1,0 +1,77 @@
+"""The processes a benchmark runs against: a nats-server of its own, neurons or engines, a gateway."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+
+from cortex import natsserver
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if predicate():
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+class Stack:
+    """Started in a work folder; every process it spawned is stopped when it closes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        port = natsserver.free_port()
+        self.nats_url = f"nats://127.0.0.1:{port}"
+        self._nats = natsserver.start(
+            port=port, http_port=natsserver.free_port(), workdir=root, log_file=root / "nats.log"
+        )
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        with (self.root / f"{name}.log").open("wb") as out:
+            self._procs[name] = subprocess.Popen(
+                [sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}
+            )
+
+    def stop(self, name: str) -> None:
+        proc = self._procs.pop(name)
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    def gateway(self, models_toml: Path | None = None) -> tuple[str, int]:
+        """Starts the gateway; its (host, port) once it answers /health."""
+        port = natsserver.free_port()
+        args = ["cortex.cli", "serve", "--nats", self.nats_url, "--listen", f"127.0.0.1:{port}"]
+        if models_toml is not None:
+            args += ["--models-config", str(models_toml)]
+        self.spawn("gateway", args, {"CORTEX_GATEWAY__METRICS_LISTEN": ""})
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200, 60, "the gateway")
+        return "127.0.0.1", port
+
+    def close(self) -> None:
+        for name in list(self._procs):
+            self.stop(name)
+        natsserver.stop(self._nats)
+
+
+@contextlib.contextmanager
+def stack(root: Path) -> Iterator[Stack]:
+    s = Stack(root)
+    try:
+        yield s
+    finally:
+        s.close()

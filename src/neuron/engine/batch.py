@@ -1,0 +1,106 @@
+"""Continuous batching: the sequences of one model decode together, one forward pass a step.
+
+A job is prefilled alone (its prompt's KV cache, its first token), then joins the batch at the
+next step and leaves it the step it finishes, so nobody waits for the slowest. The batch keeps
+one KV cache for all its rows, right-aligned: a row shorter than the longest is padded on the
+left, and the attention mask hides the padding. Each row samples from its own logits with its
+own settings (temperature, seed, stops, max_tokens, tool-call parsing).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from neuron.engine.generation import Generation
+from neuron.sources.loader import LoadedModel
+
+
+def _batchable(cache: DynamicCache) -> bool:
+    """Plain growing caches can be padded and stacked; sliding-window or hybrid ones cannot."""
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, H, L, D] -> [B, H, length, D], zeros in front."""
+    return F.pad(t, (0, 0, length - t.shape[-2], 0)) if t.shape[-2] < length else t
+
+
+class DecodeBatch:
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.rows: list[Generation] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [B, L]: 1 where a row has a real token
+        self._batchable = True
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def can_join(self, gen: Generation) -> bool:
+        return gen.model is self.model and (not self.rows or self._batchable)
+
+    def join(self, gen: Generation) -> None:
+        """Adds a prefilled sequence; it decodes with the others from the next step."""
+        cache = gen.take_cache()
+        mask = torch.ones(1, cache.get_seq_length(), dtype=torch.long, device=self.model.device)
+        if self._cache is None or self._mask is None:
+            self._cache, self._mask, self._batchable = cache, mask, _batchable(cache)
+        else:
+            length = max(self._mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+                mine.keys = torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)])
+                mine.values = torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)])
+            self._mask = torch.cat(
+                [F.pad(self._mask, (length - self._mask.shape[1], 0)), F.pad(mask, (length - mask.shape[1], 0))]
+            )
+        self.rows.append(gen)
+
+    def step(self) -> None:
+        """One token for every row still going; rows that finish leave."""
+        self._keep([gen.check() for gen in self.rows])
+        if not self.rows:
+            return
+        assert self._cache is not None and self._mask is not None
+        device = self.model.device
+        input_ids = torch.tensor([[gen.next_input] for gen in self.rows], device=device)
+        positions = torch.tensor([[gen.position] for gen in self.rows], device=device)
+        mask = torch.cat([self._mask, torch.ones(len(self.rows), 1, dtype=torch.long, device=device)], dim=1)
+        out = self.model.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._cache, self._mask = out.cache, mask
+        logits = out.logits[:, -1]
+        for i, gen in enumerate(self.rows):
+            gen.advance(logits[i])
+        self._keep([not gen.finished for gen in self.rows])
+
+    def fail(self, exc: BaseException) -> None:
+        """The batch's forward pass failed: every row ends with the error."""
+        for gen in self.rows:
+            gen.fail(exc)
+        self._keep([False] * len(self.rows))
+
+    def _keep(self, keep: list[bool]) -> None:
+        if all(keep):
+            return
+        self.rows = [gen for gen, k in zip(self.rows, keep, strict=True) if k]
+        if not self.rows:
+            self._cache = self._mask = None
+            return
+        assert self._cache is not None and self._mask is not None
+        index = torch.tensor([i for i, k in enumerate(keep) if k], device=self.model.device)
+        mask = self._mask[index]
+        # Columns that are padding in every row left with the rows that went: drop them.
+        start = int((mask.sum(dim=0) > 0).nonzero()[0])
+        self._mask = mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]

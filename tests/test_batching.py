@@ -1,0 +1,134 @@
+"""Continuous batching on a real device worker and the tiny model: jobs decode together, each
+with its own settings, and a job's greedy output in a batch is its output alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from cortex.protocol.messages import ChatMessage, DeviceInfo, InferenceJob, ModelSpec, SamplingParams
+from neuron.engine.outputs import Finished, Text
+from neuron.engine.worker import DeviceWorker
+from neuron.sources.loader import LoadedModel, load
+from neuron.sources.preflight import preflight
+from neuron.sources.resolve import resolve
+
+PROMPTS = [
+    "Hi",
+    "Tell me a long story about a dragon who lived in the mountains.",
+    "What is 2 + 2?",
+    "Name three colours of the rainbow, then three more, then explain why the sky is blue.",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir) -> LoadedModel:
+    spec = ModelSpec(id="tiny", source=f"file:{tiny_model_dir}")
+    plan = preflight(spec, device_kind="cpu", device_count=1, max_batch=8)
+    return load(plan, resolve(plan), [torch.device("cpu")], [100_000])
+
+
+@pytest.fixture
+def worker():
+    cpu = DeviceInfo(id="cpu", kind="cpu", name="cpu", total_mb=1000, free_mb=1000)
+    worker = DeviceWorker(cpu, max_batch=4)
+    worker.start()
+    yield worker
+    worker.stop()
+
+
+def _job(i: int, prompt: str, **sampling) -> InferenceJob:
+    params = SamplingParams(**{"max_tokens": 24, "temperature": 0.0, **sampling})
+    messages = [ChatMessage(role="user", content=prompt)]
+    return InferenceJob(job_id=f"j{i}", request_id="r", model="tiny", messages=messages, sampling=params)
+
+
+async def _answer(handle) -> tuple[str, Finished]:
+    texts, done = [], None
+    async for out in handle.outputs():
+        if isinstance(out, Text):
+            texts.append(out.text)
+        elif isinstance(out, Finished):
+            done = out
+    assert done is not None
+    return "".join(texts), done
+
+
+def _run(worker: DeviceWorker, model: LoadedModel, jobs: list[InferenceJob]) -> list[tuple[str, Finished]]:
+    async def go():
+        handles = [worker.start_job(job, model) for job in jobs]
+        return await asyncio.gather(*(_answer(h) for h in handles))
+
+    return asyncio.run(go())
+
+
+def test_greedy_output_in_a_batch_is_the_output_alone(worker, tiny) -> None:
+    # Different prompt lengths (the batch pads them) and different max_tokens (rows leave at different steps).
+    jobs = [_job(i, p, max_tokens=12 + 6 * i) for i, p in enumerate(PROMPTS)]
+    alone = [_run(worker, tiny, [job])[0] for job in jobs]
+    together = _run(worker, tiny, jobs)
+    assert [text for text, _ in together] == [text for text, _ in alone]
+    assert [d.completion_tokens for _, d in together] == [12, 18, 24, 30]
+
+
+def test_seeded_sampling_in_a_batch_is_the_same_as_alone(worker, tiny) -> None:
+    jobs = [_job(i, p, temperature=1.0, seed=100 + i) for i, p in enumerate(PROMPTS)]
+    alone = [_run(worker, tiny, [job])[0][0] for job in jobs]
+    assert [text for text, _ in _run(worker, tiny, jobs)] == alone
+
+
+def test_a_job_joins_a_running_batch_at_the_next_step(worker, tiny) -> None:
+    async def go():
+        first = worker.start_job(_job(0, PROMPTS[1], max_tokens=60), tiny)
+        outputs = first.outputs()
+        await anext(outputs)  # the first job is decoding
+        late = worker.start_job(_job(1, PROMPTS[2], max_tokens=10), tiny)
+        late_outputs = [o async for o in late.outputs()]
+        rest = [o async for o in outputs]
+        return late_outputs, rest
+
+    late_outputs, rest = asyncio.run(go())
+    late_text = "".join(o.text for o in late_outputs if isinstance(o, Text))
+    late_done = late_outputs[-1]
+    assert late_done.completion_tokens == 10 and late_done.finish_reason == "length"
+    assert isinstance(rest[-1], Finished) and rest[-1].completion_tokens == 60  # the first ran on, undisturbed
+    alone = _run(worker, tiny, [_job(1, PROMPTS[2], max_tokens=10)])[0][0]
+    assert late_text == alone
+
+
+def test_jobs_of_one_model_share_one_batch(worker, tiny) -> None:
+    async def go():
+        no_end = {eos: -100.0 for eos in tiny.eos_ids}  # so none of them ends early
+        jobs = [_job(i, PROMPTS[i], max_tokens=400, logit_bias=no_end) for i in range(3)]
+        handles = [worker.start_job(job, tiny) for job in jobs]
+        for handle in handles:
+            outputs = handle.outputs()
+            await anext(outputs)  # the prefill's token
+            await anext(outputs)  # a decode step's: it is in the batch
+        sizes = worker.batch_sizes()
+        for handle in handles:
+            handle.cancel()
+        await asyncio.gather(*(_answer(h) for h in handles))
+        return sizes
+
+    assert asyncio.run(go()) == {"tiny": 3}
+
+
+def test_a_cancelled_job_frees_its_slot_for_a_waiting_one(worker, tiny) -> None:
+    async def go():
+        running = [worker.start_job(_job(i, PROMPTS[0], max_tokens=2000), tiny) for i in range(4)]
+        waiting = worker.start_job(_job(9, PROMPTS[2], max_tokens=3), tiny)
+        await anext(running[0].outputs())
+        assert not waiting.running  # max_batch is 4: it waits
+        running[0].cancel()
+        answer = await asyncio.wait_for(_answer(waiting), timeout=30)
+        for handle in running[1:]:
+            handle.cancel()
+        done = [await _answer(h) for h in running]
+        return answer, done
+
+    (_, done), cancelled = asyncio.run(go())
+    assert done.completion_tokens == 3
+    assert [d.finish_reason for _, d in cancelled] == ["cancelled"] * 4
