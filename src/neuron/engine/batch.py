@@ -1,7 +1,8 @@
 """Continuous batching: the sequences of one model decode together, one forward pass a step.
 
-A job is prefilled alone (its prompt's KV cache, its first token), then joins the batch at the
-next step and leaves it the step it finishes, so nobody waits for the slowest. The batch keeps
+Jobs that arrive together are prefilled together (prompts left-padded to the longest, one
+forward pass, each its first token), then join the running batch at the next step and leave
+it the step they finish, so nobody waits for the slowest. The batch keeps
 one KV cache for all its rows, right-aligned: a row shorter than the longest is padded on the
 left, and the attention mask hides the padding. Each row samples from its own logits with its
 own settings (temperature, seed, stops, max_tokens, tool-call parsing).
@@ -28,26 +29,68 @@ def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(t, (0, 0, length - t.shape[-2], 0)) if t.shape[-2] < length else t
 
 
+def _similar_lengths(prompts: list[tuple[Generation, list[int]]]) -> list[list[tuple[Generation, list[int]]]]:
+    """Prompts (sorted by length) in groups whose padding stays small: a long prompt is not padded
+    into many short ones' forward pass, nor they into its."""
+    groups: list[list[tuple[Generation, list[int]]]] = []
+    for prompt in prompts:
+        group = groups[-1] if groups else None
+        if (
+            group is not None
+            and len(prompt[1]) * (len(group) + 1) <= 2 * sum(len(ids) for _, ids in [*group, prompt]) + 64
+        ):
+            group.append(prompt)
+        else:
+            groups.append([prompt])
+    return groups
+
+
 class DecodeBatch:
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
         self.rows: list[Generation] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [B, L]: 1 where a row has a real token
-        self._batchable = True
+        self.batchable = _batchable(DynamicCache(config=model.model.config))
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def can_join(self, gen: Generation) -> bool:
-        return gen.model is self.model and (not self.rows or self._batchable)
+        return gen.model is self.model and (not self.rows or self.batchable)
 
-    def join(self, gen: Generation) -> None:
-        """Adds a prefilled sequence; it decodes with the others from the next step."""
-        cache = gen.take_cache()
-        mask = torch.ones(1, cache.get_seq_length(), dtype=torch.long, device=self.model.device)
+    def prefill(self, gens: list[Generation]) -> None:
+        """Feeds the new sequences' prompts in one forward pass (left-padded to the longest), gives
+        each its first token, and adds those still going to the batch."""
+        prompts = sorted(((gen, ids) for gen in gens if (ids := gen.start()) is not None), key=lambda p: len(p[1]))
+        for group in _similar_lengths(prompts):
+            self._prefill(group)
+
+    def _prefill(self, prompts: list[tuple[Generation, list[int]]]) -> None:
+        device = self.model.device
+        length = max(len(ids) for _, ids in prompts)
+        input_ids = torch.zeros(len(prompts), length, dtype=torch.long, device=device)
+        mask = torch.zeros(len(prompts), length, dtype=torch.long, device=device)
+        for row, (_, ids) in enumerate(prompts):
+            input_ids[row, length - len(ids) :] = torch.tensor(ids, device=device)
+            mask[row, length - len(ids) :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model.model(
+            input_ids=input_ids,
+            attention_mask=mask if len(prompts) > 1 else None,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        for row, (gen, _) in enumerate(prompts):
+            gen.first(out.logits[row, -1])
+        self._join([gen for gen, _ in prompts], out.cache, mask)
+
+    def _join(self, gens: list[Generation], cache: DynamicCache, mask: torch.Tensor) -> None:
         if self._cache is None or self._mask is None:
-            self._cache, self._mask, self._batchable = cache, mask, _batchable(cache)
+            self.rows, self._cache, self._mask = gens, cache, mask
         else:
             length = max(self._mask.shape[1], mask.shape[1])
             for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
@@ -56,7 +99,8 @@ class DecodeBatch:
             self._mask = torch.cat(
                 [F.pad(self._mask, (length - self._mask.shape[1], 0)), F.pad(mask, (length - mask.shape[1], 0))]
             )
-        self.rows.append(gen)
+            self.rows = [*self.rows, *gens]
+        self._keep([not gen.finished for gen in self.rows])
 
     def step(self) -> None:
         """One token for every row still going; rows that finish leave."""

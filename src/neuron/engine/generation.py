@@ -1,7 +1,8 @@
-"""One job's generation: prefill once, then one token per `step()`, on the device's worker thread.
+"""One job's generation, on the device's worker thread: its prompt, its sampling, and what each
+token it gets becomes (text, reasoning, tool calls, stop sequences, the end).
 
-Kept step-wise (not one `model.generate` call) so the worker can interleave jobs, check the
-cancel flag between tokens, and so a batching scheduler can later replace the stepping.
+The forward passes are the decode batch's (engine/batch.py): it feeds the prompt with others',
+then one token a step, and hands each row its logits (`first`, then `advance`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import DynamicCache
 
 from cortex.protocol.errors import ErrorCode
 from cortex.protocol.messages import InferenceJob, TokenLogprob, TopLogprob
@@ -53,7 +53,6 @@ class Generation:
         self._emitted_tokens = 0
         self._logprobs: list[TokenLogprob] = []
         self._parser = PlainText()
-        self._cache: DynamicCache | None = None
 
     def cancel(self) -> None:
         """Thread-safe: the worker sees it before the next token."""
@@ -63,7 +62,8 @@ class Generation:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
-    def prefill(self) -> None:
+    def start(self) -> list[int] | None:
+        """Renders the prompt and readies sampling; the prompt's ids, or None if the job ended here."""
         self.state = "running"
         self._prefill_at = time.perf_counter()
         try:
@@ -74,7 +74,7 @@ class Generation:
             )
         except (PromptRejected, BadLogitBias) as exc:
             self._crash(ErrorCode.invalid_request, str(exc))
-            return
+            return None
         ids = rendered.ids
         if self.model.replay is not None:
             self._sampler = ReplaySampler(self.model.replay.tokens(self.job))
@@ -83,8 +83,10 @@ class Generation:
         self._send(rendered.prefilled)
         self._detok = IncrementalDetokenizer(self.model.tokenizer, ids, self.model.chat.drop_ids)
         self._stops = StopMatcher(self.job.sampling.stop)
-        self._cache = DynamicCache()
-        logits = self._forward(torch.tensor([ids], device=self.model.device))
+        return ids
+
+    def first(self, logits: torch.Tensor) -> None:
+        """The prompt's last logits, from the prefill: the first token."""
         self._decode_at = time.perf_counter()
         self._accept(self._sample(logits))
 
@@ -95,12 +97,6 @@ class Generation:
         elif self.job.deadline is not None and time.time() > self.job.deadline:
             self._crash(ErrorCode.timeout, f"job {self.job.job_id} passed its deadline")
         return not self.finished
-
-    def take_cache(self) -> DynamicCache:
-        """The prompt's KV cache, handed to the batch this sequence decodes in."""
-        cache, self._cache = self._cache, None
-        assert cache is not None
-        return cache
 
     @property
     def next_input(self) -> int:
@@ -118,12 +114,6 @@ class Generation:
 
     def fail(self, exc: BaseException) -> None:
         self._crash(ErrorCode.internal, f"generation failed: {type(exc).__name__}: {exc}")
-
-    def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # logits_to_keep=1: the prefill needs the last position's logits only.
-        out = self.model.model(input_ids=input_ids, cache=self._cache, use_cache=True, logits_to_keep=1)
-        self._cache = out.cache
-        return out.logits[0, -1]
 
     def _sample(self, logits: torch.Tensor) -> int:
         token = self._sampler(logits)
@@ -193,7 +183,6 @@ class Generation:
         now = time.perf_counter()
         first = self._first_at or now
         self.finished = True
-        self._cache = None
         if reason == "stop" and stop is None and self._parser.calls:
             reason = "tool_calls"
         self._sink(
@@ -211,7 +200,6 @@ class Generation:
 
     def _crash(self, code: ErrorCode, message: str) -> None:
         self.finished = True
-        self._cache = None
         self._sink(Crashed(code, message))
 
 

@@ -159,17 +159,31 @@ class DeviceWorker:
         for batch in self._batches:
             running[batch.model.spec.id] = running.get(batch.model.spec.id, 0) + len(batch)
         still_waiting: deque[Generation] = deque()
+        admitted: dict[int, list[Generation]] = {}  # by model (the loaded object: one per load)
         for gen in self._waiting:
             model_id = gen.model.spec.id
             if gen.cancelled:
                 self._end_cancelled(gen)
             elif running.get(model_id, 0) < self._max_batch:
                 running[model_id] = running.get(model_id, 0) + 1
-                if self._guard(gen, gen.prefill) and not gen.finished:
-                    self._batch_for(gen).join(gen)
+                admitted.setdefault(id(gen.model), []).append(gen)
             else:
                 still_waiting.append(gen)
         self._waiting = still_waiting
+        for gens in admitted.values():
+            batch = self._batch_for(gens[0])
+            groups = [gens] if batch.batchable else [[g] for g in gens]
+            for group in groups:
+                batch = self._batch_for(group[0])
+                try:
+                    batch.prefill(group)
+                except Exception as exc:
+                    log.exception("the prefill of %d jobs failed on the device thread", len(group))
+                    for gen in group:
+                        if not gen.finished:
+                            gen.fail(exc)
+                if not batch.rows:
+                    self._batches.remove(batch)
 
     def _batch_for(self, gen: Generation) -> DecodeBatch:
         batch = next((b for b in self._batches if b.can_join(gen)), None)
