@@ -113,20 +113,20 @@ def main(argv: list[str] | None = None) -> None:
     worker = DeviceWorker(info, max_batch=max(CONCURRENCY))
     worker.start()
 
-    async def one(handle) -> tuple[float, int]:
+    async def one(handle) -> tuple[float | None, int]:
         started, first, tokens = time.perf_counter(), None, 0
         async for out in handle.outputs():
             if isinstance(out, Text) and first is None:
                 first = time.perf_counter() - started
             if isinstance(out, Finished):
                 tokens = out.completion_tokens
-        return first or 0.0, tokens
+        return first, tokens
 
     async def sweep(c: int) -> tuple[float, float]:
         started = time.perf_counter()
         results = await asyncio.gather(*(one(worker.start_job(job(i), loaded)) for i in range(c)))
         wall = time.perf_counter() - started
-        return sum(t for _, t in results) / wall, statistics.median(f for f, _ in results)
+        return sum(t for _, t in results) / wall, statistics.median(f for f, _ in results if f is not None)
 
     asyncio.run(sweep(2))  # warm-up
     ours = {c: asyncio.run(sweep(c)) for c in CONCURRENCY}

@@ -249,6 +249,7 @@ async def stream_events(served: ServedJob, writer: StreamWriter) -> AsyncIterato
                 if ready and (len(ready) >= _MOST_PER_WRITE or not served.job.stream.pending):
                     yield b"".join(ready)
                     ready = []
+                    await asyncio.sleep(0)  # let the other streams write too
             if served.outcome.done is None:
                 raise JobFailed("the job ended without a result", code=ErrorCode.node_lost)
         except CortexError as exc:

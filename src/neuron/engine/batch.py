@@ -10,6 +10,9 @@ own settings (temperature, seed, stops, max_tokens, tool-call parsing).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -17,6 +20,11 @@ from transformers.cache_utils import DynamicLayer
 
 from neuron.engine.generation import Generation
 from neuron.sources.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+# The most prompt tokens (padding included) one prefill pass takes: its activations must fit
+# beside the weights, and every decoding row waits for it.
+PREFILL_TOKENS = 4096
 
 
 def _batchable(cache: DynamicCache) -> bool:
@@ -30,14 +38,16 @@ def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def _similar_lengths(prompts: list[tuple[Generation, list[int]]]) -> list[list[tuple[Generation, list[int]]]]:
-    """Prompts (sorted by length) in groups whose padding stays small: a long prompt is not padded
-    into many short ones' forward pass, nor they into its."""
+    """Prompts (sorted by length) in groups whose padding stays small (a long prompt is not padded
+    into many short ones' forward pass, nor they into its) and whose size stays under PREFILL_TOKENS."""
     groups: list[list[tuple[Generation, list[int]]]] = []
     for prompt in prompts:
         group = groups[-1] if groups else None
+        padded = len(prompt[1]) * (len(group or []) + 1)  # sorted: this prompt is the group's longest
         if (
             group is not None
-            and len(prompt[1]) * (len(group) + 1) <= 2 * sum(len(ids) for _, ids in [*group, prompt]) + 64
+            and padded <= PREFILL_TOKENS
+            and padded <= 2 * sum(len(ids) for _, ids in [*group, prompt]) + 64
         ):
             group.append(prompt)
         else:
@@ -60,11 +70,18 @@ class DecodeBatch:
         return gen.model is self.model and (not self.rows or self.batchable)
 
     def prefill(self, gens: list[Generation]) -> None:
-        """Feeds the new sequences' prompts in one forward pass (left-padded to the longest), gives
-        each its first token, and adds those still going to the batch."""
+        """Feeds the new sequences' prompts in forward passes of similar lengths (left-padded to the
+        longest of each group), gives each its first token, and adds those still going to the batch.
+        A group that fails ends its own jobs only; the batch is left as it was."""
         prompts = sorted(((gen, ids) for gen in gens if (ids := gen.start()) is not None), key=lambda p: len(p[1]))
         for group in _similar_lengths(prompts):
-            self._prefill(group)
+            try:
+                self._prefill(group)
+            except Exception as exc:
+                log.exception("the prefill of %d jobs of %s failed", len(group), self.model.spec.id)
+                for gen, _ in group:
+                    if not gen.finished:
+                        gen.fail(exc)
 
     def _prefill(self, prompts: list[tuple[Generation, list[int]]]) -> None:
         device = self.model.device
@@ -75,31 +92,38 @@ class DecodeBatch:
             input_ids[row, length - len(ids) :] = torch.tensor(ids, device=device)
             mask[row, length - len(ids) :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache()
         out = self.model.model(
             input_ids=input_ids,
             attention_mask=mask if len(prompts) > 1 else None,
             position_ids=positions,
-            cache=cache,
+            cache=DynamicCache(config=self.model.model.config),
             use_cache=True,
             logits_to_keep=1,
         )
-        for row, (gen, _) in enumerate(prompts):
-            gen.first(out.logits[row, -1])
-        self._join([gen for gen, _ in prompts], out.cache, mask)
+        gens = [gen for gen, _ in prompts]
+        self._each(gens, lambda gen, row: gen.first(out.logits[row, -1]))
+        self._join(gens, out.cache, mask)
 
     def _join(self, gens: list[Generation], cache: DynamicCache, mask: torch.Tensor) -> None:
         if self._cache is None or self._mask is None:
             self.rows, self._cache, self._mask = gens, cache, mask
         else:
+            # Every new tensor is built before any is assigned: a failure (out of memory, say) leaves
+            # the batch as it was.
             length = max(self._mask.shape[1], mask.shape[1])
-            for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
-                mine.keys = torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)])
-                mine.values = torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)])
-            self._mask = torch.cat(
+            merged = [
+                (
+                    torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)]),
+                    torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)]),
+                )
+                for mine, theirs in zip(self._cache.layers, cache.layers, strict=True)
+            ]
+            joined = torch.cat(
                 [F.pad(self._mask, (length - self._mask.shape[1], 0)), F.pad(mask, (length - mask.shape[1], 0))]
             )
-            self.rows = [*self.rows, *gens]
+            for layer, (keys, values) in zip(self._cache.layers, merged, strict=True):
+                layer.keys, layer.values = keys, values
+            self._mask, self.rows = joined, [*self.rows, *gens]
         self._keep([not gen.finished for gen in self.rows])
 
     def step(self) -> None:
@@ -122,29 +146,45 @@ class DecodeBatch:
         )
         self._cache, self._mask = out.cache, mask
         logits = out.logits[:, -1]
-        for i, gen in enumerate(self.rows):
-            gen.advance(logits[i])
+        self._each(self.rows, lambda gen, row: gen.advance(logits[row]))
         self._keep([not gen.finished for gen in self.rows])
 
     def fail(self, exc: BaseException) -> None:
         """The batch's forward pass failed: every row ends with the error."""
         for gen in self.rows:
             gen.fail(exc)
-        self._keep([False] * len(self.rows))
+        self.rows, self._cache, self._mask = [], None, None
+
+    @staticmethod
+    def _each(gens: list[Generation], action: Callable[[Generation, int], None]) -> None:
+        """A row's own failure (its sampling, its parser) ends that row, not the batch."""
+        for row, gen in enumerate(gens):
+            try:
+                action(gen, row)
+            except Exception as exc:
+                log.exception("job %s failed on the device thread", gen.job.job_id)
+                gen.fail(exc)
 
     def _keep(self, keep: list[bool]) -> None:
         if all(keep):
             return
-        self.rows = [gen for gen, k in zip(self.rows, keep, strict=True) if k]
-        if not self.rows:
-            self._cache = self._mask = None
+        rows = [gen for gen, k in zip(self.rows, keep, strict=True) if k]
+        if not rows:
+            self.rows, self._cache, self._mask = [], None, None
             return
         assert self._cache is not None and self._mask is not None
-        index = torch.tensor([i for i, k in enumerate(keep) if k], device=self.model.device)
-        mask = self._mask[index]
+        kept = [i for i, k in enumerate(keep) if k]
+        mask = self._mask[torch.tensor(kept, device=self._mask.device)]
         # Columns that are padding in every row left with the rows that went: drop them.
         start = int((mask.sum(dim=0) > 0).nonzero()[0])
-        self._mask = mask[:, start:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
+        # Indexed on each layer's own device: a model spread over several GPUs keeps its cache there.
+        sliced = [
+            (
+                layer.keys[torch.tensor(kept, device=layer.keys.device), :, start:],
+                layer.values[torch.tensor(kept, device=layer.values.device), :, start:],
+            )
+            for layer in self._cache.layers
+        ]
+        for layer, (keys, values) in zip(self._cache.layers, sliced, strict=True):
+            layer.keys, layer.values = keys, values
+        self.rows, self._mask = rows, mask[:, start:]

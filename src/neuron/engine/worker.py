@@ -171,19 +171,18 @@ class DeviceWorker:
                 still_waiting.append(gen)
         self._waiting = still_waiting
         for gens in admitted.values():
-            batch = self._batch_for(gens[0])
-            groups = [gens] if batch.batchable else [[g] for g in gens]
-            for group in groups:
-                batch = self._batch_for(group[0])
-                try:
-                    batch.prefill(group)
-                except Exception as exc:
-                    log.exception("the prefill of %d jobs failed on the device thread", len(group))
-                    for gen in group:
-                        if not gen.finished:
-                            gen.fail(exc)
-                if not batch.rows:
-                    self._batches.remove(batch)
+            try:
+                batch = self._batch_for(gens[0])
+                for group in [gens] if batch.batchable else [[g] for g in gens]:
+                    batch = self._batch_for(group[0])
+                    batch.prefill(group)  # a failed group ends its own jobs there
+                    if not batch.rows:
+                        self._batches.remove(batch)
+            except Exception as exc:  # the batch itself could not be made: these jobs end, the thread lives
+                log.exception("jobs of %s could not start on the device thread", gens[0].model.spec.id)
+                for gen in gens:
+                    if not gen.finished:
+                        gen.fail(exc)
 
     def _batch_for(self, gen: Generation) -> DecodeBatch:
         batch = next((b for b in self._batches if b.can_join(gen)), None)
