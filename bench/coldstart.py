@@ -11,7 +11,6 @@ Three cases, one stack (nats-server, one neuron, one gateway), one run:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.stack import wait_for
 from cortex import natsserver
 
 MODEL = "smollm2"
@@ -34,16 +34,6 @@ RESULTS = Path(__file__).parent / "results"
 def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if predicate():
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def _first_token_s(url: str) -> float:
@@ -60,7 +50,7 @@ def _first_token_s(url: str) -> float:
 
 def _unload(url: str) -> None:
     httpx.post(f"{url}/admin/models/unload", json={"model": MODEL}, timeout=60).raise_for_status()
-    _wait(lambda: not httpx.get(f"{url}/v1/models/{MODEL}", timeout=5).json()["loaded"], 30, "the unload")
+    wait_for(lambda: not httpx.get(f"{url}/v1/models/{MODEL}", timeout=5).json()["loaded"], 30, "the unload")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,13 +77,13 @@ def main(argv: list[str] | None = None) -> None:
         ]
         try:
             # Ready when the node has surveyed the catalogue: the gateway can place the model.
-            _wait(lambda: httpx.get(f"{url}/v1/models/{MODEL}", timeout=5).json()["placeable_on"], 120, "the fleet")
+            wait_for(lambda: httpx.get(f"{url}/v1/models/{MODEL}", timeout=5).json()["placeable_on"], 120, "the fleet")
             for i in range(args.runs):
                 shutil.rmtree(converted, ignore_errors=True)
                 cold.append(_first_token_s(url))
                 _first_token_s(url)  # the first forward passes after a load set up kernels
                 warm.append(_first_token_s(url))
-                _wait(lambda: any(p.is_dir() and ".partial" not in p.name for p in converted.iterdir()), 60, "cache")
+                wait_for(lambda: any(p.is_dir() and ".partial" not in p.name for p in converted.iterdir()), 60, "cache")
                 _unload(url)
                 repeated.append(_first_token_s(url))
                 _unload(url)
