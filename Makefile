@@ -31,9 +31,14 @@ test: $(STAMP) lint
 
 # The throughput suite (bench/throughput.py): gateway, relay, engine and llama.cpp side by side.
 # llama-cpp-python compiles from source here (several minutes, once); without a compiler the
-# suite runs without its llama.cpp column.
+# suite runs without its llama.cpp column. It is built for the instruction sets named here, not
+# -march=native: a CPU that reports AMX inside a VM that cannot use it dies on an illegal instruction.
+AVX512 := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$(AVX512)
+
 bench: $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[bench]' || $(BIN)/python -m pip install -q matplotlib
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q --no-cache-dir -e '.[bench]' \
+		|| $(BIN)/python -m pip install -q matplotlib
 	$(BIN)/python -m bench
 
 lint: $(STAMP)
