@@ -145,4 +145,5 @@ def test_an_assistant_turn_last_is_continued_as_a_prefill(client, tokenizer) -> 
     msg = client.messages.create(model=TINY, max_tokens=5, messages=messages, extra_body=GREEDY)
     prompt = tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=True, return_dict=False)
     assert msg.usage.input_tokens == len(prompt)
+    assert client.messages.count_tokens(model=TINY, messages=messages).input_tokens == len(prompt)
     assert not msg.content[0].text.startswith("Once upon a time")  # only the continuation comes back

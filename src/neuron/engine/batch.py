@@ -2,10 +2,10 @@
 
 Jobs that arrive together are prefilled together (prompts left-padded to the longest, one
 forward pass, each its first token), then join the running batch at the next step and leave
-it the step they finish, so nobody waits for the slowest. The batch keeps
-one KV cache for all its rows, right-aligned: a row shorter than the longest is padded on the
-left, and the attention mask hides the padding. Each row samples from its own logits with its
-own settings (temperature, seed, stops, max_tokens, tool-call parsing).
+it the step they finish, so nobody waits for the slowest. The batch keeps one KV cache for all
+its rows, right-aligned: a row shorter than the longest is padded on the left, and the
+attention mask hides the padding. Each row samples from its own logits with its own settings
+(temperature, seed, stops, max_tokens, tool-call parsing).
 """
 
 from __future__ import annotations

@@ -132,8 +132,9 @@ class ChatFormat:
             raise PromptRejected(f"the model's chat template refused the conversation: {exc}") from exc
 
     def count(self, messages: list[ChatMessage], tools: list[Tool] | None) -> int:
-        """The prompt's length in tokens, as a job with these messages and tools would send it."""
-        text = self.template_text(messages, tools)
+        """The prompt's length in tokens, as a job with these messages and tools would send it (a last
+        assistant turn is a prefill, continued, as Anthropic's Messages API treats it)."""
+        text = self.template_text(messages, tools, continue_final=messages[-1].role == "assistant")
         return len(self._tok(text, add_special_tokens=False)["input_ids"])
 
     @staticmethod
