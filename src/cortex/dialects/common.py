@@ -74,7 +74,7 @@ def check_tools(tools: list[Tool] | None, choice: ToolChoice, field: str) -> Non
     """A named or required tool_choice needs tools, and a named one must be among them."""
     names = {t.name for t in tools or []}
     if len(names) != len(tools or []):
-        raise InvalidRequest(f"`{field}` names a tool twice; tool names must be unique")
+        raise InvalidRequest("`tools` names a tool twice; tool names must be unique")
     if choice == "auto" or choice == "none":
         return
     if not names:

@@ -289,6 +289,7 @@ class ChunkWriter:
     when asked for, `[DONE]`."""
 
     object = "chat.completion"
+    _chunk_object = "chat.completion.chunk"
 
     def __init__(self, completion_id: str, model: str, include_usage: bool) -> None:
         self._id = completion_id
@@ -306,7 +307,7 @@ class ChunkWriter:
         return {"id": self._id, "object": object_, "created": self._created, "model": self._model, "choices": choices}
 
     def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
-        chunk = self._body(f"{self.object}.chunk", choices)
+        chunk = self._body(self._chunk_object, choices)
         if self._include_usage:
             chunk["usage"] = None
         return sse.event(chunk)
@@ -340,8 +341,6 @@ class ChunkWriter:
         last = self._body(self._chunk_object, [])
         last["usage"] = usage(done.usage)
         return [sse.event(last)]
-
-    _chunk_object = "chat.completion.chunk"
 
     def finish(self, done: Done) -> list[bytes]:
         return [self._delta({}, _finish_reason(done)), *self._usage_chunk(done), sse.event("[DONE]")]
@@ -398,12 +397,6 @@ class TextWriter(ChunkWriter):
             "top_logprobs": [{t.token: t.logprob for t in lp.top_logprobs} for lp in logprobs],
             "text_offset": offsets,
         }
-
-    def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
-        chunk = self._body(self.object, choices)
-        if self._include_usage:
-            chunk["usage"] = None
-        return sse.event(chunk)
 
     def _text(self, text: str, finish_reason: str | None = None, logprobs: Any = None) -> bytes:
         return self._chunk([{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}])

@@ -199,7 +199,7 @@ class JobStream:
 
     async def _next_message(self) -> Msg:
         """Waits for the next message, giving up early when the job's node leaves the fleet."""
-        if not self._queue.empty():  # the common case mid-stream: no timer needed
+        if self.pending:  # the common case mid-stream: no timer needed
             return self._queue.get_nowait()
         timeout = self._accept_timeout if self.node is None else self._idle_timeout
         deadline = asyncio.get_running_loop().time() + timeout

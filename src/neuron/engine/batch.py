@@ -174,15 +174,16 @@ class DecodeBatch:
             return
         assert self._cache is not None and self._mask is not None
         kept = [i for i, k in enumerate(keep) if k]
-        mask = self._mask[torch.tensor(kept, device=self._mask.device)]
+        # One index per device: a model spread over several GPUs keeps each layer's cache where it is.
+        index: dict[torch.device, torch.Tensor] = {}
+        for t in (self._mask, *(layer.keys for layer in self._cache.layers)):
+            if t.device not in index:
+                index[t.device] = torch.tensor(kept, device=t.device)
+        mask = self._mask[index[self._mask.device]]
         # Columns that are padding in every row left with the rows that went: drop them.
         start = int((mask.sum(dim=0) > 0).nonzero()[0])
-        # Indexed on each layer's own device: a model spread over several GPUs keeps its cache there.
         sliced = [
-            (
-                layer.keys[torch.tensor(kept, device=layer.keys.device), :, start:],
-                layer.values[torch.tensor(kept, device=layer.values.device), :, start:],
-            )
+            (layer.keys[index[layer.keys.device], :, start:], layer.values[index[layer.keys.device], :, start:])
             for layer in self._cache.layers
         ]
         for layer, (keys, values) in zip(self._cache.layers, sliced, strict=True):

@@ -163,7 +163,7 @@ class ChatFormat:
     def _parser(self, job: InferenceJob, text: str, tools: list[Tool] | None) -> Parser:
         max_calls = None if job.parallel_tool_calls else 1
         if self.response_template:
-            call_id = (self.syntax or FAMILIES["hermes"]).call_id
+            call_id = (self.syntax or HERMES).call_id
             schemas = [tool_schema(t) for t in tools] if tools else None
             return TemplateParser(self._tok, text, schemas, call_id, max_calls)
         thinking = self.reasons and text.rstrip().endswith(THINK_OPEN)

@@ -233,8 +233,3 @@ class CallScanner:
                 out.append(CallArguments("{}"))
             out.append(CallEnd())
         return out
-
-    @property
-    def started(self) -> bool:
-        """A call's name has been reported (so its text can no longer pass as answer text)."""
-        return self._started

@@ -99,7 +99,7 @@ class OutputParser:
         out: list[Parsed] = []
         held, self._held = self._held, ""
         if self._state == "tool" and self._scanner is not None:
-            if self._body_calls == 0 and not self._scanner.started:  # cut off before a call took shape
+            if self._body_calls == 0:  # cut off before a call took shape
                 out.append(Content(self._opener + self._body))
                 return out
             self._pieces(self._scanner.finish(), out)
