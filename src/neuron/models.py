@@ -20,6 +20,7 @@ from typing import Protocol
 from cortex.protocol.messages import ModelSpec, ModelState, ModelStatus, Refusal, UnloadReason
 from cortex.protocol.subjects import model_key
 from neuron.devices.discovery import refresh
+from neuron.engine.backends import Engine
 from neuron.engine.worker import DeviceWorker
 from neuron.sources import loader
 from neuron.sources.loader import LoadedModel
@@ -50,6 +51,7 @@ class ModelEntry:
     state: ModelState
     workers: list[DeviceWorker]
     memory_mb: int  # the plan's estimate until loaded, then measured
+    engine: Engine = "transformers"
     loaded: LoadedModel | None = None
     error: str | None = None
     refusal: Refusal | None = None
@@ -80,6 +82,8 @@ class ModelEntry:
             device=self.worker.device.id,
             devices=self.device_ids if len(self.workers) > 1 else [],
             memory_mb=self.memory_mb,
+            engine=self.engine if self.state is not ModelState.failed else None,
+            parallel=self.loaded.parallel if self.loaded is not None else None,
             in_flight=in_flight,
             queued=queued,
             last_used=self.last_used,
@@ -144,7 +148,9 @@ class ModelTable:
         entry = self._entries.get(spec.id)
         if entry is not None and entry.state is ModelState.unloading:
             raise LoadError(f"{spec.id} is being unloaded; load it again once that has finished")
-        entry = ModelEntry(spec=spec, state=ModelState.loading, workers=workers, memory_mb=plan.memory_mb)
+        entry = ModelEntry(
+            spec=spec, state=ModelState.loading, workers=workers, memory_mb=plan.memory_mb, engine=plan.engine
+        )
         self._entries[spec.id] = entry
         self._spawn(self._load(entry, plan))
         return entry
@@ -248,7 +254,7 @@ class ModelTable:
             devices = [w.torch_device for w in entry.workers]
             share = plan.memory_mb // len(entry.workers) + 1
             entry.loaded = await entry.worker.call(
-                loader.load, plan, source, devices, [share] * len(devices), self._converted_dir
+                loader.load, plan, source, devices, [share] * len(devices), self._converted_dir, entry.worker.max_batch
             )
             entry.memory_mb = entry.loaded.memory_mb
             await self._hooks.model_ready(spec)

@@ -235,6 +235,8 @@ class Refusal(_Wire):
         "quant_ambiguous",
         "quant_unsupported",
         "gguf_multi_device",
+        "engine_unavailable",
+        "engine_unsupported",
         "not_enough_devices",
         "insufficient_memory",
     ]
@@ -255,6 +257,8 @@ class ModelStatus(_Wire):
     device: str = Field(description="The (first) device it is on.")
     devices: list[str] = Field(default_factory=list, description="Every device it spans, when more than one.")
     memory_mb: int = Field(0, description="Measured once loaded (weights + KV budget); the estimate while loading.")
+    engine: Literal["transformers", "llama.cpp"] | None = Field(None, description="What runs it here.")
+    parallel: int | None = Field(None, description="Jobs it decodes at once; more wait in the node's queue (`queued`).")
     in_flight: int = 0
     queued: int = 0
     last_used: float | None = None
@@ -274,6 +278,7 @@ class Estimate(_Wire):
     weights_mb: int | None = None
     kv_mb: int | None = Field(None, description="KV cache for `context` tokens x the node's max_batch sequences.")
     format: Literal["gguf", "safetensors", "other"] | None = None
+    engine: Literal["transformers", "llama.cpp"] | None = None
     measured: bool = Field(False, description="memory_mb is what the model took when last loaded here.")
     refusal: Refusal | None = None
 
@@ -303,7 +308,14 @@ class ModelSpec(_Wire):
     source: str = Field(description="`hf:org/name[@rev]`, `file:/path`, or `pkg:<package>/<file>`.")
     aliases: list[str] = Field(default_factory=list)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    quant: str | None = Field(None, description="GGUF file selector (`Q4_K_M`) when the source holds several.")
+    quant: str | None = Field(
+        None,
+        description="GGUF file selector (`Q4_K_M`) when the source holds several; for dense weights, "
+        "`int8` or `int4` quantizes them in place on load.",
+    )
+    engine: Literal["auto", "transformers", "llama.cpp"] = Field(
+        "auto", description="What runs it; `auto` picks llama.cpp for GGUF files where it is installed."
+    )
     context: int | None = Field(None, ge=16, description="Context length cap; the model's own if unset.")
     memory_mb: int | None = Field(None, ge=1, description="Memory it takes, overriding the estimate.")
     devices: int = Field(1, ge=1, description="Devices of one node it spans (dense models only).")

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 PREFILL_TOKENS = 4096
 
 
-def _batchable(cache: DynamicCache) -> bool:
+def batchable(model: object) -> bool:
     """Plain growing caches can be padded and stacked; sliding-window or hybrid ones cannot."""
+    cache = DynamicCache(config=model.config)  # type: ignore[attr-defined]
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
@@ -55,13 +56,24 @@ def _similar_lengths(prompts: list[tuple[Generation, list[int]]]) -> list[list[t
     return groups
 
 
+def each_row(gens: list[Generation], action: Callable[[Generation, int], None]) -> None:
+    """Runs action(gen, row) for each row; a row's own failure (its sampling, its parser) ends
+    that row, not the batch."""
+    for row, gen in enumerate(gens):
+        try:
+            action(gen, row)
+        except Exception as exc:
+            log.exception("job %s failed on the device thread", gen.job.job_id)
+            gen.fail(exc)
+
+
 class DecodeBatch:
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
         self.rows: list[Generation] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [B, L]: 1 where a row has a real token
-        self.batchable = _batchable(DynamicCache(config=model.model.config))
+        self.batchable = batchable(model.model)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -101,7 +113,7 @@ class DecodeBatch:
             logits_to_keep=1,
         )
         gens = [gen for gen, _ in prompts]
-        self._each(gens, lambda gen, row: gen.first(out.logits[row, -1]))
+        each_row(gens, lambda gen, row: gen.first(out.logits[row, -1]))
         self._join(gens, out.cache, mask)
 
     def _join(self, gens: list[Generation], cache: DynamicCache, mask: torch.Tensor) -> None:
@@ -146,7 +158,7 @@ class DecodeBatch:
         )
         self._cache, self._mask = out.cache, mask
         logits = out.logits[:, -1]
-        self._each(self.rows, lambda gen, row: gen.advance(logits[row]))
+        each_row(self.rows, lambda gen, row: gen.advance(logits[row]))
         self._keep([not gen.finished for gen in self.rows])
 
     def fail(self, exc: BaseException) -> None:
@@ -154,16 +166,6 @@ class DecodeBatch:
         for gen in self.rows:
             gen.fail(exc)
         self.rows, self._cache, self._mask = [], None, None
-
-    @staticmethod
-    def _each(gens: list[Generation], action: Callable[[Generation, int], None]) -> None:
-        """A row's own failure (its sampling, its parser) ends that row, not the batch."""
-        for row, gen in enumerate(gens):
-            try:
-                action(gen, row)
-            except Exception as exc:
-                log.exception("job %s failed on the device thread", gen.job.job_id)
-                gen.fail(exc)
 
     def _keep(self, keep: list[bool]) -> None:
         if all(keep):

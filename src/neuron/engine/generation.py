@@ -68,9 +68,8 @@ class Generation:
         self._prefill_at = time.perf_counter()
         try:
             rendered = encode_prompt(self.job, self.model)
-            vocab = _vocab_size(self.model)
             self._sampler: Sampler | ReplaySampler = Sampler(
-                self.job.sampling, self.model.sampling, self.model.device, vocab
+                self.job.sampling, self.model.sampling, self.model.device, self.model.vocab_size
             )
         except (PromptRejected, BadLogitBias) as exc:
             self._crash(ErrorCode.invalid_request, str(exc))
@@ -201,14 +200,6 @@ class Generation:
     def _crash(self, code: ErrorCode, message: str) -> None:
         self.finished = True
         self._sink(Crashed(code, message))
-
-
-def _vocab_size(model: LoadedModel) -> int:
-    """The logits' width: what a logit_bias token id must stay under."""
-    head = model.model.get_output_embeddings()
-    if head is not None:
-        return int(head.weight.shape[0])
-    return int(model.model.config.get_text_config().vocab_size)
 
 
 def _ms(start: float, end: float) -> float:

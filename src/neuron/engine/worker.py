@@ -23,6 +23,7 @@ import torch
 from cortex.protocol.messages import DeviceInfo, InferenceJob
 from neuron.engine.batch import DecodeBatch
 from neuron.engine.generation import Generation
+from neuron.engine.llamacpp import LlamaBatch
 from neuron.engine.outputs import Crashed, Finished, Output
 from neuron.sources.loader import LoadedModel
 
@@ -64,10 +65,10 @@ class DeviceWorker:
     def __init__(self, device: DeviceInfo, *, max_batch: int) -> None:
         self.device = device
         self.torch_device = torch.device(device.id)
-        self._max_batch = max_batch
+        self.max_batch = max_batch
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._batches: list[DecodeBatch] = []
+        self._batches: list[DecodeBatch | LlamaBatch] = []
         self._waiting: deque[Generation] = deque()
 
     def start(self) -> None:
@@ -164,7 +165,7 @@ class DeviceWorker:
             model_id = gen.model.spec.id
             if gen.cancelled:
                 self._end_cancelled(gen)
-            elif running.get(model_id, 0) < self._max_batch:
+            elif running.get(model_id, 0) < self.max_batch:
                 running[model_id] = running.get(model_id, 0) + 1
                 admitted.setdefault(id(gen.model), []).append(gen)
             else:
@@ -184,10 +185,10 @@ class DeviceWorker:
                     if not gen.finished:
                         gen.fail(exc)
 
-    def _batch_for(self, gen: Generation) -> DecodeBatch:
+    def _batch_for(self, gen: Generation) -> DecodeBatch | LlamaBatch:
         batch = next((b for b in self._batches if b.can_join(gen)), None)
         if batch is None:
-            batch = DecodeBatch(gen.model)
+            batch = LlamaBatch(gen.model) if gen.model.engine == "llama.cpp" else DecodeBatch(gen.model)
             self._batches.append(batch)
         return batch
 

@@ -1,9 +1,15 @@
-"""Loads resolved weights with transformers. Runs only on the device's worker thread.
+"""Loads resolved weights into the plan's engine. Runs only on the device's worker thread.
 
-A GGUF file is dequantized by transformers on load, which takes most of a cold start
-(about 20 s for SmolLM2 on a CPU). The dequantized weights are then saved once as
-safetensors under `converted_dir`, keyed on the file's identity and the dtype, and
-later loads read those instead.
+transformers: dense weights at the device's dtype, or quantized on load by bitsandbytes
+(`quant = "int8" | "int4"`). A GGUF file is dequantized by transformers, which takes most of
+a cold start (about 20 s for SmolLM2 on a CPU); the dequantized weights are then saved once
+as safetensors under `converted_dir`, keyed on the file's identity and the dtype, and later
+loads read those instead.
+
+llama.cpp: the GGUF file is mapped as it is, quantized, with as many layers on the GPU as its
+free memory holds. The tokenizer and chat template still come from transformers (read from
+the same file, then cached under `converted_dir`: reading a GGUF's vocabulary takes seconds),
+so prompts and outputs are handled alike on both engines.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cortex.protocol.messages import ModelSpec
 from cortex.protocol.subjects import model_key
+from neuron.engine.backends import Engine
 from neuron.engine.chat import ChatFormat
 from neuron.engine.replay import Replay
 from neuron.engine.sampling import SamplingDefaults
+from neuron.sources.inspect import gguf_fields
 from neuron.sources.preflight import Plan
 from neuron.sources.resolve import ResolvedSource
 
@@ -39,14 +47,17 @@ _MB = 2**20
 @dataclass
 class LoadedModel:
     spec: ModelSpec
-    model: Any
+    model: Any  # a transformers model, or a LlamaCppModel
     tokenizer: Any
-    device: torch.device
+    device: torch.device  # where its logits are
     context: int
     eos_ids: frozenset[int]
     memory_mb: int
     sampling: SamplingDefaults
     chat: ChatFormat
+    vocab_size: int  # the logits' width: what a logit_bias token id must stay under
+    engine: Engine = "transformers"
+    parallel: int = 1  # sequences it decodes at once
     replay: Replay | None = None
     convert_to: Path | None = None  # where to save the dequantized weights, if not done yet
     from_cache: bool = False
@@ -61,8 +72,9 @@ def pick_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def converted_path(converted_dir: Path, spec: ModelSpec, source: ResolvedSource, dtype: torch.dtype) -> Path:
-    digest = hashlib.sha256(f"{source.identity}|{dtype}".encode()).hexdigest()[:16]
+def converted_path(converted_dir: Path, spec: ModelSpec, source: ResolvedSource, variant: str) -> Path:
+    """Where what was derived from a GGUF file (its weights at a dtype, its tokenizer) is kept."""
+    digest = hashlib.sha256(f"{source.identity}|{variant}".encode()).hexdigest()[:16]
     return converted_dir / f"{model_key(spec.id)}-{digest}"
 
 
@@ -72,23 +84,31 @@ def load(
     devices: list[torch.device],
     limits_mb: list[int],
     converted_dir: Path | None = None,
+    max_batch: int = 1,
 ) -> LoadedModel:
+    if plan.engine == "llama.cpp":
+        return _load_llama_cpp(plan, source, devices[0], converted_dir, max_batch)
     spec, device = plan.spec, devices[0]
     dtype = pick_dtype(spec, device)
     directory, kwargs = str(source.directory), {"gguf_file": source.gguf_file} if source.gguf_file else {}
     convert_to = None
     if source.gguf_file and converted_dir is not None:
-        cached = converted_path(converted_dir, spec, source, dtype)
+        cached = converted_path(converted_dir, spec, source, str(dtype))
         if (cached / "config.json").exists():
             directory, kwargs = str(cached), {}
         else:
             convert_to = cached
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    quantization = _quantization(plan.in_place_quant, dtype)
     if len(devices) > 1:
         # Spread over several devices, each held to its share of the node's budget.
         max_memory = {d.index: f"{mb}MiB" for d, mb in zip(devices, limits_mb, strict=True)}
         model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=dtype, device_map="auto", max_memory=max_memory, **kwargs
+            directory, dtype=dtype, device_map="auto", max_memory=max_memory, quantization_config=quantization, **kwargs
+        )
+    elif quantization is not None:  # quantized weights cannot be moved after loading
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, device_map={"": device}, quantization_config=quantization, **kwargs
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
@@ -97,6 +117,8 @@ def load(
     config = model.config
     context = spec.context or getattr(config, "max_position_embeddings", None) or 2048
     eos = _eos_ids(model, tokenizer)
+    from neuron.engine.batch import batchable
+
     return LoadedModel(
         spec=spec,
         model=model,
@@ -107,10 +129,94 @@ def load(
         memory_mb=_weights_mb(model) + plan.kv_mb,
         sampling=SamplingDefaults.for_model(spec, getattr(model, "generation_config", None)),
         chat=ChatFormat(spec, tokenizer),
+        vocab_size=_vocab_size(model),
+        parallel=max_batch if batchable(model) else 1,
         replay=Replay.from_file(spec.replay, tokenizer, min(eos)) if spec.replay and eos else None,
         convert_to=convert_to,
         from_cache=not kwargs and source.gguf_file is not None,
     )
+
+
+def _quantization(quant: str | None, dtype: torch.dtype) -> Any:
+    if quant is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # int4: NF4 (4-bit NormalFloat, blocks of 64 with their own scale), computed at the model's dtype.
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def _load_llama_cpp(
+    plan: Plan, source: ResolvedSource, device: torch.device, converted_dir: Path | None, sequences: int
+) -> LoadedModel:
+    from neuron.engine.llamacpp import LlamaCppModel, decode_threads
+
+    spec = plan.spec
+    assert source.gguf_file is not None
+    path = source.directory / source.gguf_file
+    tokenizer = _gguf_tokenizer(spec, source, converted_dir)
+    fields = gguf_fields(path)
+    arch = fields.get("general.architecture")
+    context = spec.context or fields.get(f"{arch}.context_length") or 2048
+    gpu_layers = _gpu_layers(plan, device)
+    model = LlamaCppModel(
+        str(path), context=int(context), sequences=sequences, gpu_layers=gpu_layers, threads=decode_threads()
+    )
+    eos = _eos_ids(model, tokenizer)
+    if isinstance(fields.get("tokenizer.ggml.eos_token_id"), int):
+        eos = eos | {fields["tokenizer.ggml.eos_token_id"]}
+    return LoadedModel(
+        spec=spec,
+        model=model,
+        tokenizer=tokenizer,
+        device=torch.device("cpu"),  # logits come back to host memory
+        context=int(context),
+        eos_ids=frozenset(eos),
+        memory_mb=-(-model.weights_bytes // _MB) + plan.kv_mb,
+        sampling=SamplingDefaults.for_model(spec, None),
+        chat=ChatFormat(spec, tokenizer),
+        vocab_size=model.n_vocab,
+        engine="llama.cpp",
+        parallel=sequences,
+        replay=Replay.from_file(spec.replay, tokenizer, min(eos)) if spec.replay and eos else None,
+    )
+
+
+def _gguf_tokenizer(spec: ModelSpec, source: ResolvedSource, converted_dir: Path | None) -> Any:
+    """The transformers tokenizer of a GGUF file, saved once under converted_dir and read from there."""
+    directory, gguf_file = str(source.directory), source.gguf_file
+    if converted_dir is None:
+        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    cached = converted_path(converted_dir, spec, source, "tokenizer")
+    if (cached / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(cached))
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    partial = cached.with_name(f"{cached.name}.partial-{uuid.uuid4().hex}")
+    try:
+        tokenizer.save_pretrained(partial)
+        partial.rename(cached)
+    except OSError as exc:  # a cache we cannot write costs the next load time, nothing else
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (cached / "tokenizer_config.json").exists():
+            log.warning("could not cache the tokenizer of %s in %s: %s", spec.id, cached, exc)
+    return tokenizer
+
+
+def _gpu_layers(plan: Plan, device: torch.device) -> int:
+    """All layers (-1) where the weights fit in the device's free memory beside the KV cache and
+    working buffers; otherwise as many as fit, the rest staying in host memory."""
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    room = free // _MB - plan.kv_mb - 512  # the compute buffers llama.cpp allocates beside them
+    layers = plan.layers or 0
+    if room >= plan.weights_mb or not layers:
+        return -1
+    fitting = max(0, int(room / (plan.weights_mb / (layers + 1))))
+    log.info("%s: %d of %d layers fit on %s; the rest run on the CPU", plan.spec.id, fitting, layers, device)
+    return fitting
 
 
 def save_converted(loaded: LoadedModel) -> Path | None:
@@ -144,6 +250,8 @@ def save_converted(loaded: LoadedModel) -> Path | None:
 
 
 def unload(loaded: LoadedModel) -> None:
+    if loaded.engine == "llama.cpp" and loaded.model is not None:
+        loaded.model.close()
     loaded.model = None
     gc.collect()
     if loaded.device.type == "cuda":
@@ -164,13 +272,20 @@ def release_cached_memory(device: torch.device) -> None:
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
         value = getattr(source, "eos_token_id", None)
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, list | tuple):
             ids.update(v for v in value if isinstance(v, int))
     return frozenset(ids)
+
+
+def _vocab_size(model: Any) -> int:
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
 
 
 def _weights_mb(model: Any) -> int:

@@ -1,11 +1,14 @@
 """Preflight: decide from a source's listing whether and how a model can load, before allocating.
 
 Classifies the source (GGUF only, dense safetensors, mixed, empty), matches the `quant`
-selector against the GGUF files (suggesting the nearest on a miss: `q6k` -> `Q6_K`),
-refuses combinations that cannot work (a GGUF over several devices), and estimates the
-memory: weights at the dtype the device will use, plus the KV cache for `context`
-tokens times the node's concurrent sequences. The fit against free memory is checked by
-the caller, which knows the devices.
+selector against the GGUF files (suggesting the nearest on a miss: `q6k` -> `Q6_K`), picks
+the engine (engine/backends.py), refuses combinations that cannot work (a GGUF over several
+devices, llama.cpp where it is not installed, int4 where bitsandbytes cannot run), and
+estimates the memory the engine will really take: a GGUF's file size under llama.cpp (it
+runs quantized) or its parameters at the dtype the device will use under transformers
+(which dequantizes), dense weights at int8/int4 where asked, plus the KV cache for
+`context` tokens times the node's concurrent sequences (16-bit under llama.cpp). The fit
+against free memory is checked by the caller, which knows the devices.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from cortex.protocol.messages import Estimate, ModelSpec
+from neuron.engine.backends import IN_PLACE_QUANTS, Engine, EngineRefused, check_in_place_quant, choose
 from neuron.sources.inspect import (
     Listing,
     Shape,
@@ -42,6 +46,12 @@ class Plan:
     gguf_file: str | None
     weights_mb: int
     kv_mb: int
+    engine: Engine = "transformers"
+    layers: int | None = None  # for llama.cpp's partial GPU offload
+
+    @property
+    def in_place_quant(self) -> str | None:
+        return self.spec.quant if self.format != "gguf" and self.spec.quant in IN_PLACE_QUANTS else None
 
     @property
     def memory_mb(self) -> int:
@@ -54,6 +64,7 @@ class Plan:
             weights_mb=self.weights_mb,
             kv_mb=self.kv_mb,
             format=self.format,
+            engine=self.engine,
         )
 
 
@@ -87,15 +98,29 @@ def plan(spec: ModelSpec, listing: Listing, *, device_kind: str, device_count: i
             "check the path or repository, and its revision",
         )
     gguf_file = None
-    if kind == "gguf" or (kind == "mixed" and spec.quant):
+    in_place = spec.quant in IN_PLACE_QUANTS and kind in ("safetensors", "mixed", "other")
+    if kind == "gguf" or (kind == "mixed" and spec.quant and not in_place):
         gguf_file = pick_gguf(spec, listing)
-    elif spec.quant:
+    elif spec.quant and not in_place:
         raise refuse(
             "quant_unsupported",
             spec,
             f"quant {spec.quant!r} picks a .gguf file, but {listing.where} holds only dense weights",
-            "remove `quant` to load the dense weights, or point `source` at a GGUF repository",
+            f"set quant to one of {', '.join(IN_PLACE_QUANTS)} to quantize them on load, remove `quant`, "
+            "or point `source` at a GGUF repository",
         )
+    try:
+        engine = choose(spec.engine, gguf=gguf_file is not None, device_kind=device_kind, where=listing.where)
+        if in_place:
+            if engine == "llama.cpp":
+                raise EngineRefused(
+                    "quant_unsupported",
+                    f"quant = {spec.quant!r} quantizes dense weights on the transformers engine, not llama.cpp",
+                    "set engine = auto, or use a GGUF file and pick its quantization with quant",
+                )
+            check_in_place_quant(spec.quant, device_kind)  # type: ignore[arg-type]
+    except EngineRefused as exc:
+        raise refuse(exc.kind, spec, exc.detail, exc.suggestion) from None
     if spec.devices > 1 and gguf_file is not None:
         raise refuse(
             "gguf_multi_device",
@@ -114,13 +139,22 @@ def plan(spec: ModelSpec, listing: Listing, *, device_kind: str, device_count: i
     parameters, shape = _size(spec, listing, gguf_file)
     if shape is not None and spec.context:
         shape.context = min(shape.context, spec.context)
-    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.context * max_batch * element if shape else 0
+    kv_element = 2 if engine == "llama.cpp" else element  # llama.cpp keeps its KV cache in float16
+    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.context * max_batch * kv_element if shape else 0
+    if engine == "llama.cpp" and gguf_file is not None:
+        weights = listing.files[gguf_file]  # mapped as stored, quantized
+    elif in_place:
+        weights = _quantized_bytes(parameters, listing.config or {}, element, IN_PLACE_QUANTS[spec.quant or ""])
+    else:
+        weights = parameters * element
     return Plan(
         spec=spec,
         format="gguf" if gguf_file else ("safetensors" if kind in ("safetensors", "mixed") else "other"),
         gguf_file=gguf_file,
-        weights_mb=_ceil_mb(parameters * element),
+        weights_mb=_ceil_mb(weights),
         kv_mb=_ceil_mb(kv),
+        engine=engine,
+        layers=shape.layers if shape else None,
     )
 
 
@@ -156,6 +190,18 @@ def _size(spec: ModelSpec, listing: Listing, gguf_file: str | None) -> tuple[int
         return from_config, shape
     # Weights of unknown layout: assume 16-bit storage.
     return sum(size for name, size in listing.files.items() if name.endswith((".bin", ".pt", ".pth"))) // 2, shape
+
+
+def _quantized_bytes(parameters: int, config: dict[str, object], element: int, bits: float) -> int:
+    """Linear layers at `bits` a weight; the embeddings (and an untied output head), which
+    bitsandbytes leaves alone, at the dtype's width."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    vocab, width = text.get("vocab_size"), text.get("hidden_size")  # type: ignore[union-attr]
+    embeddings = vocab * width if isinstance(vocab, int) and isinstance(width, int) else 0
+    if embeddings and not text.get("tie_word_embeddings", True):  # type: ignore[union-attr]
+        embeddings *= 2
+    embeddings = min(embeddings, parameters)
+    return int(embeddings * element + (parameters - embeddings) * bits / 8)
 
 
 def _bits(gguf_file: str) -> float:
