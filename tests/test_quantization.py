@@ -22,7 +22,7 @@ def loaded(spawn, nats_url, models_toml, gateway) -> dict[str, dict]:
         out = {}
         for model in MODELS:
             entry = httpx.get(f"{gateway.url}/v1/models/{model}", timeout=5).json()
-            out.update({model: s for s in entry["loaded"] if s["node"] == "q1" and s["state"] == "ready"})
+            out.update((model, s) for s in entry["loaded"] if s["node"] == "q1" and s["state"] == "ready")
         return out
 
     wait_until(lambda: len(statuses()) == len(MODELS), 180, "the float, int8 and int4 models on q1")

@@ -46,9 +46,7 @@ def model_entry(gw: Gateway, model_id: str) -> dict[str, Any]:
     refusals = [n for n in needs.values() if isinstance(n, Refusal)]
     if refusals and len(refusals) == len(needs):
         entry["refusal"] = refusals[0].model_dump(exclude_none=True)
-    entry.update(
-        spec.model_dump(include={"source", "quant", "engine", "context", "devices", "pinned_on", "priority", "keep_alive"})
-    )
+    entry.update(spec.model_dump(include=_SPEC_FIELDS))
     return entry
 
 
@@ -59,6 +57,7 @@ def _status(m: ModelStatus) -> dict[str, Any]:
     return out
 
 
+_SPEC_FIELDS = {"source", "quant", "engine", "context", "devices", "pinned_on", "priority", "keep_alive"}
 _STATUS_FIELDS = {
     "state",
     "engine",
