@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import sys
 
-from bench import coldstart, quickstart, throughput
+from bench import coldstart, engines, quickstart, throughput
 
-BENCHMARKS = {"throughput": throughput.main, "quickstart": quickstart.main, "coldstart": coldstart.main}
+BENCHMARKS = {
+    "throughput": throughput.main,
+    "engines": engines.main,
+    "quickstart": quickstart.main,
+    "coldstart": coldstart.main,
+}
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from bench.stack import wait_for
 from cortex import natsserver
 
 MODEL = "smollm2"
-PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 RESULTS = Path(__file__).parent / "results"
 
 

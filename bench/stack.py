@@ -44,6 +44,9 @@ class Stack:
                 [sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}
             )
 
+    def pid(self, name: str) -> int:
+        return self._procs[name].pid
+
     def stop(self, name: str) -> None:
         proc = self._procs.pop(name)
         proc.terminate()

@@ -36,7 +36,8 @@ def test_up_prints_where_to_go_answers_and_stops_cleanly_on_ctrl_c(tmp_path: Pat
     try:
         wait_until(lambda: "cortex is ready" in log.read_text() or proc.poll() is not None, 60, "the banner")
         banner = log.read_text()
-        assert "cortex is ready: test/tiny-llama (alias tiny)" in banner, banner
+        assert "cortex is ready: test/tiny-llama (alias tiny) on node" in banner, banner
+        assert "engine transformers" in banner, banner
         assert f"{url}/v1" in banner
         assert "nats -s nats://127.0.0.1:" in banner and "sub 'cortex.>'" in banner
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

@@ -106,7 +106,8 @@ async def run(opts: DevOptions) -> int:
             _say(f"cortex up: {spec.id} failed to load: {failures[0][1]}")
             return 1
         if spec.id in fleet.ready_models():
-            _say(_banner(opts, spec.id, spec.aliases, nats_url))
+            engines = {m.engine for hb in fleet.nodes() for m in hb.models if m.id == spec.id and m.engine}
+            _say(_banner(opts, spec.id, spec.aliases, nats_url, ", ".join(sorted(engines))))
         elif not serving.done():
             _say(f"cortex up: {spec.id} is still not ready after {opts.load_timeout:g}s; still waiting")
         await serving
@@ -128,11 +129,14 @@ async def run(opts: DevOptions) -> int:
         _say("stopped")
 
 
-def _banner(opts: DevOptions, model: str, aliases: list[str], nats_url: str) -> str:
+QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+def _banner(opts: DevOptions, model: str, aliases: list[str], nats_url: str, engine: str) -> str:
     alias = aliases[0] if aliases else model
     base = f"http://{opts.listen}"
     return f"""
-cortex is ready: {model}{f" (alias {alias})" if aliases else ""} on node {opts.node}
+cortex is ready: {model}{f" (alias {alias})" if aliases else ""} on node {opts.node}, engine {engine}
 
   OpenAI API   {base}/v1
   metrics      http://{opts.metrics_listen}/metrics
@@ -140,7 +144,7 @@ cortex is ready: {model}{f" (alias {alias})" if aliases else ""} on node {opts.n
 
 try it:
   curl {base}/v1/chat/completions -H 'content-type: application/json' \\
-    -d '{{"model": "{alias}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+    -d '{{"model": "{alias}", "messages": [{{"role": "user", "content": "{QUESTION}"}}]}}'
 
 watch the traffic (nats CLI):
   nats -s {nats_url} sub 'cortex.>'

@@ -42,6 +42,7 @@ from neuron import __version__
 from neuron.config import NeuronSettings
 from neuron.control.service import ControlError, start_control
 from neuron.devices.discovery import budgeted, discover, refresh
+from neuron.engine import backends
 from neuron.engine.chat import PromptRejected
 from neuron.engine.worker import DeviceWorker
 from neuron.fit import check_fit, choose_devices
@@ -272,6 +273,7 @@ async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Ev
         beating = asyncio.create_task(heartbeat.run())
         await neuron.publish_event("node_up", detail=", ".join(d.id for d in devices))
         log.info("neuron %s ready on %s: devices %s", settings.node, settings.nats.servers, [d.id for d in devices])
+        log.info(backends.describe())
         if ready is not None:
             ready.set()
         for spec in defaults:

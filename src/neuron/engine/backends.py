@@ -92,3 +92,17 @@ def check_in_place_quant(quant: str, device_kind: str) -> None:
             f"quant = {quant!r} (bitsandbytes) does not run on {device_kind} devices",
             "remove `quant`, or use a GGUF file of the model with engine = llama.cpp",
         )
+
+
+def describe() -> str:
+    """One line for the neuron's start-up log: which engines this node has."""
+    if not llama_cpp_installed():
+        return (
+            "engines: transformers; llama.cpp is not installed, so GGUF models run on transformers, "
+            f"dequantized ({LLAMA_INSTALL})"
+        )
+    from importlib.metadata import version
+
+    gpu = "with GPU offload" if llama_cpp_offloads() else "CPU only"
+    quant = "" if bitsandbytes_installed() else "; int8/int4 need bitsandbytes"
+    return f"engines: transformers, llama.cpp (llama-cpp-python {version('llama-cpp-python')}, {gpu}){quant}"

