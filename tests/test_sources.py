@@ -9,6 +9,7 @@ import pytest
 from cortex.protocol.messages import ModelSpec
 from neuron.engine import backends
 from neuron.sources.inspect import Listing, SourceRefused, read_gguf_header
+from neuron.sources.loader import offload_layers
 from neuron.sources.preflight import Plan, pick_gguf, preflight
 from neuron.sources.resolve import SourceError, resolve
 from tests.conftest import SMOLLM2_DIR, SMOLLM2_GGUF, needs_llama_cpp
@@ -256,3 +257,21 @@ def test_the_gguf_header_reader_agrees_with_the_gguf_package() -> None:
     for key, value in fields.items():
         assert reference.fields[key].contents() == pytest.approx(value), key
     assert fields["llama.block_count"] == 30 and fields["general.architecture"] == "llama"
+
+
+# --- llama.cpp's GPU offload ---------------------------------------------------------------------
+
+
+def _gguf_plan(weights_mb: int, kv_mb: int, layers: int) -> Plan:
+    spec = _spec("file:/m.gguf")
+    return Plan(spec=spec, format="gguf", gguf_file="m.gguf", weights_mb=weights_mb, kv_mb=kv_mb, layers=layers)
+
+
+def test_llama_cpp_offloads_every_layer_where_the_weights_fit_beside_kv_and_buffers() -> None:
+    assert offload_layers(free_mb=5000, plan=_gguf_plan(4000, 400, 32)) == -1
+
+
+def test_llama_cpp_offloads_as_many_layers_as_fit_and_keeps_the_rest_on_the_cpu() -> None:
+    # 3300 MB, less 400 of KV and 512 of buffers, leaves 2388 MB: 2388 / (3300 / 33) = 23 layers.
+    assert offload_layers(free_mb=3300, plan=_gguf_plan(3300, 400, 32)) == 23
+    assert offload_layers(free_mb=500, plan=_gguf_plan(3300, 400, 32)) == 0

@@ -101,12 +101,15 @@ class LlamaCppModel:
 
     def release_sequence(self, seq: int) -> None:
         """Forgets the sequence's KV cache and frees its slot."""
-        _llama().llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)
+        if self._batch is not None:  # after close, the context and its cache are gone
+            _llama().llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)
         self._free.append(seq)
 
     def decode(self, tokens: list[tuple[int, int, int, bool]]) -> None:
         """One forward pass over (token, position, sequence, wants logits) entries, at most n_batch."""
         batch = self._batch
+        if batch is None:  # a job outlived its model's unload: it ends, where native code would crash
+            raise RuntimeError("the model was unloaded")
         for i, (token, position, seq, logits) in enumerate(tokens):
             batch.token[i], batch.pos[i] = token, position
             batch.seq_id[i][0], batch.n_seq_id[i] = seq, 1

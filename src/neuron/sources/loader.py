@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MB = 2**20
+# What llama.cpp allocates on the GPU beside the weights and the KV cache (compute buffers).
+LLAMA_CPP_BUFFERS_MB = 512
 
 
 @dataclass
@@ -114,6 +116,8 @@ def load(
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
         model.to(device)
     model.eval()
+    if quantization is not None:
+        release_cached_memory(device)  # the float copies quantization went through
     config = model.config
     context = spec.context or getattr(config, "max_position_embeddings", None) or 2048
     eos = _eos_ids(model, tokenizer)
@@ -205,18 +209,23 @@ def _gguf_tokenizer(spec: ModelSpec, source: ResolvedSource, converted_dir: Path
 
 
 def _gpu_layers(plan: Plan, device: torch.device) -> int:
-    """All layers (-1) where the weights fit in the device's free memory beside the KV cache and
-    working buffers; otherwise as many as fit, the rest staying in host memory."""
     if device.type != "cuda":
         return 0
     free, _ = torch.cuda.mem_get_info(device)
-    room = free // _MB - plan.kv_mb - 512  # the compute buffers llama.cpp allocates beside them
-    layers = plan.layers or 0
-    if room >= plan.weights_mb or not layers:
+    layers = offload_layers(free // _MB, plan)
+    if layers >= 0:
+        log.info("%s: %d of %d layers fit on %s; the rest run on the CPU", plan.spec.id, layers, plan.layers, device)
+    return layers
+
+
+def offload_layers(free_mb: int, plan: Plan) -> int:
+    """How many layers llama.cpp puts on a GPU with free_mb free: all (-1) where the weights fit
+    beside the KV cache and the compute buffers, else as many as fit (the rest stay on the CPU)."""
+    room = free_mb - plan.kv_mb - LLAMA_CPP_BUFFERS_MB
+    if room >= plan.weights_mb or not plan.layers:
         return -1
-    fitting = max(0, int(room / (plan.weights_mb / (layers + 1))))
-    log.info("%s: %d of %d layers fit on %s; the rest run on the CPU", plan.spec.id, fitting, layers, device)
-    return fitting
+    per_layer = plan.weights_mb / (plan.layers + 1)  # the output layer is about one more
+    return max(0, int(room / per_layer))
 
 
 def save_converted(loaded: LoadedModel) -> Path | None:
