@@ -39,12 +39,14 @@ run: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/pytest
 
-# The throughput suite (bench/throughput.py): gateway, relay, both engines and raw llama.cpp side
-# by side. Without llama-cpp-python (it did not build) the suite runs without its llama.cpp columns.
+# The benchmarks: bench/throughput.py (gateway, relay, both engines under load, llama.cpp's server)
+# and bench/engines.py (one stream on each engine against raw llama-cpp-python, and memory). Without
+# llama-cpp-python (it did not build) they run without their llama.cpp rows.
 bench: $(STAMP)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q --no-cache-dir -e '.[bench]' \
 		|| $(BIN)/python -m pip install -q matplotlib
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench throughput
+	$(BIN)/python -m bench engines
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

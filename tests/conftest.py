@@ -203,6 +203,10 @@ id = "test/tiny-llama-c"
 source = "file:{tiny_model_dir}"
 
 [[models]]
+id = "test/tiny-engines"
+source = "file:{tiny_model_dir}"
+
+[[models]]
 id = "test/tiny-admission"
 source = "file:{tiny_model_dir}"
 

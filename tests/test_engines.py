@@ -15,22 +15,24 @@ from tests.conftest import LLAMA_CPP, nats_request, needs_llama_cpp, start_neuro
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ENGINES = [
-    pytest.param("test/tiny-llama", "transformers", id="transformers"),
+    pytest.param("test/tiny-engines", "transformers", id="transformers"),
     pytest.param(SMOLLM2, "llama.cpp", id="llama.cpp", marks=needs_llama_cpp),
 ]
 STORY = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 SAMPLED = {"temperature": 1.0, "seed": 11}
-# SmolLM2's end token (<|im_end|>), kept from ending an answer early; the tiny model shares it.
+# SmolLM2's end token (<|im_end|>), kept from ending an answer early; the tiny model shares its tokenizer.
 NO_END = {"2": -100}
 
 
 @pytest.fixture(scope="module")
 def engines_node(spawn, nats_url, models_toml, gateway):
-    models = ["test/tiny-llama", *([SMOLLM2] if LLAMA_CPP else [])]
+    """Node e1, the only one serving these models; it leaves when the module is done."""
+    models = ["test/tiny-engines", *([SMOLLM2] if LLAMA_CPP else [])]
     proc = start_neuron(spawn, nats_url, models_toml, "e1", *models)
     for model in models:
         wait_until(lambda m=model: _on_e1(gateway, m).get("state") == "ready", 120, f"{model} on e1")
-    return proc
+    yield proc
+    proc.stop()
 
 
 @pytest.fixture(scope="module")

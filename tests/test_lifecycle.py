@@ -323,6 +323,8 @@ def test_models_list_the_catalogue_with_placement_and_memory(fleet) -> None:
         {
             "node": "n1",
             "state": "ready",
+            "engine": "transformers",
+            "parallel": 4,
             "device": "cpu",
             "memory_mb": MODEL_MB,
             "in_flight": 0,

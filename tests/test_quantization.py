@@ -3,6 +3,8 @@ the quantized models answer through the fleet and take less memory than the floa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
 import openai
 import pytest
@@ -14,9 +16,9 @@ NO_END = {"2": -100}
 
 
 @pytest.fixture(scope="module")
-def loaded(spawn, nats_url, models_toml, gateway) -> dict[str, dict]:
-    """Each model's status on node q1, once all three are ready."""
-    start_neuron(spawn, nats_url, models_toml, "q1", *MODELS)
+def loaded(spawn, nats_url, models_toml, gateway) -> Iterator[dict[str, dict]]:
+    """Each model's status on node q1, once all three are ready; q1 leaves when the module is done."""
+    proc = start_neuron(spawn, nats_url, models_toml, "q1", *MODELS)
 
     def statuses() -> dict[str, dict]:
         out = {}
@@ -26,7 +28,8 @@ def loaded(spawn, nats_url, models_toml, gateway) -> dict[str, dict]:
         return out
 
     wait_until(lambda: len(statuses()) == len(MODELS), 180, "the float, int8 and int4 models on q1")
-    return statuses()
+    yield statuses()
+    proc.stop()
 
 
 @pytest.mark.parametrize("model", MODELS[1:])
