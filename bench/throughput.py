@@ -230,9 +230,17 @@ def _llamacpp(root: Path, gguf_dir: Path) -> dict[int, dict[str, float]] | None:
     with (root / "llamacpp.log").open("wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(
-            lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200, 120, "llama.cpp"
-        )
+
+        def up() -> bool:
+            if proc.poll() is not None:  # its server extra is missing, say: the rest of the table stands
+                raise RuntimeError((root / "llamacpp.log").read_text()[-400:])
+            return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200
+
+        try:
+            wait_for(up, 120, "llama.cpp")
+        except RuntimeError as exc:
+            print(f"  llama.cpp's server did not start (pip install 'llama-cpp-python[server]'): skipped\n{exc}")
+            return None
         return _concurrency_sweep("127.0.0.1", port, "smollm2")
     finally:
         proc.terminate()

@@ -78,21 +78,20 @@ def tokenizer(tokenizer_dir: Path):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer, tokenizer_dir: Path) -> Path:
+def _random_llama(path: Path, tokenizer, *, hidden: int, layers: int, heads: int, context: int) -> Path:
+    """A randomly initialised Llama with SmolLM2's tokenizer, saved as a model folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden if hidden >= 512 else 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -101,33 +100,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer, tokenize
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    return _random_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, hidden=64, layers=2, heads=4, context=8192)
 
 
 @pytest.fixture(scope="session")
 def dense_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
-    """A random Llama whose linear layers outweigh its embeddings (hidden 512, 8 layers, 224 MB at
-    float32), so that quantizing them on load shows in its memory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """Linear layers that outweigh the embeddings (hidden 512, 8 layers, 224 MB at float32), so
+    that quantizing them on load shows in the model's memory."""
     path = tmp_path_factory.mktemp("dense-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _random_llama(path, tokenizer, hidden=512, layers=8, heads=8, context=2048)
 
 
 CHAT_DATA = Path(__file__).parent / "data" / "chat"

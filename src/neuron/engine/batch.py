@@ -16,7 +16,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from neuron.engine.generation import Generation
 from neuron.sources.loader import LoadedModel
@@ -25,12 +24,6 @@ log = logging.getLogger(__name__)
 # The most prompt tokens (padding included) one prefill pass takes: its activations must fit
 # beside the weights, and every decoding row waits for it.
 PREFILL_TOKENS = 4096
-
-
-def batchable(model: object) -> bool:
-    """Plain growing caches can be padded and stacked; sliding-window or hybrid ones cannot."""
-    cache = DynamicCache(config=model.config)  # type: ignore[attr-defined]
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -73,7 +66,7 @@ class DecodeBatch:
         self.rows: list[Generation] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [B, L]: 1 where a row has a real token
-        self.batchable = batchable(model.model)
+        self.batchable = model.parallel > 1
 
     def __len__(self) -> int:
         return len(self.rows)

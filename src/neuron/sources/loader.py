@@ -21,12 +21,14 @@ import json
 import logging
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from cortex.protocol.messages import ModelSpec
 from cortex.protocol.subjects import model_key
@@ -121,8 +123,6 @@ def load(
     config = model.config
     context = spec.context or getattr(config, "max_position_embeddings", None) or 2048
     eos = _eos_ids(model, tokenizer)
-    from neuron.engine.batch import batchable
-
     return LoadedModel(
         spec=spec,
         model=model,
@@ -134,7 +134,7 @@ def load(
         sampling=SamplingDefaults.for_model(spec, getattr(model, "generation_config", None)),
         chat=ChatFormat(spec, tokenizer),
         vocab_size=_vocab_size(model),
-        parallel=max_batch if batchable(model) else 1,
+        parallel=max_batch if _paddable_cache(model) else 1,
         replay=Replay.from_file(spec.replay, tokenizer, min(eos)) if spec.replay and eos else None,
         convert_to=convert_to,
         from_cache=not kwargs and source.gguf_file is not None,
@@ -197,14 +197,10 @@ def _gguf_tokenizer(spec: ModelSpec, source: ResolvedSource, converted_dir: Path
     if (cached / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(str(cached))
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    partial = cached.with_name(f"{cached.name}.partial-{uuid.uuid4().hex}")
     try:
-        tokenizer.save_pretrained(partial)
-        partial.rename(cached)
+        _write_folder(cached, tokenizer.save_pretrained)
     except OSError as exc:  # a cache we cannot write costs the next load time, nothing else
-        shutil.rmtree(partial, ignore_errors=True)
-        if not (cached / "tokenizer_config.json").exists():
-            log.warning("could not cache the tokenizer of %s in %s: %s", spec.id, cached, exc)
+        log.warning("could not cache the tokenizer of %s in %s: %s", spec.id, cached, exc)
     return tokenizer
 
 
@@ -241,21 +237,36 @@ def save_converted(loaded: LoadedModel) -> Path | None:
         return None
     if (target / "config.json").exists():
         return target  # another process saved it meanwhile
-    partial = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex}")
-    partial.mkdir(parents=True)
-    save_model(model, str(partial / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    (partial / "config.json").write_text(json.dumps(config, indent=2))
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(partial)
-    loaded.tokenizer.save_pretrained(partial)
-    try:
-        partial.rename(target)  # atomic: a reader sees all of it or none of it
-    except OSError:
-        shutil.rmtree(partial, ignore_errors=True)  # another process won the race; its copy is as good
+
+    def write(folder: Path) -> None:
+        save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+        loaded.tokenizer.save_pretrained(folder)
+
+    _write_folder(target, write)
     loaded.convert_to = None
     return target
+
+
+def _write_folder(target: Path, write: Callable[[Path], object]) -> None:
+    """Writes a folder under a temporary name, then renames it into place (atomic: a reader sees
+    all of it or none of it). Of two processes racing, one wins; the other's copy is as good."""
+    partial = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex}")
+    partial.mkdir(parents=True)
+    try:
+        write(partial)
+        partial.rename(target)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        if not target.exists():
+            raise
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def unload(loaded: LoadedModel) -> None:
@@ -288,6 +299,13 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
         elif isinstance(value, list | tuple):
             ids.update(v for v in value if isinstance(v, int))
     return frozenset(ids)
+
+
+def _paddable_cache(model: Any) -> bool:
+    """Plain growing caches can be padded and stacked into one batch; sliding-window or hybrid ones
+    cannot, so such a model decodes one sequence at a time."""
+    cache = DynamicCache(config=model.config)
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def _vocab_size(model: Any) -> int:

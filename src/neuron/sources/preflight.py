@@ -111,13 +111,7 @@ def plan(spec: ModelSpec, listing: Listing, *, device_kind: str, device_count: i
         )
     try:
         engine = choose(spec.engine, gguf=gguf_file is not None, device_kind=device_kind, where=listing.where)
-        if in_place:
-            if engine == "llama.cpp":
-                raise EngineRefused(
-                    "quant_unsupported",
-                    f"quant = {spec.quant!r} quantizes dense weights on the transformers engine, not llama.cpp",
-                    "set engine = auto, or use a GGUF file and pick its quantization with quant",
-                )
+        if in_place:  # dense weights: `choose` has refused llama.cpp already
             check_in_place_quant(spec.quant, device_kind)  # type: ignore[arg-type]
     except EngineRefused as exc:
         raise refuse(exc.kind, spec, exc.detail, exc.suggestion) from None
