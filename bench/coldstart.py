@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         return f"| {engine} | {case} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |"
 
     cases = {
-        "cold": "cold: first load (transformers dequantizes the GGUF)",
+        "cold": "cold: first load",
         "repeated": "repeated: load with the converted cache",
         "warm": "warm: already loaded",
     }

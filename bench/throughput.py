@@ -180,6 +180,7 @@ def _sequential_llama(gguf_dir: Path) -> list[float]:
     for prompt in [PROMPTS[0], *PROMPTS]:  # the first is a warm-up
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         ids = list(ids if isinstance(ids, list) else ids["input_ids"])
+        llm.reset()  # no prompt cache across requests: each prompt is evaluated whole, as ours are
         started = time.perf_counter()
         out = llm.create_completion(ids, max_tokens=NEW_TOKENS, temperature=0, logit_bias=bias)
         seconds.append(time.perf_counter() - started)
