@@ -29,7 +29,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 # CI builds llama-cpp-python: there, its tests must run, not skip.
 needs_llama_cpp = pytest.mark.skipif(
-    not LLAMA_CPP and not os.environ.get("CORTEX_REQUIRE_LLAMA_CPP"),
+    not LLAMA_CPP and not os.environ.get("REQUIRE_LLAMA_CPP"),
     reason="llama-cpp-python is not installed (it did not build here)",
 )
 HEARTBEAT_S = 1.0
