@@ -89,7 +89,6 @@ class LlamaCppModel:
             raise
         self.n_vocab = self._model.n_vocab()
         self.n_batch = int(ctx.n_batch)
-        self.gpu_layers = gpu_layers
         self.weights_bytes = self._model.size()
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._free = list(range(sequences))

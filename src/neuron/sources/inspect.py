@@ -157,20 +157,9 @@ def gguf_metadata(path: Path) -> tuple[int, Shape | None]:
     return parameters, dataclasses.replace(shape) if shape else None  # callers may narrow the context
 
 
-def gguf_fields(path: Path) -> dict[str, Any]:
-    """A GGUF file's scalar metadata (`general.architecture`, `llama.context_length`, ...)."""
-    stat = path.stat()
-    return _gguf_header(path.resolve(), stat.st_size, stat.st_mtime_ns)[0]
-
-
-@functools.lru_cache(maxsize=64)
-def _gguf_header(path: Path, size: int, mtime_ns: int) -> tuple[dict[str, Any], int]:
-    return read_gguf_header(path)
-
-
 @functools.lru_cache(maxsize=64)
 def _gguf_metadata(path: Path, size: int, mtime_ns: int) -> tuple[int, Shape | None]:
-    fields, parameters = _gguf_header(path, size, mtime_ns)
+    fields, parameters = read_gguf_header(path)
     arch = fields.get("general.architecture")
     layers = fields.get(f"{arch}.block_count")
     heads = fields.get(f"{arch}.attention.head_count")

@@ -36,7 +36,6 @@ from neuron.engine.backends import Engine
 from neuron.engine.chat import ChatFormat
 from neuron.engine.replay import Replay
 from neuron.engine.sampling import SamplingDefaults
-from neuron.sources.inspect import gguf_fields
 from neuron.sources.preflight import Plan
 from neuron.sources.resolve import ResolvedSource
 
@@ -161,23 +160,19 @@ def _load_llama_cpp(
     assert source.gguf_file is not None
     path = source.directory / source.gguf_file
     tokenizer = _gguf_tokenizer(spec, source, converted_dir)
-    fields = gguf_fields(path)
-    arch = fields.get("general.architecture")
-    context = spec.context or fields.get(f"{arch}.context_length") or 2048
+    context = plan.context or 2048  # the GGUF header's, capped by the catalogue's, read by preflight
     gpu_layers = _gpu_layers(plan, device)
     model = LlamaCppModel(
-        str(path), context=int(context), sequences=sequences, gpu_layers=gpu_layers, threads=decode_threads()
+        str(path), context=context, sequences=sequences, gpu_layers=gpu_layers, threads=decode_threads()
     )
-    eos = _eos_ids(model, tokenizer)
-    if isinstance(fields.get("tokenizer.ggml.eos_token_id"), int):
-        eos = eos | {fields["tokenizer.ggml.eos_token_id"]}
+    eos = _eos_ids(None, tokenizer)  # the tokenizer was read from the GGUF: its end token is the file's
     return LoadedModel(
         spec=spec,
         model=model,
         tokenizer=tokenizer,
         device=torch.device("cpu"),  # logits come back to host memory
-        context=int(context),
-        eos_ids=frozenset(eos),
+        context=context,
+        eos_ids=eos,
         memory_mb=-(-model.weights_bytes // _MB) + plan.kv_mb,
         sampling=SamplingDefaults.for_model(spec, None),
         chat=ChatFormat(spec, tokenizer),

@@ -48,6 +48,7 @@ class Plan:
     kv_mb: int
     engine: Engine = "transformers"
     layers: int | None = None  # for llama.cpp's partial GPU offload
+    context: int | None = None  # the model's, capped by the catalogue's: llama.cpp sizes its context by it
 
     @property
     def in_place_quant(self) -> str | None:
@@ -149,6 +150,7 @@ def plan(spec: ModelSpec, listing: Listing, *, device_kind: str, device_count: i
         kv_mb=_ceil_mb(kv),
         engine=engine,
         layers=shape.layers if shape else None,
+        context=shape.context if shape else spec.context,
     )
 
 
