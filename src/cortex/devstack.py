@@ -17,10 +17,10 @@ from pathlib import Path
 import uvicorn
 
 from cortex import natsserver
-from cortex.config import CortexSettings, GatewaySection, split_host_port
+from cortex.config import CortexSettings, GatewaySection
 from cortex.gateway.app import build_app
 from cortex.protocol.catalogue import Catalogue
-from cortex.protocol.config import NatsSettings
+from cortex.protocol.config import NatsSettings, split_host_port
 
 
 @dataclass

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from cortex.protocol.catalogue import CatalogueError
 from cortex.protocol.config import ConfigError
 from cortex.protocol.errors import CortexError
+from cortex.telemetry import logs
 from neuron import config
 
 
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--model", action="append", dest="models", help="load this model at start (repeatable)")
     serve.add_argument("--heartbeat-interval", type=float)
     serve.add_argument("--memory-mb", type=int, help="memory per device models may use (default: all but the reserve)")
+    serve.add_argument("--metrics-listen", help="host:port of /metrics and /healthz, overrides metrics_listen")
+    serve.add_argument("--log-format", choices=["text", "json"], help="overrides log_format")
     args = parser.parse_args(argv)
 
     try:
@@ -34,15 +36,13 @@ def main(argv: list[str] | None = None) -> None:
             default_models=args.models,
             heartbeat_interval=args.heartbeat_interval,
             memory_mb=args.memory_mb,
+            metrics_listen=args.metrics_listen,
+            log_format=args.log_format,
             **{"nats.servers": [args.nats] if args.nats else None},
         )
     except ConfigError as exc:
         sys.exit(f"neuron: {exc}")
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(settings.log_level, settings.log_format, f"neuron {settings.node}")
     from neuron.daemon import run  # torch is imported only once the config is valid
     from neuron.devices.discovery import DeviceError
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.protocol.config import NatsSettings, load_settings
 from cortex.protocol.subjects import NODE_NAME_PATTERN
+from cortex.telemetry.logs import LogFormat
 
 
 def default_node_name() -> str:
@@ -41,7 +42,11 @@ class NeuronSettings(BaseModel):
     offline: bool = False
     heartbeat_interval: float = Field(2.0, gt=0)
     drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds in-flight jobs may finish.")
+    metrics_listen: str | None = Field(
+        "127.0.0.1:13131", description="Prometheus /metrics and /healthz; unset to disable."
+    )
     log_level: str = "INFO"
+    log_format: LogFormat = Field("text", description="`json`: one JSON object per line, with request and job ids.")
 
 
 def load(path: Path | None, **overrides: object) -> NeuronSettings:

@@ -19,6 +19,7 @@ import time
 from nats.aio.client import Client
 
 from cortex.protocol.catalogue import Catalogue, CatalogueError
+from cortex.protocol.config import split_host_port
 from cortex.protocol.errors import ErrorCode
 from cortex.protocol.messages import (
     CancelReply,
@@ -37,6 +38,7 @@ from cortex.protocol.messages import (
     UnloadRequest,
 )
 from cortex.protocol.subjects import Subjects
+from cortex.telemetry.http import TelemetryServer
 from cortex.transport.nats import connect, nodes_bucket, pins_bucket
 from neuron import __version__
 from neuron.config import NeuronSettings
@@ -49,9 +51,11 @@ from neuron.fit import check_fit, choose_devices
 from neuron.heartbeat import Heartbeater
 from neuron.jobs import JobRelay
 from neuron.keeper import Keeper
+from neuron.metrics import NeuronMetrics
 from neuron.models import LoadError, ModelEntry, ModelTable
 from neuron.sources.inspect import SourceRefused, SourceUnavailable
 from neuron.sources.preflight import Plan, preflight, refusal_estimate
+from neuron.systemd import notify
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +64,15 @@ class Neuron:
     """Implements the control service's verbs and the model table's hooks over one NATS connection."""
 
     def __init__(
-        self, settings: NeuronSettings, nc: Client, workers: dict[str, DeviceWorker], catalogue: Catalogue
+        self,
+        settings: NeuronSettings,
+        nc: Client,
+        workers: dict[str, DeviceWorker],
+        catalogue: Catalogue,
+        metrics: NeuronMetrics,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.subjects = Subjects(settings.nats.prefix)
         self.started_at = time.time()
         self.catalogue = catalogue
@@ -76,6 +86,7 @@ class Neuron:
             converted_dir=settings.converted_dir,
             offline=settings.offline,
             defrag_after_cycles=settings.defrag_after_cycles,
+            metrics=metrics,
         )
         self.keeper = Keeper(self, settings.node, catalogue)
         self.relay = JobRelay(
@@ -85,6 +96,7 @@ class Neuron:
             self.models,
             max_batch=settings.max_batch,
             max_queue=settings.max_queue,
+            metrics=metrics,
         )
         self.heartbeat: Heartbeater | None = None
 
@@ -98,12 +110,15 @@ class Neuron:
             for d, w in self._workers.items()
         }
 
-    def model_status(self, entry: ModelEntry) -> ModelStatus:
+    def model_status(self, entry: ModelEntry, tokens_per_s: float = 0.0) -> ModelStatus:
         running, queued = self.relay.in_flight(entry.spec.id)
-        return entry.status(running + queued, queued, pinned=self.keeper.pinned(entry.spec.id))
+        return entry.status(
+            running + queued, queued, pinned=self.keeper.pinned(entry.spec.id), tokens_per_s=tokens_per_s
+        )
 
     def snapshot(self) -> Heartbeat:
-        return Heartbeat(
+        rates = self.metrics.decode_rates.rates()
+        heartbeat = Heartbeat(
             node=self.settings.node,
             version=__version__,
             started_at=self.started_at,
@@ -113,9 +128,17 @@ class Neuron:
             max_batch=self.settings.max_batch,
             max_queue=self.settings.max_queue,
             devices=list(self.device_views().values()),
-            models=[self.model_status(e) for e in self.models.entries()],
+            models=[self.model_status(e, rates.get(e.spec.id, 0.0)) for e in self.models.entries()],
             estimates=list(self.estimates.values()),
         )
+        self.metrics.observe(heartbeat)
+        return heartbeat
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        """For /healthz, on the telemetry thread: plain attribute reads only."""
+        connected, draining = self._nc.is_connected, self.relay.draining
+        body = {"node": self.settings.node, "nats_connected": connected, "draining": draining}
+        return connected and not draining, {"status": "ok" if connected and not draining else "unavailable", **body}
 
     # --- model table hooks ------------------------------------------------------------------
 
@@ -257,13 +280,18 @@ async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Ev
     async with contextlib.AsyncExitStack() as stack:
         nc = await connect(settings.nats.servers, f"neuron {settings.node}", **settings.nats.connect_options())
         stack.push_async_callback(nc.close)
-        kv = await nodes_bucket(nc)
+        kv = await nodes_bucket(nc, replicas=settings.nats.kv_replicas)
         devices = discover(settings.devices)
-        workers = {d.id: DeviceWorker(d, max_batch=settings.max_batch) for d in devices}
+        metrics = NeuronMetrics(settings.node)
+        workers = {d.id: DeviceWorker(d, max_batch=settings.max_batch, metrics=metrics) for d in devices}
         for worker in workers.values():
             worker.start()
             stack.callback(worker.stop)
-        neuron = Neuron(settings, nc, workers, catalogue)
+        neuron = Neuron(settings, nc, workers, catalogue, metrics)
+        if settings.metrics_listen:
+            telemetry = TelemetryServer(*split_host_port(settings.metrics_listen), metrics.registry, neuron.health)
+            if telemetry.start():
+                stack.callback(telemetry.stop)
         stack.push_async_callback(neuron.models.aclose)
         await neuron.relay.start()
         service = await start_control(nc, settings.node, neuron.subjects, neuron)
@@ -276,14 +304,16 @@ async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Ev
         log.info(backends.describe())
         if ready is not None:
             ready.set()
+        notify("READY=1")
         for spec in defaults:
             await neuron.keeper.load(spec, "default model")
         background = [
             asyncio.create_task(neuron.survey()),
-            asyncio.create_task(neuron.keeper.run(await pins_bucket(nc))),
+            asyncio.create_task(neuron.keeper.run(await pins_bucket(nc, replicas=settings.nats.kv_replicas))),
         ]
 
         await stop.wait()
+        notify("STOPPING=1")
 
         for task in background:
             task.cancel()

@@ -34,8 +34,10 @@ from cortex.protocol.messages import (
     Usage,
 )
 from cortex.protocol.subjects import JOB_QUEUE_GROUP, Subjects
+from cortex.telemetry import logs
 from neuron.engine.outputs import Crashed, Finished, Reasoning, Text, ToolCallPart
 from neuron.engine.worker import JobHandle
+from neuron.metrics import NeuronMetrics
 from neuron.models import ModelEntry, ModelTable
 
 log = logging.getLogger(__name__)
@@ -72,9 +74,18 @@ class _Running:
 
 class JobRelay:
     def __init__(
-        self, nc: Client, node: str, subjects: Subjects, models: ModelTable, *, max_batch: int, max_queue: int
+        self,
+        nc: Client,
+        node: str,
+        subjects: Subjects,
+        models: ModelTable,
+        *,
+        max_batch: int,
+        max_queue: int,
+        metrics: NeuronMetrics,
     ) -> None:
         self._nc = nc
+        self._metrics = metrics
         self._node = node
         self._subjects = subjects
         self._models = models
@@ -176,6 +187,9 @@ class JobRelay:
         except ValidationError as exc:
             await _Reply(self._nc, msg.reply, "unknown").fail(ErrorCode.invalid_request, f"invalid job: {exc}")
             return
+        # Every log line about this job, here and in the task relaying it, carries both ids.
+        logs.request_id.set(job.request_id)
+        logs.job_id.set(job.job_id)
         reply = _Reply(self._nc, msg.reply, job.job_id)
         entry = self._models.ready(job.model)
         if self.draining:
@@ -213,6 +227,7 @@ class JobRelay:
                 if isinstance(out, Text | Reasoning | ToolCallPart):
                     await reply.send(_piece(job.job_id, reply.seq, out))
                 elif isinstance(out, Finished):
+                    self._metrics.jobs.labels(running.entry.spec.id, out.finish_reason).inc()
                     await reply.send(_done(job.job_id, reply.seq, out))
                     log.info(
                         "job %s %s: %d+%d tokens, ttft %.0f ms",
@@ -223,6 +238,7 @@ class JobRelay:
                         out.ttft_ms,
                     )
                 elif isinstance(out, Crashed):
+                    self._metrics.jobs.labels(running.entry.spec.id, out.code.value).inc()
                     await reply.send(Failed(job_id=job.job_id, seq=reply.seq, code=out.code, message=out.message))
                     log.warning("job %s failed: %s", job.job_id, out.message)
             await reply.end()

@@ -22,6 +22,7 @@ from cortex.protocol.subjects import model_key
 from neuron.devices.discovery import refresh
 from neuron.engine.backends import Engine
 from neuron.engine.worker import DeviceWorker
+from neuron.metrics import NeuronMetrics
 from neuron.sources import loader
 from neuron.sources.loader import LoadedModel
 from neuron.sources.preflight import Plan
@@ -72,7 +73,9 @@ class ModelEntry:
     def device_ids(self) -> list[str]:
         return [w.device.id for w in self.workers]
 
-    def status(self, in_flight: int = 0, queued: int = 0, *, pinned: bool = False) -> ModelStatus:
+    def status(
+        self, in_flight: int = 0, queued: int = 0, *, pinned: bool = False, tokens_per_s: float = 0.0
+    ) -> ModelStatus:
         loading = self.state is ModelState.loading
         return ModelStatus(
             id=self.spec.id,
@@ -86,6 +89,7 @@ class ModelEntry:
             parallel=self.loaded.parallel if self.loaded is not None else None,
             in_flight=in_flight,
             queued=queued,
+            tokens_per_s=round(tokens_per_s, 2),
             last_used=self.last_used,
             pinned=pinned,
             priority=self.spec.priority,
@@ -106,8 +110,10 @@ class ModelTable:
         converted_dir: Path | None = None,
         offline: bool = False,
         defrag_after_cycles: int = 0,
+        metrics: NeuronMetrics | None = None,
     ) -> None:
         self._workers = workers
+        self._metrics = metrics
         self._hooks = hooks
         self._cache_dir = cache_dir
         self._converted_dir = converted_dir
@@ -224,6 +230,9 @@ class ModelTable:
             await self._bring_up(entry, plan)
         finally:
             entry.done.set()
+            if self._metrics is not None:
+                outcome = "ready" if entry.state is ModelState.ready else "failed"
+                self._metrics.load_seconds.labels(entry.spec.id, outcome).observe(time.perf_counter() - started)
         if entry.state is ModelState.ready:
             assert entry.loaded is not None
             seconds = time.perf_counter() - started

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from cortex import __version__
 from cortex.config import CortexSettings
-from cortex.gateway import admin, errors, routes
+from cortex.gateway import admin, errors, fleet_page, routes
 from cortex.gateway.service import Gateway
 from cortex.protocol.catalogue import Catalogue
 from cortex.protocol.errors import CortexError
@@ -39,4 +39,5 @@ def build_app(settings: CortexSettings, catalogue: Catalogue | None = None) -> F
     errors.install(app)
     app.include_router(routes.router)
     app.include_router(admin.router)
+    app.include_router(fleet_page.router)
     return app

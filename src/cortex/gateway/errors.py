@@ -28,8 +28,16 @@ def _id_header(request: Request) -> dict[str, str]:
     return {"x-request-id": rid} if rid and rid.isprintable() else {}
 
 
+def _count(request: Request, code: str) -> None:
+    """Errors before a request's model is known; later ones are counted with their model (Outcome)."""
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is not None and not getattr(request.state, "counted", False):
+        gateway.metrics.errors.labels("", code).inc()
+
+
 def _plain(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
     """An error raised before any job: in the caller's dialect."""
+    _count(request, "invalid_request" if status in (400, 422) else f"http_{status}")
     if _anthropic(request):
         body = anthropic.error_body(message, anthropic.error_type(status))
     else:
@@ -38,6 +46,7 @@ def _plain(request: Request, status: int, message: str, param: str | None = None
 
 
 def error_response(request: Request, exc: CortexError) -> JSONResponse:
+    _count(request, exc.code.value)
     status = http_status(exc.code)
     headers = _id_header(request)
     if status in (429, 503):

@@ -1,11 +1,27 @@
-"""Per-request Prometheus metrics of the gateway, on their own registry and port."""
+"""The gateway's Prometheus metrics, on their own registry and port (`metrics_listen`).
+
+Per request: counted and timed where the request ends (streaming.Outcome). Fleet: read from
+the heartbeats in the FleetView at scrape time, so they are as fresh as the last heartbeat.
+Label values are bounded: `model` is always a catalogue id or a model some node reports
+(routes resolve the client's name first), never raw client input.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cortex.placement.fleet import FleetView
+from cortex.protocol.messages import ModelState
 
 # Seconds: from a few ms (cached, tiny models) to minutes (long generations, cold loads).
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Between two tokens: ~1 ms (a small model on a big GPU) to ~1 s (a big model on a CPU).
+_INTER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+_MB = 1024 * 1024
 
 
 class GatewayMetrics:
@@ -13,23 +29,54 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "cortex_requests", "Requests by outcome.", ["model", "node", "api", "status"], registry=r
+            "cortex_requests",
+            "Requests by outcome (HTTP status; 499: the client left).",
+            ["model", "node", "api", "status"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "cortex_request_errors",
+            "Failed requests by error code (the `code` of the error envelope).",
+            ["model", "code"],
+            registry=r,
         )
         self.duration = Histogram(
-            "cortex_request_duration_seconds", "Request latency, end to end.", ["model"], buckets=_LATENCY, registry=r
+            "cortex_request_duration_seconds",
+            "Request latency, end to end.",
+            ["model", "api"],
+            buckets=_LATENCY,
+            registry=r,
         )
         self.ttft = Histogram(
-            "cortex_time_to_first_token_seconds", "Time to first token.", ["model"], buckets=_LATENCY, registry=r
+            "cortex_time_to_first_token_seconds",
+            "Request arrival to its first generated token.",
+            ["model"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "cortex_inter_token_latency_seconds",
+            "Gap between two streamed pieces of one answer, as sent.",
+            ["model"],
+            buckets=_INTER_TOKEN,
+            registry=r,
         )
         self.tokens_per_second = Histogram(
             "cortex_tokens_per_second",
-            "Decode rate of each request.",
+            "Decode rate of each request (tokens after the first / decode time).",
             ["model"],
             buckets=(1, 5, 10, 20, 40, 80, 160, 320, 640, 1280),
             registry=r,
         )
         self.prompt_tokens = Counter("cortex_prompt_tokens", "Prompt tokens.", ["model"], registry=r)
         self.completion_tokens = Counter("cortex_completion_tokens", "Generated tokens.", ["model"], registry=r)
+        self.queue_wait = Histogram(
+            "cortex_queue_wait_seconds",
+            "Time a job waited in its node's queue before its first forward pass.",
+            ["model"],
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.in_flight = Gauge("cortex_in_flight_requests", "Requests being served.", registry=r)
         self.cold_starts = Counter(
             "cortex_cold_starts", "Loads this gateway started for a request.", ["model"], registry=r
@@ -37,3 +84,54 @@ class GatewayMetrics:
         self.evictions = Counter(
             "cortex_evictions", "Models this gateway evicted, by strategy.", ["reason"], registry=r
         )
+
+    def watch_fleet(self, fleet: FleetView) -> None:
+        self.registry.register(FleetCollector(fleet))
+
+
+class FleetCollector(Collector):
+    """The fleet as the heartbeats describe it, at scrape time."""
+
+    def __init__(self, fleet: FleetView) -> None:
+        self._fleet = fleet
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("cortex_node_up", "1: heartbeats arrive; 0: the node left.", labels=["node"])
+        draining = GaugeMetricFamily("cortex_node_draining", "1 while the node stops.", labels=["node"])
+        total = GaugeMetricFamily(
+            "cortex_device_memory_total_bytes", "Memory models may use.", labels=["node", "device", "kind"]
+        )
+        used = GaugeMetricFamily(
+            "cortex_device_memory_used_bytes", "Memory in use (total less free).", labels=["node", "device", "kind"]
+        )
+        state = GaugeMetricFamily(
+            "cortex_model_state", "1 for the state each model is in on each node.", labels=["node", "model", "state"]
+        )
+        memory = GaugeMetricFamily("cortex_model_memory_bytes", "Memory a model takes.", labels=["node", "model"])
+        in_flight = GaugeMetricFamily(
+            "cortex_model_jobs_in_flight", "Jobs on the node (running + queued).", labels=["node", "model"]
+        )
+        queued = GaugeMetricFamily(
+            "cortex_model_jobs_queued", "Jobs waiting for a batch slot.", labels=["node", "model"]
+        )
+        rate = GaugeMetricFamily(
+            "cortex_model_tokens_per_second",
+            "Tokens the node generates per second for the model, lately.",
+            labels=["node", "model"],
+        )
+        for name in self._fleet.gone():
+            up.add_metric([name], 0)
+        for hb in self._fleet.nodes():
+            up.add_metric([hb.node], 1)
+            draining.add_metric([hb.node], int(hb.draining))
+            for d in hb.devices:
+                total.add_metric([hb.node, d.id, d.kind], d.total_mb * _MB)
+                used.add_metric([hb.node, d.id, d.kind], (d.total_mb - d.free_mb) * _MB)
+            for m in hb.models:
+                for s in ModelState:
+                    state.add_metric([hb.node, m.id, s.value], int(m.state is s))
+                memory.add_metric([hb.node, m.id], m.memory_mb * _MB)
+                in_flight.add_metric([hb.node, m.id], m.in_flight)
+                queued.add_metric([hb.node, m.id], m.queued)
+                rate.add_metric([hb.node, m.id], m.tokens_per_s)
+        yield from (up, draining, total, used, state, memory, in_flight, queued, rate)

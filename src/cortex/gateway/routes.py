@@ -25,6 +25,7 @@ from cortex.gateway.streaming import (
 from cortex.placement.policy import rank_holders
 from cortex.protocol.errors import CortexError, NoCapacity
 from cortex.protocol.messages import CountReply, CountRequest, InferenceJob
+from cortex.telemetry import logs
 
 router = APIRouter()
 
@@ -36,6 +37,7 @@ def _gateway(request: Request) -> Gateway:
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
     request.state.request_id = given[:128] if given.isprintable() and given else uuid.uuid4().hex
+    logs.request_id.set(request.state.request_id)
     return request.state.request_id
 
 
@@ -122,6 +124,7 @@ async def _serve(
     assert gw.dispatcher is not None and gw.placer is not None
     dispatcher, request_id = gw.dispatcher, job.request_id
     outcome = Outcome(model=job.model, api=api, request_id=request_id)
+    request.state.counted = True  # from here the outcome counts errors, not the error handlers
     headers = {"x-request-id": request_id}
     stream_headers = {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     try:
@@ -143,7 +146,7 @@ async def _serve(
         outcome.record(gw.metrics, "none")
         raise
     except ClientGone:
-        outcome.status = "499"
+        outcome.client_left()
         outcome.record(gw.metrics, "none")
         return Response(status_code=499)
     served = ServedJob(opened, outcome, gw.metrics)

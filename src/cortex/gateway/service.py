@@ -7,21 +7,21 @@ import contextlib
 import logging
 import os
 import socket
-from typing import Any
 
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
-from prometheus_client import start_http_server
 
-from cortex.config import CortexSettings, split_host_port
+from cortex.config import CortexSettings
 from cortex.gateway.dispatch import Dispatcher
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.placer import Placer
 from cortex.placement.fleet import FleetView
 from cortex.placement.lease import Leases
 from cortex.protocol.catalogue import Catalogue
+from cortex.protocol.config import split_host_port
 from cortex.protocol.errors import ModelNotFound
 from cortex.protocol.subjects import NODES_BUCKET, Subjects
+from cortex.telemetry.http import TelemetryServer
 from cortex.transport.control import ControlClient
 from cortex.transport.nats import (
     JobClient,
@@ -43,6 +43,7 @@ class Gateway:
         self.subjects = Subjects(settings.nats.prefix)
         self.fleet = FleetView()
         self.metrics = GatewayMetrics()
+        self.metrics.watch_fleet(self.fleet)
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self.nc: Client | None = None
         self.dispatcher: Dispatcher | None = None
@@ -51,12 +52,12 @@ class Gateway:
         self.pins: KeyValue | None = None
         self._client: JobClient | None = None
         self._follow: asyncio.Task[None] | None = None
-        self._metrics_server: Any = None
+        self._telemetry: TelemetryServer | None = None
 
     async def start(self) -> None:
         nats = self.settings.nats
         self.nc = await connect(nats.servers, "cortex gateway", **nats.connect_options())
-        kv = await nodes_bucket(self.nc)
+        kv = await nodes_bucket(self.nc, replicas=nats.kv_replicas)
         self._follow = asyncio.create_task(keep_watching(lambda: self.fleet.follow(watch_bucket(kv)), NODES_BUCKET))
         self._client = JobClient(self.nc, self.subjects)
         await self._client.start()
@@ -65,8 +66,8 @@ class Gateway:
             self._client, self.fleet, accept_timeout=gw.accept_timeout, idle_timeout=gw.idle_timeout
         )
         self.control = ControlClient(self.nc, self.subjects)
-        self.pins = await pins_bucket(self.nc)
-        leases = Leases(await placement_bucket(self.nc), self.name, ttl=gw.load_timeout + 30)
+        self.pins = await pins_bucket(self.nc, replicas=nats.kv_replicas)
+        leases = Leases(await placement_bucket(self.nc, replicas=nats.kv_replicas), self.name, ttl=gw.load_timeout + 30)
         self.placer = Placer(
             fleet=self.fleet,
             control=self.control,
@@ -79,8 +80,8 @@ class Gateway:
             unload_timeout=self.settings.eviction.unload_timeout,
         )
         if gw.metrics_listen:
-            host, port = split_host_port(gw.metrics_listen)
-            self._metrics_server, _ = start_http_server(port, host, registry=self.metrics.registry)
+            telemetry = TelemetryServer(*split_host_port(gw.metrics_listen), self.metrics.registry, self.health)
+            self._telemetry = telemetry if telemetry.start() else None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2.0):
                 await self.fleet.synced.wait()
@@ -99,13 +100,18 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
             self.nc = None
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server = None
+        if self._telemetry is not None:
+            self._telemetry.stop()
+            self._telemetry = None
 
     @property
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        """Also read by the telemetry thread: plain reads only."""
+        body = {"status": "ok" if self.connected else "nats_disconnected", "gateway": self.name}
+        return self.connected, {**body, "nodes": len(self.fleet.nodes())}
 
     def resolve_model(self, name: str) -> str:
         spec = self.catalogue.resolve(name)

@@ -64,9 +64,15 @@ class Outcome:
     first_token_at: float | None = None
     done: Done | None = None
     status: str = "200"
+    code: str | None = None
 
     def failed(self, code: ErrorCode) -> None:
         self.status = str(http_status(code))
+        self.code = code.value
+
+    def client_left(self) -> None:
+        if self.status == "200":
+            self.status, self.code = "499", "client_closed_request"
 
     def record(self, metrics: GatewayMetrics, node: str) -> None:
         now = time.perf_counter()
@@ -84,13 +90,16 @@ class Outcome:
             (now - self.started) * 1000,
         )
         metrics.requests.labels(self.model, node, self.api, self.status).inc()
-        metrics.duration.labels(self.model).observe(now - self.started)
+        if self.code is not None:
+            metrics.errors.labels(self.model, self.code).inc()
+        metrics.duration.labels(self.model, self.api).observe(now - self.started)
         if self.first_token_at is not None:
             metrics.ttft.labels(self.model).observe(self.first_token_at - self.started)
         if self.done is not None:
             usage = self.done.usage
             metrics.prompt_tokens.labels(self.model).inc(usage.prompt_tokens)
             metrics.completion_tokens.labels(self.model).inc(usage.completion_tokens)
+            metrics.queue_wait.labels(self.model).observe(self.done.timings.queue_ms / 1000)
             if self.done.timings.decode_ms > 0 and usage.completion_tokens > 1:
                 rate = (usage.completion_tokens - 1) / (self.done.timings.decode_ms / 1000)
                 metrics.tokens_per_second.labels(self.model).observe(rate)
@@ -104,11 +113,18 @@ class ServedJob:
         self.outcome = outcome
         self._metrics = metrics
         self._finished = False
+        self._inter_token = metrics.inter_token.labels(outcome.model)
+        self._last_piece_at: float | None = None
         metrics.in_flight.inc()
 
     def observe(self, event: Any) -> None:
-        if isinstance(event, _PIECES) and self.outcome.first_token_at is None:
-            self.outcome.first_token_at = time.perf_counter()
+        if isinstance(event, _PIECES):
+            now = time.perf_counter()
+            if self.outcome.first_token_at is None:
+                self.outcome.first_token_at = now
+            if self._last_piece_at is not None:
+                self._inter_token.observe(now - self._last_piece_at)
+            self._last_piece_at = now
         elif isinstance(event, Done):
             self.outcome.done = event
         elif isinstance(event, Failed):
@@ -121,8 +137,7 @@ class ServedJob:
                 return
             self._finished = True
             if self.outcome.done is None:
-                if self.outcome.status == "200":
-                    self.outcome.status = "499"  # the client left before the end
+                self.outcome.client_left()  # unless it failed: then the client did not leave early
                 await self.job.cancel()
             await self.job.aclose()
             self.outcome.record(self._metrics, self.job.node)
@@ -181,8 +196,7 @@ class ColdStart:
             await self.served.finish()
         elif not self._recorded:
             self._recorded = True
-            if self.outcome.status == "200":
-                self.outcome.status = "499"  # the client left while the model loaded
+            self.outcome.client_left()  # while the model loaded, unless the load failed
             self.outcome.record(self._metrics, "none")
 
     async def stream(

@@ -78,7 +78,14 @@ class FleetView:
 
     def nodes(self) -> list[Heartbeat]:
         now = time.monotonic()
-        return [r.heartbeat for r in self._nodes.values() if r.alive(now)]
+        # list(): a metrics scrape reads this from another thread while heartbeats arrive.
+        return [r.heartbeat for r in list(self._nodes.values()) if r.alive(now)]
+
+    def gone(self) -> list[str]:
+        """Nodes seen since this gateway started that have left (key deleted, expired, or silent)."""
+        now = time.monotonic()
+        silent = [name for name, r in list(self._nodes.items()) if not r.alive(now)]
+        return sorted({*list(self._gone), *silent})
 
     def alive(self, node: str) -> bool:
         """False once a node has left (key deleted or expired, or heartbeats stopped).

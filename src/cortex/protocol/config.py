@@ -36,6 +36,13 @@ class NatsSettings(BaseModel):
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    kv_replicas: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="Replicas of the KV buckets cortex creates (an odd number up to the NATS cluster's size; "
+        "3 on a 3-node cluster). Applies when a bucket is created, not to existing ones.",
+    )
 
     def connect_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {}
@@ -92,3 +99,9 @@ def _set(data: dict[str, Any], keys: list[str], value: Any) -> None:
     for key in keys[:-1]:
         data = data.setdefault(key, {})
     data[keys[-1]] = value
+
+
+def split_host_port(listen: str) -> tuple[str, int]:
+    """`host:port` of a listen setting; an empty host means every interface."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)

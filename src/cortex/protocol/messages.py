@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -90,8 +91,11 @@ class InferenceJob(_Wire):
     """The normalized request, published on `<prefix>.infer.<model_key>[.<node>]`."""
 
     v: int = PROTOCOL_VERSION
-    job_id: str
-    request_id: str
+    # Generated when absent, so an operator can type a job by hand (`nats req cortex.infer.<key> ...`).
+    job_id: str = Field(default_factory=lambda: uuid.uuid4().hex, description="Unique per job; a uuid4 hex if unset.")
+    request_id: str = Field(
+        default_factory=lambda: uuid.uuid4().hex, description="The client request it serves; a uuid4 hex if unset."
+    )
     model: str = Field(description="Catalogue id of the model (not an alias).")
     messages: list[ChatMessage] | None = None
     prompt: str | None = Field(None, description="Raw prompt, sent to the model without a chat template.")
@@ -261,6 +265,7 @@ class ModelStatus(_Wire):
     parallel: int | None = Field(None, description="Jobs it decodes at once; more wait in the node's queue (`queued`).")
     in_flight: int = 0
     queued: int = 0
+    tokens_per_s: float = Field(0.0, ge=0.0, description="Tokens it generated per second over the last few seconds.")
     last_used: float | None = None
     pinned: bool = False
     priority: int = 0

@@ -54,6 +54,11 @@ class Generation:
         self._logprobs: list[TokenLogprob] = []
         self._parser = PlainText()
 
+    @property
+    def prompt_tokens(self) -> int:
+        """Known once started (prefilled)."""
+        return self._prompt_len
+
     def cancel(self) -> None:
         """Thread-safe: the worker sees it before the next token."""
         self._cancel.set()

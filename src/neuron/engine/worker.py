@@ -25,6 +25,7 @@ from neuron.engine.batch import DecodeBatch
 from neuron.engine.generation import Generation
 from neuron.engine.llamacpp import LlamaBatch
 from neuron.engine.outputs import Crashed, Finished, Output
+from neuron.metrics import NeuronMetrics
 from neuron.sources.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,9 @@ class JobHandle:
 
 
 class DeviceWorker:
-    def __init__(self, device: DeviceInfo, *, max_batch: int) -> None:
+    def __init__(self, device: DeviceInfo, *, max_batch: int, metrics: NeuronMetrics | None = None) -> None:
         self.device = device
+        self._metrics = metrics
         self.torch_device = torch.device(device.id)
         self.max_batch = max_batch
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -177,6 +179,8 @@ class DeviceWorker:
                 for group in [gens] if batch.batchable else [[g] for g in gens]:
                     batch = self._batch_for(group[0])
                     batch.prefill(group)  # a failed group ends its own jobs there
+                    if self._metrics is not None:
+                        self._metrics.prefilled(group[0].model.spec.id, sum(g.prompt_tokens for g in group))
                     if not batch.rows:
                         self._batches.remove(batch)
             except Exception as exc:  # the batch itself could not be made: these jobs end, the thread lives
@@ -194,6 +198,8 @@ class DeviceWorker:
 
     def _step_all(self) -> None:
         for batch in list(self._batches):
+            if self._metrics is not None:
+                self._metrics.stepped(batch.model.spec.id, len(batch))
             try:
                 batch.step()
             except Exception as exc:

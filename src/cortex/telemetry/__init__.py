@@ -1,0 +1,1 @@
+"""What the gateway and the neuron tell operators: logs, metrics, health."""
