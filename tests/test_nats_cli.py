@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -106,6 +107,9 @@ async def kv_watch(nc: Client, bucket: str, key: str = ">") -> AsyncIterator[asy
     deliver = nc.new_inbox()
     entries: asyncio.Queue[KvEntry | None] = asyncio.Queue()
     state = {"pending": 0, "received": 0, "init_done": False}
+    # Deliveries can beat the create reply; like nats.go (which holds a lock), count them only once
+    # the initial pending count is known.
+    created_seen = asyncio.Event()
     prefix = f"$KV.{bucket}."
 
     async def on_msg(msg: Msg) -> None:
@@ -115,6 +119,7 @@ async def kv_watch(nc: Client, bucket: str, key: str = ">") -> AsyncIterator[asy
             if msg.reply:
                 await nc.publish(msg.reply, b"")
             return
+        await created_seen.wait()
         tokens = msg.reply.split(".")
         # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the v2 form
         # with <domain>.<account hash> after $JS.ACK.
@@ -158,6 +163,7 @@ async def kv_watch(nc: Client, bucket: str, key: str = ">") -> AsyncIterator[asy
     if state["pending"] == 0:
         state["init_done"] = True
         entries.put_nowait(None)
+    created_seen.set()
     try:
         yield entries
     finally:
@@ -175,9 +181,7 @@ def render_sub(n: int, msg: Msg) -> str:
 # --- nats req --replies=0 --wait-for-empty --------------------------------------------------------
 
 
-async def request_stream(
-    nc: Client, subject: str, body: str, timeout: float = 30.0
-) -> tuple[list[Msg], list[str]]:
+async def request_stream(nc: Client, subject: str, body: str, timeout: float = 30.0) -> tuple[list[Msg], list[str]]:
     """`nats req <subject> '<body>' --replies=0 --wait-for-empty --timeout=<timeout>`: one message with
     a reply inbox, then every reply until one with an empty body, within the overall timeout.
     Returns the replies and what the CLI prints for each."""
@@ -263,10 +267,15 @@ async def test_micro_info_lists_the_control_endpoints_and_their_subjects(nats_ur
         stats = await micro_request(nc, "STATS", "neuron", info["id"], wait_for=1)
     finally:
         await nc.close()
+    print(json.dumps(info, indent=1))
     endpoints = {e["name"]: e["subject"] for e in info["endpoints"]}
     assert endpoints == {v: f"cortex.node.{node}.{v}" for v in ("load", "unload", "status", "cancel", "count")}
-    assert all(e["queue_group"] == "q" for e in info["endpoints"])
     assert {e["name"] for e in stats[0]["endpoints"]} == set(endpoints)
+    # natscli validates both replies against the micro v1 JSON schemas (jsm.go) before printing.
+    assert re.fullmatch(r"\d+\.\d+\.\d+", info["version"]), "a semver version"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", stats[0]["started"]), "RFC 3339"
+    assert all(isinstance(e["data"], dict) for e in stats[0]["endpoints"]), "`data` must be an object, not null"
+    assert all(isinstance(e["last_error"], str) for e in stats[0]["endpoints"])
 
 
 async def test_micro_stats_counts_requests_and_errors_per_endpoint(nats_url, neuron) -> None:
@@ -287,6 +296,8 @@ async def test_micro_stats_counts_requests_and_errors_per_endpoint(nats_url, neu
         after = await t1_stats()
     finally:
         await nc.close()
+    for name, e in after.items():  # the rows of `nats micro stats neuron` for t1
+        print(f"{name:8} requests={e['num_requests']} errors={e['num_errors']} last_error={e['last_error'][:60]!r}")
     assert json.loads(ok.data)["heartbeat"]["node"] == "t1"
     assert bad.headers["Nats-Service-Error-Code"] == "400"
     assert after["status"]["num_requests"] == before["status"]["num_requests"] + 1
@@ -384,3 +395,22 @@ async def test_req_for_a_model_nobody_serves_prints_no_responders(nats_url, neur
         await nc.close()
     assert replies == []
     assert printed == ["No responders are available"]
+
+
+async def test_kv_watch_shows_a_stopped_node_leave(nats_url, second_node) -> None:
+    # Last in this file: it stops the module's second node.
+    nc = await _connect(nats_url)
+    try:
+        async with kv_watch(nc, "cortex_nodes") as entries:
+            while await asyncio.wait_for(entries.get(), 5) is not None:
+                pass
+            second_node.stop()
+            while True:
+                entry = await asyncio.wait_for(entries.get(), 10)
+                if entry is not None and entry.key == SECOND_NODE and entry.op != "PUT":
+                    break
+    finally:
+        await nc.close()
+    print(entry.render("cortex_nodes"))
+    assert entry.op in ("DELETE", "PURGE")
+    assert entry.value == b""

@@ -159,3 +159,18 @@ def test_json_logs_carry_the_request_id_from_gateway_into_neuron(
     finally:
         node.stop()
         gw.proc.stop()
+
+
+def test_token_rates_cover_the_last_window_only() -> None:
+    from neuron.metrics import TokenRates
+
+    rates = TokenRates(window_s=5.0)
+    assert rates.rates(now=100.0) == {}
+    rates.add("m", 50)
+    assert rates.rates(now=101.0) == {"m": 50.0}  # 50 tokens in the 1 s since the first sample
+    rates.add("m", 100)
+    assert rates.rates(now=102.0) == {"m": 75.0}  # 150 tokens over 2 s
+    # Nothing more for a while: once the window has passed, the rate falls to zero.
+    rates.rates(now=104.0)
+    rates.rates(now=108.0)
+    assert rates.rates(now=113.0) == {"m": 0.0}

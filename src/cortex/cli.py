@@ -51,7 +51,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     logs.configure(settings.log_level, settings.log_format, "cortex")
     host, port = split_host_port(settings.gateway.listen)
-    uvicorn.run(build_app(settings), host=host, port=port, log_level="warning", lifespan="on")
+    # log_config=None: uvicorn's own lines go through our handler (JSON too), not its own.
+    uvicorn.run(build_app(settings), host=host, port=port, log_level="warning", log_config=None, lifespan="on")
     return 0
 
 

@@ -138,15 +138,17 @@ def _banner(opts: DevOptions, model: str, aliases: list[str], nats_url: str, eng
     return f"""
 cortex is ready: {model}{f" (alias {alias})" if aliases else ""} on node {opts.node}, engine {engine}
 
-  OpenAI API   {base}/v1
-  metrics      http://{opts.metrics_listen}/metrics
+  OpenAI API   {base}/v1     (Anthropic: {base}/v1/messages)
+  fleet page   {base}/fleet
+  metrics      http://{opts.metrics_listen}/metrics (gateway), http://127.0.0.1:13131/metrics (neuron)
   NATS         {nats_url}   (monitoring http://127.0.0.1:{opts.nats_http_port})
 
 try it:
   curl {base}/v1/chat/completions -H 'content-type: application/json' \\
     -d '{{"model": "{alias}", "messages": [{{"role": "user", "content": "{QUESTION}"}}]}}'
 
-watch the traffic (nats CLI):
+watch the fleet:
+  cortex status --nats {nats_url} --watch
   nats -s {nats_url} sub 'cortex.>'
   nats -s {nats_url} kv watch cortex_nodes
   nats -s {nats_url} micro ls

@@ -58,8 +58,12 @@ async def start_control(nc: Client, node: str, subjects: Subjects, controller: C
         version=__version__,
         description=f"cortex neuron on node {node}",
         metadata={"node": node},
+        # nats-py sends `"data": null` for each endpoint's stats without a handler; natscli validates
+        # `nats micro stats` / `info` replies against the micro schema, where `data` must be an object.
+        stats_handler=lambda _: {},
     )
     group = service.add_group(name=subjects.control_group(node))
+    errors = _ErrorCounts(service)
 
     async def load(body: LoadRequest) -> BaseModel:
         return ModelReply(model=await controller.load(body))
@@ -77,15 +81,34 @@ async def start_control(nc: Client, node: str, subjects: Subjects, controller: C
         return await controller.count(body)
 
     # Loads and unloads may take minutes; each runs in its own task so one does not hold up the next.
-    await group.add_endpoint(name="load", handler=_in_task(_endpoint(LoadRequest, load)))
-    await group.add_endpoint(name="unload", handler=_in_task(_endpoint(UnloadRequest, unload)))
-    await group.add_endpoint(name="status", handler=_endpoint(None, status))
-    await group.add_endpoint(name="cancel", handler=_endpoint(CancelRequest, cancel))
-    await group.add_endpoint(name="count", handler=_endpoint(CountRequest, count))
+    await group.add_endpoint(name="load", handler=_in_task(_endpoint(LoadRequest, load, errors)))
+    await group.add_endpoint(name="unload", handler=_in_task(_endpoint(UnloadRequest, unload, errors)))
+    await group.add_endpoint(name="status", handler=_endpoint(None, status, errors))
+    await group.add_endpoint(name="cancel", handler=_endpoint(CancelRequest, cancel, errors))
+    await group.add_endpoint(name="count", handler=_endpoint(CountRequest, count, errors))
     return service
 
 
 _running: set[asyncio.Task[None]] = set()
+
+
+class _ErrorCounts:
+    """Counts error replies in the endpoint stats that `nats micro stats` / `info` show.
+
+    nats-py's micro counts an error only when a handler raises, and then answers with an empty body;
+    ours answer errors themselves, with a ServiceErrorBody, so they count them here, as nats.go's micro
+    does for every error reply. nats-py has no public handle on an endpoint's stats, hence the private
+    fields.
+    """
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    def add(self, subject: str, status: int, message: str) -> None:
+        for endpoint in self._service._endpoints:
+            if endpoint._subject == subject:
+                endpoint._num_errors += 1
+                endpoint._last_error = f"{status}:{message}"
 
 
 def _in_task(handler: Callable[[Request], Awaitable[None]]) -> Callable[[Request], Awaitable[None]]:
@@ -98,25 +121,33 @@ def _in_task(handler: Callable[[Request], Awaitable[None]]) -> Callable[[Request
 
 
 def _endpoint(
-    body_type: type[BaseModel] | None, handle: Callable[..., Awaitable[BaseModel]]
+    body_type: type[BaseModel] | None, handle: Callable[..., Awaitable[BaseModel]], errors: _ErrorCounts
 ) -> Callable[[Request], Awaitable[None]]:
     async def handler(request: Request) -> None:
         try:
             body = body_type.model_validate_json(request.data or b"{}") if body_type else None
             reply = await handle(body)
         except ValidationError as exc:
-            await _error(request, 400, ErrorCode.invalid_request, f"invalid request: {exc}")
+            await _error(request, errors, 400, ErrorCode.invalid_request, f"invalid request: {exc}")
         except ControlError as exc:
-            await _error(request, exc.status, exc.code, exc.message, exc.refusal)
+            await _error(request, errors, exc.status, exc.code, exc.message, exc.refusal)
         except Exception as exc:  # the caller waits for an answer: give it one, and keep serving
             log.exception("%s failed", request.subject)
-            await _error(request, 500, ErrorCode.internal, f"{type(exc).__name__}: {exc}")
+            await _error(request, errors, 500, ErrorCode.internal, f"{type(exc).__name__}: {exc}")
         else:
             await request.respond(reply.model_dump_json(exclude_none=True).encode())
 
     return handler
 
 
-async def _error(request: Request, status: int, code: ErrorCode, message: str, refusal: Refusal | None = None) -> None:
+async def _error(
+    request: Request,
+    errors: _ErrorCounts,
+    status: int,
+    code: ErrorCode,
+    message: str,
+    refusal: Refusal | None = None,
+) -> None:
+    errors.add(request.subject, status, message)
     body = ServiceErrorBody(code=code, message=message, refusal=refusal).to_bytes()
     await request.respond_error(str(status), message, data=body)
