@@ -324,7 +324,7 @@ async def test_kv_watch_shows_each_nodes_heartbeat_then_a_new_revision(nats_url,
                     break
     finally:
         await nc.close()
-    print(first.render("cortex_nodes")[:300], "...")
+    print(first.render("cortex_nodes")[:900], "...")
     assert first.op == "PUT"
     beat = json.loads(first.value)
     assert beat["node"] == "t1"

@@ -174,3 +174,18 @@ def test_token_rates_cover_the_last_window_only() -> None:
     rates.rates(now=104.0)
     rates.rates(now=108.0)
     assert rates.rates(now=113.0) == {"m": 0.0}
+
+
+def test_alert_rules_use_only_metrics_that_exist(served: dict, gateway: Gateway, neuron: Proc) -> None:
+    import re
+
+    import yaml
+
+    rules = yaml.safe_load((Path(__file__).parents[1] / "deploy/prometheus/alerts.yml").read_text())
+    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    used = {name for expr in exprs for name in re.findall(r"\b((?:cortex|neuron)_[a-z_]+)\b", expr)}
+    exposed = set()
+    for url in (gateway.metrics_url, f"{neuron.telemetry}/metrics"):
+        exposed |= set(re.findall(r"^# TYPE (\S+)", httpx.get(url, timeout=5).text, re.M))
+        exposed |= {name for name, _ in scrape(url)}
+    assert used and used <= exposed, used - exposed
