@@ -11,8 +11,10 @@ from __future__ import annotations
 import configparser
 import os
 import shutil
+import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from cortex import config as cortex_config
 from cortex import natsserver
 from neuron import config as neuron_config
 from neuron.systemd import notify
+from tests.conftest import Proc
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -315,3 +318,33 @@ def test_notify_without_a_socket_or_with_a_dead_one_does_nothing(
     notify("READY=1")
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens.sock"))
     notify("READY=1")  # must not raise: the daemon keeps running when systemd is not there
+
+
+def test_neuron_tells_systemd_it_is_ready_then_that_it_stops(
+    tmp_path: Path, spawn: Callable[..., Proc], nats_url: str, tiny_model_dir: Path
+) -> None:
+    """The daemon itself, under a NOTIFY_SOCKET as Type=notify gives it: READY=1 once it serves
+    (its heartbeat is in NATS), STOPPING=1 when SIGTERM starts the drain."""
+    models = tmp_path / "models.toml"
+    models.write_text(f'[[models]]\nid = "test/tiny-llama"\nsource = "file:{tiny_model_dir}"\n')
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "notify.sock"))
+        sock.settimeout(90)
+        env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "NEURON_METRICS_LISTEN": ""}
+        proc = spawn(
+            "neuron-notify",
+            "neuron.cli",
+            "serve",
+            "--nats",
+            nats_url,
+            "--node",
+            "notify",
+            "--models-config",
+            str(models),
+            env=env,
+        )
+        assert sock.recv(4096) == b"READY=1", proc.output()
+        assert "neuron notify ready" in proc.output()
+        proc.popen.send_signal(signal.SIGTERM)
+        assert sock.recv(4096) == b"STOPPING=1", proc.output()
+        assert proc.popen.wait(60) == 0

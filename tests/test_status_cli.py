@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from cortex.protocol.messages import ModelSpec
 from cortex.protocol.subjects import PINS_BUCKET, Subjects
 
 MODEL = "test/tiny-llama"
+MEMORY_BAR = re.compile(r"^  \S+ .* \[[#.]{20}\] \d+\.\d/\d+\.\d GB$")
 
 
 def cortex_status(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -59,7 +61,7 @@ def test_table_shows_node_device_and_model(fleet: str) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("cortex fleet at ") and "HEALTHY" in lines[0]
     assert any(line.startswith("t1  up  v") for line in lines)
-    assert any(line.strip().startswith("cpu") and "GB" in line and "[" in line for line in lines)
+    assert any(MEMORY_BAR.search(line) for line in lines), result.stdout
     model_row = next(line for line in lines if line.strip().startswith(MODEL))
     assert " ready " in model_row
 

@@ -46,9 +46,12 @@ class Heartbeater:
         while True:
             try:
                 await self.beat()
+                pause = self._interval
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("heartbeat failed: %s", exc)
-            await asyncio.sleep(self._interval)
+                # Soon again: a stream electing a new leader takes seconds, and our key's TTL runs.
+                pause = min(self._interval, 0.25)
+            await asyncio.sleep(pause)
 
     async def remove(self) -> None:
         async with self._lock:

@@ -2,7 +2,10 @@
 
 Liveness is judged by local receive time, not the sender's clock: a node whose heartbeat
 has not been refreshed for three of its intervals (plus a grace second) is treated as gone
-even before its key's TTL marker arrives.
+even before its key's TTL marker arrives, but only while other heartbeats keep arriving.
+When every node falls silent at once the silence is most likely ours (the watch's server
+died, or the bucket's stream is electing a leader after a NATS server failure): the view
+is kept until heartbeats resume, a key's TTL marker arrives, or `FLEET_SILENCE_S` passes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from cortex.protocol.messages import Heartbeat, ModelState, ModelStatus
 log = logging.getLogger(__name__)
 
 _GRACE_S = 1.0
+FLEET_SILENCE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -27,8 +31,13 @@ class NodeRecord:
     heartbeat: Heartbeat
     seen_at: float
 
-    def alive(self, now: float) -> bool:
-        return now - self.seen_at <= 3 * self.heartbeat.interval_s + _GRACE_S
+    def alive(self, now: float, last_heard: float) -> bool:
+        """`last_heard`: when the latest heartbeat of any node arrived."""
+        allowance = 3 * self.heartbeat.interval_s + _GRACE_S
+        if now - self.seen_at <= allowance:
+            return True
+        others_heard = last_heard - self.seen_at > allowance
+        return not others_heard and now - self.seen_at <= FLEET_SILENCE_S
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class FleetView:
     def __init__(self) -> None:
         self._nodes: dict[str, NodeRecord] = {}
         self._gone: set[str] = set()
+        self._last_heard = 0.0
         self.synced = asyncio.Event()
         self._changed = asyncio.Condition()
 
@@ -58,7 +68,8 @@ class FleetView:
         if node not in self._nodes:
             log.info("node %s joined the fleet", node)
         self._gone.discard(node)
-        self._nodes[node] = NodeRecord(heartbeat, time.monotonic())
+        self._last_heard = time.monotonic()
+        self._nodes[node] = NodeRecord(heartbeat, self._last_heard)
 
     async def follow(self, updates: AsyncIterator[tuple[str, bytes | None] | None]) -> None:
         async for update in updates:
@@ -79,12 +90,12 @@ class FleetView:
     def nodes(self) -> list[Heartbeat]:
         now = time.monotonic()
         # list(): a metrics scrape reads this from another thread while heartbeats arrive.
-        return [r.heartbeat for r in list(self._nodes.values()) if r.alive(now)]
+        return [r.heartbeat for r in list(self._nodes.values()) if r.alive(now, self._last_heard)]
 
     def gone(self) -> list[str]:
         """Nodes seen since this gateway started that have left (key deleted, expired, or silent)."""
         now = time.monotonic()
-        silent = [name for name, r in list(self._nodes.items()) if not r.alive(now)]
+        silent = [name for name, r in list(self._nodes.items()) if not r.alive(now, self._last_heard)]
         return sorted({*list(self._gone), *silent})
 
     def alive(self, node: str) -> bool:
@@ -96,7 +107,7 @@ class FleetView:
         record = self._nodes.get(node)
         if record is None:
             return node not in self._gone
-        return record.alive(time.monotonic())
+        return record.alive(time.monotonic(), self._last_heard)
 
     def _serving(self) -> list[Holder]:
         """Every (node, model) where the model is ready and the node takes jobs."""

@@ -13,7 +13,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import KeyValueConfig
+from nats.js.api import DeliverPolicy, KeyValueConfig
 from nats.js.kv import KeyValue
 
 from cortex.protocol.errors import (
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 _STATUS = "Status"
 _LIVENESS_CHECK_S = 1.0
 _NO_RESPONDERS = "503"
+WATCH_HEARTBEAT_S = 1.0
 
 
 @contextlib.contextmanager
@@ -316,21 +317,59 @@ async def keep_watching(follow: Callable[[], Awaitable[None]], what: str, retry_
         await asyncio.sleep(retry_s)
 
 
-async def watch_bucket(kv: KeyValue, keys: str = ">") -> AsyncIterator[tuple[str, bytes | None] | None]:
+async def watch_bucket(
+    kv: KeyValue, keys: str = ">", *, heartbeat_s: float = WATCH_HEARTBEAT_S
+) -> AsyncIterator[tuple[str, bytes | None] | None]:
     """Every key's current value, then `None` (initial snapshot done), then each change.
 
     A deleted, purged or expired key yields `(key, None)`.
+
+    This is nats-py's `KeyValue.watch` (an ordered push consumer, last value per key) with a
+    short idle heartbeat. The consumer lives on one server; when that server dies, nats-py
+    re-creates it from the last sequence seen once two heartbeats are missed. Its default
+    5 s heartbeat meant 10-20 s of silence, long enough for a gateway to think every node
+    had left; at 1 s the watch resumes in 2-4 s, inside a node's liveness allowance.
     """
+    # The KeyValue's own subject prefix, stream and JetStream context: a bucket's, not ours to guess.
+    js, prefix, stream = kv._js, kv._pre, kv._stream
+    updates: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def on_msg(msg: Msg) -> None:
+        updates.put_nowait(msg)
+
     with map_nats_errors(f"watching KV bucket {kv._name}"):
-        watcher = await kv.watch(keys)
+        sub = await js.subscribe(
+            f"{prefix}{keys}",
+            stream=stream,
+            cb=on_msg,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            idle_heartbeat=heartbeat_s,
+            inactive_threshold=300.0,
+        )
     try:
-        async for entry in watcher:
-            if entry is None:
+        with map_nats_errors(f"watching KV bucket {kv._name}"):
+            info = await sub.consumer_info()
+        snapshot_done = info.num_pending == 0 and updates.empty() and sub.delivered == 0
+        if snapshot_done:
+            yield None
+        while True:
+            msg = await updates.get()
+            key = msg.subject[len(prefix) :]
+            yield key, (None if _kv_removal(msg) else msg.data)
+            if not snapshot_done and msg.metadata.num_pending == 0:
+                snapshot_done = True
                 yield None
-            elif entry.operation in ("DEL", "PURGE"):
-                yield entry.key, None
-            else:
-                yield entry.key, entry.value
     finally:
         with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
-            await watcher.stop()
+            await sub.unsubscribe()
+
+
+def _kv_removal(msg: Msg) -> bool:
+    """A delete or purge by a client (KV-Operation), or a key the server expired (nats-server >= 2.11)."""
+    headers = msg.headers or {}
+    return headers.get("KV-Operation") in ("DEL", "PURGE") or headers.get("Nats-Marker-Reason") in (
+        "MaxAge",
+        "Purge",
+        "Remove",
+    )
