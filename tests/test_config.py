@@ -35,6 +35,13 @@ def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.nats.servers == ["nats://elsewhere:4222"]
 
 
+def test_env_vars_of_the_admin_commands_are_not_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORTEX_URL", "http://gateway.internal:31313")
+    monkeypatch.setenv("CORTEX_ADMIN_KEY", "0123456789abcdef")
+    monkeypatch.setenv("CORTEX_LOG_FORMAT", "json")
+    assert cortex_config.load(None).log_format == "json"  # a real setting still applies
+
+
 def test_bad_value_names_the_file_and_field(tmp_path: Path) -> None:
     path = tmp_path / "neuron.toml"
     path.write_text('max_batch = "lots"\n')

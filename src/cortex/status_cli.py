@@ -34,10 +34,11 @@ _CLEAR = "\033[H\033[2J"
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="fleet health from NATS: nodes, devices, models, load (no gateway needed)")
-    p.add_argument("--nats", help=f"NATS server URL (default: CORTEX_NATS, [nats] of --config, or {DEFAULT_NATS})")
-    p.add_argument("--creds", type=Path, help="a NATS .creds file (JWT + nkey)")
-    p.add_argument("--user", help="NATS user")
-    p.add_argument("--password", default=os.environ.get("CORTEX_NATS_PASSWORD"), help="(or CORTEX_NATS_PASSWORD)")
+    # The nats CLI's own env vars, so one shell set-up serves both tools.
+    p.add_argument("--nats", help=f"NATS server URL (default: NATS_URL, [nats] of --config, or {DEFAULT_NATS})")
+    p.add_argument("--creds", type=Path, default=os.environ.get("NATS_CREDS"), help="a .creds file (or NATS_CREDS)")
+    p.add_argument("--user", default=os.environ.get("NATS_USER"), help="NATS user (or NATS_USER)")
+    p.add_argument("--password", default=os.environ.get("NATS_PASSWORD"), help="(or NATS_PASSWORD)")
     p.add_argument("--config", type=Path, help="cortex.toml: use its [nats] section and its catalogue's pins")
     p.add_argument("--json", action="store_true", help="print the report as JSON (one line per refresh with --watch)")
     p.add_argument(
@@ -57,9 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> tuple[NatsSettings, Catalogue | None]:
-    """[nats] from --config (env CORTEX_NATS__... applies), then CORTEX_NATS, then the flags on top."""
-    # Taken out of the environment: the config loader would read CORTEX_NATS as the whole [nats] table.
-    env_url = os.environ.pop("CORTEX_NATS", None)
+    """[nats] from --config (env CORTEX_NATS__... applies), then NATS_URL, then the flags on top."""
+    env_url = os.environ.get("NATS_URL")
     catalogue = None
     nats = NatsSettings(servers=[DEFAULT_NATS])
     if args.config is not None:
@@ -108,7 +108,7 @@ async def _status(args: argparse.Namespace, nats: NatsSettings, catalogue: Catal
 def _unreachable(exc: CortexError, where: str) -> None:
     print(
         f"cortex status: cannot read the fleet from NATS at {where}: {exc.message}\n"
-        "  Point --nats (or CORTEX_NATS) at a server of the fleet, and pass --creds FILE or --user/--password "
+        "  Point --nats (or NATS_URL) at a server of the fleet, and pass --creds FILE or --user/--password "
         "if it needs them.",
         file=sys.stderr,
     )

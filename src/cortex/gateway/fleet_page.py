@@ -7,7 +7,6 @@ publish to every NATS client (nodes, devices, models, load), nothing a request c
 from __future__ import annotations
 
 import logging
-import time
 from functools import cache
 from importlib import resources
 
@@ -51,8 +50,7 @@ async def fleet_report(gw: Gateway) -> FleetReport:
 def _sightings(fleet: FleetView) -> list[Sighting]:
     # Every record, stale ones too (FleetView.nodes() hides those), aged by local receive time
     # as FleetView judges liveness: the nodes' clocks do not matter here.
-    now = time.monotonic()
-    return [Sighting(r.heartbeat, now - r.seen_at) for r in list(fleet._nodes.values())]
+    return [Sighting(heartbeat, age) for heartbeat, age in fleet.records()]
 
 
 @cache

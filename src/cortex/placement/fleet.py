@@ -92,6 +92,11 @@ class FleetView:
         # list(): a metrics scrape reads this from another thread while heartbeats arrive.
         return [r.heartbeat for r in list(self._nodes.values()) if r.alive(now, self._last_heard)]
 
+    def records(self) -> list[tuple[Heartbeat, float]]:
+        """Every node's latest heartbeat with its age by local receive time, silent ones too."""
+        now = time.monotonic()
+        return [(r.heartbeat, now - r.seen_at) for r in list(self._nodes.values())]
+
     def gone(self) -> list[str]:
         """Nodes seen since this gateway started that have left (key deleted, expired, or silent)."""
         now = time.monotonic()

@@ -74,7 +74,9 @@ def load_settings(cls: type[T], path: Path | None, env_prefix: str, **overrides:
     for name, value in os.environ.items():
         if name.startswith(env_prefix + "_"):
             keys = name[len(env_prefix) + 1 :].lower().split("__")
-            _set(data, keys, _env_value(name, value))
+            # Not a setting: CORTEX_URL and CORTEX_ADMIN_KEY, say, belong to the admin commands.
+            if keys[0] in cls.model_fields:
+                _set(data, keys, _env_value(name, value))
     for name, value in overrides.items():
         if value is not None:
             _set(data, name.split("."), value)
