@@ -23,7 +23,7 @@ from cortex import config as cortex_config
 from cortex import natsserver
 from neuron import config as neuron_config
 from neuron.systemd import notify
-from tests.conftest import Proc
+from tests.conftest import Proc, nats_request
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -324,7 +324,7 @@ def test_neuron_tells_systemd_it_is_ready_then_that_it_stops(
     tmp_path: Path, spawn: Callable[..., Proc], nats_url: str, tiny_model_dir: Path
 ) -> None:
     """The daemon itself, under a NOTIFY_SOCKET as Type=notify gives it: READY=1 once it serves
-    (its heartbeat is in NATS), STOPPING=1 when SIGTERM starts the drain."""
+    its default models, STOPPING=1 when SIGTERM starts the drain."""
     models = tmp_path / "models.toml"
     models.write_text(f'[[models]]\nid = "test/tiny-llama"\nsource = "file:{tiny_model_dir}"\n')
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -341,10 +341,16 @@ def test_neuron_tells_systemd_it_is_ready_then_that_it_stops(
             "notify",
             "--models-config",
             str(models),
+            "--model",
+            "test/tiny-llama",
             env=env,
         )
-        assert sock.recv(4096) == b"READY=1", proc.output()
-        assert "neuron notify ready" in proc.output()
+        states = []
+        while not states or states[-1] != "READY=1":
+            states.append(sock.recv(4096).decode())
+        assert set(states) <= {"STATUS=loading test/tiny-llama", "READY=1"}, proc.output()
+        heartbeat = nats_request(nats_url, "cortex.node.notify.status")["heartbeat"]
+        assert [(m["id"], m["state"]) for m in heartbeat["models"]] == [("test/tiny-llama", "ready")]
         proc.popen.send_signal(signal.SIGTERM)
         assert sock.recv(4096) == b"STOPPING=1", proc.output()
         assert proc.popen.wait(60) == 0

@@ -304,10 +304,10 @@ async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Ev
         log.info(backends.describe())
         if ready is not None:
             ready.set()
-        notify("READY=1")
         for spec in defaults:
             await neuron.keeper.load(spec, "default model")
         background = [
+            asyncio.create_task(_tell_systemd_when_loaded(neuron, defaults)),
             asyncio.create_task(neuron.survey()),
             asyncio.create_task(neuron.keeper.run(await pins_bucket(nc, replicas=settings.nats.kv_replicas))),
         ]
@@ -334,6 +334,17 @@ async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Ev
             await neuron.publish_event("node_down", detail="shutdown")
             await nc.flush(timeout=2)
         log.info("neuron %s stopped", settings.node)
+
+
+async def _tell_systemd_when_loaded(neuron: Neuron, defaults: list[ModelSpec]) -> None:
+    """READY=1 once the default models are loaded (or have failed): `systemctl start neuron`
+    returns when the node serves what it was configured to, and TimeoutStartSec bounds that."""
+    for spec in defaults:
+        entry = neuron.models.get(spec.id)
+        if entry is not None and not entry.done.is_set():
+            notify(f"STATUS=loading {spec.id}")
+            await entry.done.wait()
+    notify("READY=1")
 
 
 def run(settings: NeuronSettings) -> None:
