@@ -51,7 +51,9 @@ class ModelReport(BaseModel):
     parallel: int | None = None
     in_flight: int
     queued: int
-    tokens_per_s: float = Field(description="Tokens generated per second over the node's last heartbeat interval.")
+    tokens_per_s: float = Field(
+        description="Tokens generated per second over the last ~5 seconds, as the node reports it."
+    )
     pinned: bool
     phase: str | None = None
     progress: float | None = None
