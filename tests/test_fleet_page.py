@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import pin_on_missing_node, wait_until
+
 MODEL = "test/tiny-llama"
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 # CI installs Chromium and sets REQUIRE_CHROMIUM=1: there the page test must run, not skip.
@@ -32,6 +34,16 @@ def test_fleet_json_reports_the_node_and_its_model(gateway, neuron) -> None:
     assert entry["state"] == "ready"
     assert isinstance(entry["tokens_per_s"], float)
     assert report["totals"]["nodes_up"] >= 1
+
+
+def test_fleet_json_follows_the_pins_bucket(gateway, neuron, nats_url: str) -> None:
+    def report() -> dict:
+        return httpx.get(f"{gateway.url}/fleet.json", timeout=10).json()
+
+    with pin_on_missing_node(nats_url, "ghost"):
+        wait_until(lambda: not report()["healthy"], 5, "the ghost pin in /fleet.json")
+        assert any("pinned on node ghost" in p for p in report()["problems"])
+    wait_until(lambda: report()["healthy"], 5, "the fleet healthy again once the pin is gone")
 
 
 def test_fleet_page_is_served_as_html(gateway) -> None:

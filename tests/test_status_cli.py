@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 
-import nats
 import pytest
 
 from cortex import natsserver
-from cortex.protocol.messages import ModelSpec
-from cortex.protocol.subjects import PINS_BUCKET, Subjects
+from tests.conftest import pin_on_missing_node
 
 MODEL = "test/tiny-llama"
 MEMORY_BAR = re.compile(r"^  \S+ .* \[[#.]{20}\] \d+\.\d/\d+\.\d GB$")
@@ -26,27 +21,6 @@ def cortex_status(*args: str, timeout: float = 60) -> subprocess.CompletedProces
     return subprocess.run(
         [sys.executable, "-m", "cortex.cli", "status", *args], capture_output=True, text=True, timeout=timeout
     )
-
-
-@contextlib.contextmanager
-def pin_on_missing_node(nats_url: str, node: str) -> Iterator[None]:
-    """A runtime pin, as `cortex pin` writes it, naming a node that never joined."""
-    key = Subjects().pin_key(node, MODEL)
-    spec = ModelSpec(id=MODEL, source="file:/nowhere").to_bytes()
-
-    async def put(value: bytes | None) -> None:
-        nc = await nats.connect(nats_url)
-        try:
-            kv = await nc.jetstream().key_value(PINS_BUCKET)
-            await (kv.put(key, value) if value is not None else kv.delete(key))
-        finally:
-            await nc.close()
-
-    asyncio.run(put(spec))
-    try:
-        yield
-    finally:
-        asyncio.run(put(None))
 
 
 @pytest.fixture

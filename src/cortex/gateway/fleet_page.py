@@ -16,7 +16,6 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from cortex.gateway.service import Gateway
 from cortex.placement.fleet import FleetView
 from cortex.placement.report import FleetReport, Sighting, build_report
-from cortex.protocol.errors import CortexError
 from cortex.transport import fleet_read
 
 log = logging.getLogger(__name__)
@@ -36,14 +35,8 @@ async def fleet_page() -> HTMLResponse:
 
 
 async def fleet_report(gw: Gateway) -> FleetReport:
-    problems: list[str] = []
-    pinned: dict[str, list[str]] = {}
-    if gw.pins is not None:
-        try:
-            pinned = fleet_read.pins(await fleet_read.snapshot(gw.pins))
-        except CortexError as exc:
-            problems.append(f"The gateway cannot read KV cortex_pins ({exc.message}): check its NATS connection.")
-    pinned = fleet_read.with_catalogue_pins(pinned, gw.catalogue)
+    pinned = fleet_read.with_catalogue_pins(fleet_read.pins(gw.pin_values), gw.catalogue)
+    problems = [] if gw.connected else ["The gateway has lost its NATS connection: this view may be out of date."]
     return build_report(_sightings(gw.fleet), pinned, problems=problems)
 
 

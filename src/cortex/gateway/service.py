@@ -20,7 +20,7 @@ from cortex.placement.lease import Leases
 from cortex.protocol.catalogue import Catalogue
 from cortex.protocol.config import split_host_port
 from cortex.protocol.errors import ModelNotFound
-from cortex.protocol.subjects import NODES_BUCKET, Subjects
+from cortex.protocol.subjects import NODES_BUCKET, PINS_BUCKET, Subjects
 from cortex.telemetry.http import TelemetryServer
 from cortex.transport.control import ControlClient
 from cortex.transport.nats import (
@@ -50,15 +50,18 @@ class Gateway:
         self.placer: Placer | None = None
         self.control: ControlClient | None = None
         self.pins: KeyValue | None = None
+        self.pin_values: dict[str, bytes] = {}  # KV cortex_pins as it is now, kept by a watch
         self._client: JobClient | None = None
-        self._follow: asyncio.Task[None] | None = None
+        self._watches: list[asyncio.Task[None]] = []
         self._telemetry: TelemetryServer | None = None
 
     async def start(self) -> None:
         nats = self.settings.nats
         self.nc = await connect(nats.servers, "cortex gateway", **nats.connect_options())
         kv = await nodes_bucket(self.nc, replicas=nats.kv_replicas)
-        self._follow = asyncio.create_task(keep_watching(lambda: self.fleet.follow(watch_bucket(kv)), NODES_BUCKET))
+        self._watches.append(
+            asyncio.create_task(keep_watching(lambda: self.fleet.follow(watch_bucket(kv)), NODES_BUCKET))
+        )
         self._client = JobClient(self.nc, self.subjects)
         await self._client.start()
         gw = self.settings.gateway
@@ -66,7 +69,8 @@ class Gateway:
             self._client, self.fleet, accept_timeout=gw.accept_timeout, idle_timeout=gw.idle_timeout
         )
         self.control = ControlClient(self.nc, self.subjects)
-        self.pins = await pins_bucket(self.nc, replicas=nats.kv_replicas)
+        self.pins = pins = await pins_bucket(self.nc, replicas=nats.kv_replicas)
+        self._watches.append(asyncio.create_task(keep_watching(lambda: self._mirror_pins(pins), PINS_BUCKET)))
         leases = Leases(await placement_bucket(self.nc, replicas=nats.kv_replicas), self.name, ttl=gw.load_timeout + 30)
         self.placer = Placer(
             fleet=self.fleet,
@@ -87,12 +91,21 @@ class Gateway:
                 await self.fleet.synced.wait()
         log.info("gateway connected to %s; fleet: %s", nats.servers, self.fleet.ready_models() or "no models yet")
 
+    async def _mirror_pins(self, kv: KeyValue) -> None:
+        values: dict[str, bytes] = {}
+        async for update in watch_bucket(kv):
+            if update is None:
+                self.pin_values = values  # a (re)started watch has replayed every key: swap in whole
+            elif update[1] is None:
+                values.pop(update[0], None)
+            else:
+                values[update[0]] = update[1]
+
     async def aclose(self) -> None:
-        if self._follow is not None:
-            self._follow.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._follow
-            self._follow = None
+        for task in self._watches:
+            task.cancel()
+        await asyncio.gather(*self._watches, return_exceptions=True)
+        self._watches = []
         if self._client is not None:
             await self._client.aclose()
             self._client = None
