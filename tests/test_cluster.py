@@ -320,7 +320,12 @@ def test_the_gateway_keeps_its_fleet_view_when_its_watchs_server_dies(cluster: C
     )
     victim = next(n for n in cluster.nodes if n.name == host)
     victim.kill()
+    killed = time.monotonic()
     still_following_heartbeats(fleet)
+    # And the watch itself resumed: heartbeats reach the gateway again (their local age is fresh),
+    # well before FleetView would stop riding out the silence.
+    wait_until(lambda: heartbeat_age(fleet) < 2 * HEARTBEAT_S, 15, "a fresh heartbeat through the resumed watch")
+    print(f"\ngateway's watch moved off {victim.name}; heartbeats fresh again {time.monotonic() - killed:.1f}s after")
 
 
 def revive(cluster: Cluster) -> None:
@@ -343,6 +348,12 @@ async def watch_consumer_host(cluster: Cluster) -> str | None:
         return consumers[0].cluster.leader
     finally:
         await nc.close()
+
+
+def heartbeat_age(fleet: Fleet) -> float:
+    """Seconds since the gateway last received the node's heartbeat (its own clock)."""
+    nodes = httpx.get(f"{fleet.url}/fleet.json", timeout=2).json()["nodes"]
+    return next((n["age_s"] for n in nodes if n["name"] == NODE), float("inf"))
 
 
 def serves_model(fleet: Fleet) -> bool:

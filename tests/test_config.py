@@ -42,6 +42,12 @@ def test_env_vars_of_the_admin_commands_are_not_settings(monkeypatch: pytest.Mon
     assert cortex_config.load(None).log_format == "json"  # a real setting still applies
 
 
+def test_a_mistyped_env_var_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORTEX_NATS_PASSWORD", "secret")  # CORTEX_NATS__PASSWORD was meant
+    with pytest.raises(ConfigError, match="nats_password"):
+        cortex_config.load(None)
+
+
 def test_bad_value_names_the_file_and_field(tmp_path: Path) -> None:
     path = tmp_path / "neuron.toml"
     path.write_text('max_batch = "lots"\n')

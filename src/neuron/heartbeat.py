@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable
 
 import nats.errors
@@ -20,6 +21,8 @@ from cortex.protocol.messages import Heartbeat
 from cortex.protocol.subjects import NODES_BUCKET
 
 log = logging.getLogger(__name__)
+
+_WARN_EVERY_S = 10.0  # while heartbeats keep failing: retried 4x a second, logged this often
 
 
 def ttl_seconds(interval: float) -> int:
@@ -43,12 +46,21 @@ class Heartbeater:
             await self._js.publish(f"$KV.{NODES_BUCKET}.{self._node}", payload, msg_ttl=self._ttl)
 
     async def run(self) -> None:
+        failing_since: float | None = None
+        warned_at = 0.0
         while True:
             try:
                 await self.beat()
                 pause = self._interval
+                if failing_since is not None:
+                    log.info("heartbeats reach NATS again after %.1fs", time.monotonic() - failing_since)
+                    failing_since = None
             except (TimeoutError, nats.errors.Error) as exc:
-                log.warning("heartbeat failed: %s", exc)
+                now = time.monotonic()
+                if failing_since is None or now - warned_at >= _WARN_EVERY_S:
+                    log.warning("heartbeat failed: %s", exc)
+                    warned_at = now
+                failing_since = failing_since or now
                 # Soon again: a stream electing a new leader takes seconds, and our key's TTL runs.
                 pause = min(self._interval, 0.25)
             await asyncio.sleep(pause)

@@ -187,10 +187,16 @@ class JobRelay:
         except ValidationError as exc:
             await _Reply(self._nc, msg.reply, "unknown").fail(ErrorCode.invalid_request, f"invalid job: {exc}")
             return
-        # Every log line about this job, here and in the task relaying it, carries both ids.
-        logs.request_id.set(job.request_id)
-        logs.job_id.set(job.job_id)
-        reply = _Reply(self._nc, msg.reply, job.job_id)
+        # Every log line about this job, here and in the task relaying it (which copies this
+        # context), carries both ids; reset after, as nats-py runs every callback in one task.
+        tokens = logs.request_id.set(job.request_id), logs.job_id.set(job.job_id)
+        try:
+            await self._take(job, _Reply(self._nc, msg.reply, job.job_id))
+        finally:
+            logs.request_id.reset(tokens[0])
+            logs.job_id.reset(tokens[1])
+
+    async def _take(self, job: InferenceJob, reply: _Reply) -> None:
         entry = self._models.ready(job.model)
         if self.draining:
             await reply.fail(ErrorCode.shutting_down, f"node {self._node} is shutting down", retryable=True)

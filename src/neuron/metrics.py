@@ -2,7 +2,7 @@
 
 Counters and histograms are bumped where things happen (the device thread for steps and
 prefills, the event loop for jobs and loads); prometheus_client is thread-safe. Gauges that
-describe the node's state (memory, queues, models) are set from each heartbeat's snapshot,
+describe the node's state (memory, queues, models) come from the latest heartbeat's snapshot,
 so a scrape never touches a device or the event loop.
 """
 
@@ -11,8 +11,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from cortex.protocol.messages import Heartbeat
 
@@ -64,35 +67,10 @@ class NeuronMetrics:
         )
         self.decode_tokens = Counter("neuron_decode_tokens", "Tokens generated.", ["model"], registry=r)
         self.prefill_tokens = Counter("neuron_prefill_tokens", "Prompt tokens prefilled.", ["model"], registry=r)
-        self.decode_rate = Gauge(
-            "neuron_decode_tokens_per_second", "Tokens generated per second, last few seconds.", ["model"], registry=r
-        )
-        self.prefill_rate = Gauge(
-            "neuron_prefill_tokens_per_second",
-            "Prompt tokens prefilled per second, last few seconds.",
-            ["model"],
-            registry=r,
-        )
         self.jobs = Counter(
             "neuron_jobs",
             "Jobs ended, by outcome (a finish reason or an error code).",
             ["model", "outcome"],
-            registry=r,
-        )
-        self.jobs_running = Gauge("neuron_jobs_running", "Jobs decoding now.", ["model"], registry=r)
-        self.jobs_queued = Gauge(
-            "neuron_jobs_queued", "Jobs accepted and waiting for a batch slot.", ["model"], registry=r
-        )
-        self.device_total = Gauge(
-            "neuron_device_memory_total_bytes", "Memory models may use on the device.", ["device", "kind"], registry=r
-        )
-        self.device_free = Gauge(
-            "neuron_device_memory_free_bytes", "What is left of it now.", ["device", "kind"], registry=r
-        )
-        self.model_memory = Gauge(
-            "neuron_model_memory_bytes",
-            "Memory a model takes (weights + KV budget).",
-            ["model", "device", "state"],
             registry=r,
         )
         self.load_seconds = Histogram(
@@ -102,7 +80,8 @@ class NeuronMetrics:
             buckets=_LOAD_SECONDS,
             registry=r,
         )
-        self.up = Gauge("neuron_up", "1 while the node serves; 0 while it drains.", registry=r)
+        self._state = _StateCollector()
+        r.register(self._state)
 
     # --- from the device thread -------------------------------------------------------------
 
@@ -118,18 +97,46 @@ class NeuronMetrics:
     # --- from the event loop ----------------------------------------------------------------
 
     def observe(self, heartbeat: Heartbeat) -> None:
-        """Sets the state gauges from the snapshot the heartbeat is about to carry."""
-        self.up.set(0 if heartbeat.draining else 1)
-        for device in heartbeat.devices:
-            self.device_total.labels(device.id, device.kind).set(device.total_mb * _MB)
-            self.device_free.labels(device.id, device.kind).set(device.free_mb * _MB)
-        # Models come and go: clear the per-model series so an unloaded one stops reporting.
-        for gauge in (self.jobs_running, self.jobs_queued, self.model_memory, self.decode_rate, self.prefill_rate):
-            gauge.clear()
-        for model in heartbeat.models:
-            self.jobs_running.labels(model.id).set(model.in_flight - model.queued)
-            self.jobs_queued.labels(model.id).set(model.queued)
-            self.model_memory.labels(model.id, model.device, model.state.value).set(model.memory_mb * _MB)
-            self.decode_rate.labels(model.id).set(model.tokens_per_s)
-        for model, rate in self.prefill_rates.rates().items():
-            self.prefill_rate.labels(model).set(rate)
+        """Keeps the snapshot the heartbeat is about to carry, for the state gauges of the next scrape."""
+        prefill = self.prefill_rates.rates()
+        self._state.latest = (heartbeat, {m.id: prefill.get(m.id, 0.0) for m in heartbeat.models})
+
+
+class _StateCollector(Collector):
+    """The node's state as its last heartbeat described it: one reference, swapped whole, so a
+    scrape on the telemetry thread sees one snapshot and models that left are simply absent."""
+
+    def __init__(self) -> None:
+        self.latest: tuple[Heartbeat, dict[str, float]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        latest = self.latest
+        if latest is None:
+            return
+        heartbeat, prefill = latest
+        up = GaugeMetricFamily("neuron_up", "1 while the node serves; 0 while it drains.")
+        up.add_metric([], 0 if heartbeat.draining else 1)
+        device = ["device", "kind"]
+        total = GaugeMetricFamily("neuron_device_memory_total_bytes", "Memory models may use.", labels=device)
+        free = GaugeMetricFamily("neuron_device_memory_free_bytes", "What is left of it now.", labels=device)
+        for d in heartbeat.devices:
+            total.add_metric([d.id, d.kind], d.total_mb * _MB)
+            free.add_metric([d.id, d.kind], d.free_mb * _MB)
+        running = GaugeMetricFamily("neuron_jobs_running", "Jobs decoding now.", labels=["model"])
+        queued = GaugeMetricFamily("neuron_jobs_queued", "Jobs waiting for a batch slot.", labels=["model"])
+        memory = GaugeMetricFamily(
+            "neuron_model_memory_bytes", "Memory a model takes (weights + KV budget).", ["model", "device", "state"]
+        )
+        decode = GaugeMetricFamily(
+            "neuron_decode_tokens_per_second", "Tokens generated per second, last few seconds.", labels=["model"]
+        )
+        prefill_rate = GaugeMetricFamily(
+            "neuron_prefill_tokens_per_second", "Prompt tokens prefilled per second, last few seconds.", ["model"]
+        )
+        for m in heartbeat.models:
+            running.add_metric([m.id], m.in_flight - m.queued)
+            queued.add_metric([m.id], m.queued)
+            memory.add_metric([m.id, m.device, m.state.value], m.memory_mb * _MB)
+            decode.add_metric([m.id], m.tokens_per_s)
+            prefill_rate.add_metric([m.id], prefill.get(m.id, 0.0))
+        yield from (up, total, free, running, queued, memory, decode, prefill_rate)

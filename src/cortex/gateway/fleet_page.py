@@ -43,7 +43,7 @@ async def fleet_report(gw: Gateway) -> FleetReport:
 def _sightings(fleet: FleetView) -> list[Sighting]:
     # Every record, stale ones too (FleetView.nodes() hides those), aged by local receive time
     # as FleetView judges liveness: the nodes' clocks do not matter here.
-    return [Sighting(heartbeat, age) for heartbeat, age in fleet.records()]
+    return [Sighting(heartbeat, age, alive) for heartbeat, age, alive in fleet.records()]
 
 
 @cache

@@ -96,7 +96,9 @@ class FleetCollector(Collector):
         self._fleet = fleet
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        up = GaugeMetricFamily("cortex_node_up", "1: heartbeats arrive; 0: the node left.", labels=["node"])
+        up = GaugeMetricFamily(
+            "cortex_node_up", "1: heartbeats arrive; 0: lost (silent, or gone without a clean stop).", labels=["node"]
+        )
         draining = GaugeMetricFamily("cortex_node_draining", "1 while the node stops.", labels=["node"])
         total = GaugeMetricFamily(
             "cortex_device_memory_total_bytes", "Memory models may use.", labels=["node", "device", "kind"]
@@ -119,9 +121,10 @@ class FleetCollector(Collector):
             "Tokens the node generates per second for the model, lately.",
             labels=["node", "model"],
         )
-        for name in self._fleet.gone():
+        live, lost = self._fleet.census()
+        for name in lost:
             up.add_metric([name], 0)
-        for hb in self._fleet.nodes():
+        for hb in live:
             up.add_metric([hb.node], 1)
             draining.add_metric([hb.node], int(hb.draining))
             for d in hb.devices:

@@ -26,6 +26,11 @@ _GRACE_S = 1.0
 FLEET_SILENCE_S = 30.0
 
 
+def allowance(interval_s: float) -> float:
+    """How long a node may stay silent: three of its heartbeat intervals, plus a second of jitter."""
+    return 3 * interval_s + _GRACE_S
+
+
 @dataclass(frozen=True)
 class NodeRecord:
     heartbeat: Heartbeat
@@ -33,10 +38,10 @@ class NodeRecord:
 
     def alive(self, now: float, last_heard: float) -> bool:
         """`last_heard`: when the latest heartbeat of any node arrived."""
-        allowance = 3 * self.heartbeat.interval_s + _GRACE_S
-        if now - self.seen_at <= allowance:
+        limit = allowance(self.heartbeat.interval_s)
+        if now - self.seen_at <= limit:
             return True
-        others_heard = last_heard - self.seen_at > allowance
+        others_heard = last_heard - self.seen_at > limit
         return not others_heard and now - self.seen_at <= FLEET_SILENCE_S
 
 
@@ -49,16 +54,18 @@ class Holder:
 class FleetView:
     def __init__(self) -> None:
         self._nodes: dict[str, NodeRecord] = {}
-        self._gone: set[str] = set()
+        # Nodes that left -> lost (True) or stopped cleanly (False: their last heartbeat said draining).
+        self._gone: dict[str, bool] = {}
         self._last_heard = 0.0
         self.synced = asyncio.Event()
         self._changed = asyncio.Condition()
 
     def apply(self, node: str, payload: bytes | None) -> None:
         if payload is None:
-            if self._nodes.pop(node, None) is not None:
+            record = self._nodes.pop(node, None)
+            if record is not None:
                 log.info("node %s left the fleet", node)
-                self._gone.add(node)
+                self._gone[node] = not record.heartbeat.draining
             return
         try:
             heartbeat = Heartbeat.model_validate_json(payload)
@@ -67,7 +74,7 @@ class FleetView:
             return
         if node not in self._nodes:
             log.info("node %s joined the fleet", node)
-        self._gone.discard(node)
+        self._gone.pop(node, None)
         self._last_heard = time.monotonic()
         self._nodes[node] = NodeRecord(heartbeat, self._last_heard)
 
@@ -92,16 +99,24 @@ class FleetView:
         # list(): a metrics scrape reads this from another thread while heartbeats arrive.
         return [r.heartbeat for r in list(self._nodes.values()) if r.alive(now, self._last_heard)]
 
-    def records(self) -> list[tuple[Heartbeat, float]]:
-        """Every node's latest heartbeat with its age by local receive time, silent ones too."""
-        now = time.monotonic()
-        return [(r.heartbeat, now - r.seen_at) for r in list(self._nodes.values())]
+    def records(self) -> list[tuple[Heartbeat, float, bool]]:
+        """Every node's latest heartbeat, its age by local receive time, and whether it counts as
+        alive by the rules above; silent ones too."""
+        now, last = time.monotonic(), self._last_heard
+        return [(r.heartbeat, now - r.seen_at, r.alive(now, last)) for r in list(self._nodes.values())]
 
-    def gone(self) -> list[str]:
-        """Nodes seen since this gateway started that have left (key deleted, expired, or silent)."""
-        now = time.monotonic()
-        silent = [name for name, r in list(self._nodes.items()) if not r.alive(now, self._last_heard)]
-        return sorted({*list(self._gone), *silent})
+    def census(self) -> tuple[list[Heartbeat], list[str]]:
+        """(live nodes' heartbeats, nodes lost), from one look: for a scrape on another thread.
+
+        Lost: silent, or gone without a clean stop (a node that drained and then removed its
+        key was stopped, not lost). A lost node stays listed until it comes back.
+        """
+        now, last = time.monotonic(), self._last_heard
+        records = list(self._nodes.items())
+        live = [r.heartbeat for _, r in records if r.alive(now, last)]
+        silent = [name for name, r in records if not r.alive(now, last)]
+        lost = [name for name, was_lost in list(self._gone.items()) if was_lost]
+        return live, sorted({*lost, *silent})
 
     def alive(self, node: str) -> bool:
         """False once a node has left (key deleted or expired, or heartbeats stopped).

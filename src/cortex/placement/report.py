@@ -4,7 +4,8 @@ Pure: it is built from heartbeats (with how long ago each was seen) and the pins
 CLI (reading KV itself) and the gateway (from its FleetView) judge health by the same rules:
 
 - no node at all;
-- a node whose last heartbeat is older than three of its intervals (plus a grace second);
+- a node whose last heartbeat is older than three of its intervals (plus a grace second;
+  the gateway passes its FleetView's verdict, which also rides out a fleet-wide silence);
 - a pinned model that is not `ready` on its node (the node missing counts);
 - a model in state `failed`.
 """
@@ -17,11 +18,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from cortex.placement.fleet import allowance
 from cortex.protocol.messages import Heartbeat, ModelState, ModelStatus
-
-# As FleetView: three missed intervals, plus a second for scheduling jitter.
-STALE_INTERVALS = 3
-_GRACE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -30,6 +28,7 @@ class Sighting:
 
     heartbeat: Heartbeat
     age_s: float
+    alive: bool | None = None  # the gateway's FleetView verdict; None: judged here by age alone
 
 
 class DeviceReport(BaseModel):
@@ -134,7 +133,7 @@ def build_report(
 
 def _node(sighting: Sighting, pinned: set[str]) -> NodeReport:
     hb = sighting.heartbeat
-    stale = sighting.age_s > STALE_INTERVALS * hb.interval_s + _GRACE_S
+    stale = not sighting.alive if sighting.alive is not None else sighting.age_s > allowance(hb.interval_s)
     models = [_model(m, m.id in pinned) for m in sorted(hb.models, key=lambda m: m.id)]
     return NodeReport(
         name=hb.node,

@@ -24,6 +24,12 @@ class ConfigError(ValueError):
     pass
 
 
+# Env vars that share a prefix with the settings but belong to the admin commands (`cortex load
+# --url`, ...). Any other unknown one is refused, so that a typo (CORTEX_NATS_PASSWORD for
+# CORTEX_NATS__PASSWORD) is an error at start, not a puzzling failure later.
+NOT_SETTINGS = frozenset({"CORTEX_URL", "CORTEX_ADMIN_KEY"})
+
+
 class NatsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -74,8 +80,7 @@ def load_settings(cls: type[T], path: Path | None, env_prefix: str, **overrides:
     for name, value in os.environ.items():
         if name.startswith(env_prefix + "_"):
             keys = name[len(env_prefix) + 1 :].lower().split("__")
-            # Not a setting: CORTEX_URL and CORTEX_ADMIN_KEY, say, belong to the admin commands.
-            if keys[0] in cls.model_fields:
+            if name not in NOT_SETTINGS:
                 _set(data, keys, _env_value(name, value))
     for name, value in overrides.items():
         if value is not None:

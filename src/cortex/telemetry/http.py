@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,7 +59,8 @@ class TelemetryServer:
                 pass
 
         try:
-            self._server = ThreadingHTTPServer(self._address, Handler)
+            server_class = _server_for(*self._address)
+            self._server = server_class(self._address, Handler)
         except OSError as exc:
             host, port = self._address
             log.error("cannot serve /metrics on %s:%d: %s; set another metrics_listen", host, port, exc)
@@ -72,3 +74,9 @@ class TelemetryServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def _server_for(host: str, port: int) -> type[ThreadingHTTPServer]:
+    """A server class of the address's family: `[::]:13131` listens on IPv6, `0.0.0.0:13131` on IPv4."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    return type("TelemetryHTTPServer", (ThreadingHTTPServer,), {"address_family": family})

@@ -40,6 +40,7 @@ _STATUS = "Status"
 _LIVENESS_CHECK_S = 1.0
 _NO_RESPONDERS = "503"
 WATCH_HEARTBEAT_S = 1.0
+WATCH_INACTIVE_S = 10.0
 
 
 @contextlib.contextmanager
@@ -345,12 +346,15 @@ async def watch_bucket(
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
             idle_heartbeat=heartbeat_s,
-            inactive_threshold=300.0,
+            # A watch that is stopped, or replaced after a failover, leaves its consumer behind
+            # (unsubscribing does not delete it); the server drops it once nobody listens.
+            inactive_threshold=WATCH_INACTIVE_S,
         )
     try:
         with map_nats_errors(f"watching KV bucket {kv._name}"):
             info = await sub.consumer_info()
-        snapshot_done = info.num_pending == 0 and updates.empty() and sub.delivered == 0
+        # Only data reaches `updates` (nats-py's own delivered count includes idle heartbeats).
+        snapshot_done = info.num_pending == 0 and updates.empty()
         if snapshot_done:
             yield None
         while True:
