@@ -125,13 +125,17 @@ class _StateCollector(Collector):
         running = GaugeMetricFamily("neuron_jobs_running", "Jobs decoding now.", labels=["model"])
         queued = GaugeMetricFamily("neuron_jobs_queued", "Jobs waiting for a batch slot.", labels=["model"])
         memory = GaugeMetricFamily(
-            "neuron_model_memory_bytes", "Memory a model takes (weights + KV budget).", ["model", "device", "state"]
+            "neuron_model_memory_bytes",
+            "Memory a model takes (weights + KV budget).",
+            labels=["model", "device", "state"],
         )
         decode = GaugeMetricFamily(
             "neuron_decode_tokens_per_second", "Tokens generated per second, last few seconds.", labels=["model"]
         )
         prefill_rate = GaugeMetricFamily(
-            "neuron_prefill_tokens_per_second", "Prompt tokens prefilled per second, last few seconds.", ["model"]
+            "neuron_prefill_tokens_per_second",
+            "Prompt tokens prefilled per second, last few seconds.",
+            labels=["model"],
         )
         for m in heartbeat.models:
             running.add_metric([m.id], m.in_flight - m.queued)

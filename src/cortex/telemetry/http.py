@@ -41,7 +41,13 @@ class TelemetryServer:
             def do_GET(self) -> None:  # the stdlib's name
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+                    try:
+                        body = generate_latest(registry)
+                    except Exception as exc:  # a broken collector: say so, rather than drop the connection
+                        log.exception("collecting metrics failed")
+                        self._send(500, "text/plain", f"collecting metrics failed: {exc!r}\n".encode())
+                        return
+                    self._send(200, CONTENT_TYPE_LATEST, body)
                 elif path in ("/healthz", "/health"):
                     ok, body = health()
                     self._send(200 if ok else 503, "application/json", json.dumps(body).encode())
