@@ -52,7 +52,17 @@ def _serve(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format, "cortex")
     host, port = split_host_port(settings.gateway.listen)
     # log_config=None: uvicorn's own lines go through our handler (JSON too), not its own.
-    uvicorn.run(build_app(settings), host=host, port=port, log_level="warning", log_config=None, lifespan="on")
+    uvicorn.run(
+        build_app(settings),
+        host=host,
+        port=port,
+        log_level="warning",
+        log_config=None,
+        lifespan="on",
+        # SIGTERM: stop accepting, let open streams finish for this long, then cut them (their
+        # jobs are cancelled on the nodes as the responses close), then close NATS.
+        timeout_graceful_shutdown=settings.gateway.shutdown_timeout,
+    )
     return 0
 
 

@@ -20,6 +20,9 @@ class GatewaySection(BaseModel):
     idle_timeout: float = Field(120.0, gt=0, description="Seconds a running job may stay silent.")
     load_timeout: float = Field(600.0, gt=0, description="Seconds a request waits for its model's cold load.")
     keepalive_interval: float = Field(5.0, gt=0, description="Seconds between SSE comments while a stream waits.")
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="On SIGTERM, seconds open requests may finish; then they are cut, their jobs cancelled."
+    )
 
 
 class EvictionSection(BaseModel):
