@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import threading
 import time
 
 import httpx
@@ -129,3 +130,40 @@ def test_client_that_leaves_while_its_job_is_queued_frees_the_queue_slot(gateway
             "the queued job of the client that left to be dropped",
         )
     wait_until(lambda: _jobs(nats_url, "t1") == [], 10.0, "the streams' jobs to be dropped")
+
+
+def test_client_that_leaves_a_full_batch_hands_its_slot_to_the_queued_job(gateway, neuron, nats_url) -> None:
+    """Under load (max_batch running, one more queued), a client that leaves frees its batch row at
+    the next step: the queued job starts, and nothing generates for the client that left."""
+    first_line: list[str] = []
+
+    def queued_client() -> None:  # its response starts only once its job produces output
+        body = {**LONG, "stream": True, "max_tokens": 16}
+        with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=30) as resp:
+            first_line.append(next(resp.iter_lines()))
+
+    with contextlib.ExitStack() as streams:
+        running = [
+            streams.enter_context(
+                httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json={**LONG, "stream": True}, timeout=30)
+            )
+            for _ in range(4)  # max_batch
+        ]
+        readers = [resp.iter_lines() for resp in running]  # kept: a dropped iterator closes its response
+        for lines in readers:
+            next(lines)
+        fifth = threading.Thread(target=queued_client)
+        fifth.start()
+        wait_until(
+            lambda: sorted(j["state"] for j in _jobs(nats_url, "t1")) == ["queued"] + ["running"] * 4,
+            5,
+            "four running jobs and one queued",
+        )
+        running[0].close()  # the first client leaves
+        left_at = time.monotonic()
+        fifth.join(10)
+        took = time.monotonic() - left_at
+        assert first_line and "chat.completion.chunk" in first_line[0], "the queued job took the freed slot"
+        assert len(_jobs(nats_url, "t1")) <= 4
+    wait_until(lambda: _jobs(nats_url, "t1") == [], 10.0, "the streams' jobs to be dropped")
+    assert took < 3
