@@ -12,7 +12,7 @@ import httpx
 import nats
 import nats.js.errors
 
-from tests.conftest import HEARTBEAT_S, nats_request, start_neuron, wait_until
+from tests.conftest import HEARTBEAT_S, nats_request, start_gateway, start_neuron, wait_until
 
 TINY = "test/tiny-llama"
 # Greedy: the random model then never samples its end-of-sequence token by chance.
@@ -167,3 +167,32 @@ def test_client_that_leaves_a_full_batch_hands_its_slot_to_the_queued_job(gatewa
         assert len(_jobs(nats_url, "t1")) <= 4
     wait_until(lambda: _jobs(nats_url, "t1") == [], 10.0, "the streams' jobs to be dropped")
     assert took < 3
+
+
+def test_a_killed_gateways_jobs_are_cancelled_and_a_new_gateway_serves_at_once(
+    spawn, nats_url, models_toml, neuron
+) -> None:
+    """Gateway restarted: its streams end with it, the node stops generating for nobody (NATS tells
+    it that the reply inbox has no subscriber any more), and a new gateway finds everything in NATS."""
+    old = start_gateway(spawn, nats_url, models_toml, "gateway-killed")
+    with httpx.stream("POST", f"{old.url}/v1/chat/completions", json={**LONG, "stream": True}, timeout=30) as r:
+        lines = r.iter_lines()
+        next(lines)
+        assert len(_jobs(nats_url, "t1")) == 1
+        old.proc.stop(signal.SIGKILL)
+        killed_at = time.monotonic()
+        with contextlib.suppress(httpx.HTTPError):
+            for _ in lines:
+                pass
+    wait_until(lambda: _jobs(nats_url, "t1") == [], 5, "the node to cancel the dead gateway's job")
+    assert time.monotonic() - killed_at < 2
+    assert "its gateway is gone" in neuron.output()
+
+    new = start_gateway(spawn, nats_url, models_toml, "gateway-restarted")
+    resp = httpx.post(
+        f"{new.url}/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4},
+        timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    new.proc.stop()

@@ -2,6 +2,9 @@
 
 Each put carries a per-message TTL of three intervals; the bucket has limit markers, so if
 the neuron dies its key expires and every watching gateway sees a delete.
+
+After a NATS outage the node beats as soon as it reconnects (`wake`), so gateways see its key
+again at once; a server that came back empty has no bucket, and the beat creates it again.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
+from cortex.protocol.errors import TransportError
 from cortex.protocol.messages import Heartbeat
 from cortex.protocol.subjects import NODES_BUCKET
 
@@ -31,19 +36,44 @@ def ttl_seconds(interval: float) -> int:
 
 
 class Heartbeater:
-    def __init__(self, nc: Client, kv: KeyValue, node: str, interval: float, snapshot: Callable[[], Heartbeat]):
+    def __init__(
+        self,
+        nc: Client,
+        kv: KeyValue,
+        node: str,
+        interval: float,
+        snapshot: Callable[[], Heartbeat],
+        reopen: Callable[[], Awaitable[KeyValue]] | None = None,
+    ):
+        """`reopen` opens the bucket, creating it if it is gone (a NATS server restarted empty)."""
         self._js = nc.jetstream()
         self._kv = kv
         self._node = node
         self._interval = interval
         self._snapshot = snapshot
+        self._reopen = reopen
         self._ttl = ttl_seconds(interval)
         self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Beat now, not at the next interval: NATS is back and gateways are re-reading the bucket."""
+        self._wake.set()
 
     async def beat(self) -> None:
         async with self._lock:
             payload = self._snapshot().to_bytes()
-            await self._js.publish(f"$KV.{NODES_BUCKET}.{self._node}", payload, msg_ttl=self._ttl)
+            subject = f"$KV.{NODES_BUCKET}.{self._node}"
+            try:
+                await self._js.publish(subject, payload, msg_ttl=self._ttl)
+            except nats.js.errors.NoStreamResponseError:
+                # No stream took it: the bucket is gone (or JetStream is still starting; then
+                # opening fails too, and the next beat, a quarter second on, tries again).
+                if self._reopen is None:
+                    raise
+                self._kv = await self._reopen()
+                log.info("heartbeat bucket %s opened again", NODES_BUCKET)
+                await self._js.publish(subject, payload, msg_ttl=self._ttl)
 
     async def run(self) -> None:
         failing_since: float | None = None
@@ -55,7 +85,7 @@ class Heartbeater:
                 if failing_since is not None:
                     log.info("heartbeats reach NATS again after %.1fs", time.monotonic() - failing_since)
                     failing_since = None
-            except (TimeoutError, nats.errors.Error) as exc:
+            except (TimeoutError, nats.errors.Error, TransportError) as exc:
                 now = time.monotonic()
                 if failing_since is None or now - warned_at >= _WARN_EVERY_S:
                     log.warning("heartbeat failed: %s", exc)
@@ -63,7 +93,9 @@ class Heartbeater:
                 failing_since = failing_since or now
                 # Soon again: a stream electing a new leader takes seconds, and our key's TTL runs.
                 pause = min(self._interval, 0.25)
-            await asyncio.sleep(pause)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), pause)
+            self._wake.clear()
 
     async def remove(self) -> None:
         async with self._lock:

@@ -45,15 +45,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Reply:
-    """One job's reply inbox, numbering what it sends."""
+    """One job's reply inbox, numbering what it sends.
+
+    `notices`: where NATS says "no responders" (a 503 status) when an event finds nobody
+    subscribed to the reply subject any more: the gateway that asked is gone (killed, or
+    restarted), so the job is generating for nobody.
+    """
 
     nc: Client
     subject: str
     job_id: str
+    notices: str = ""
     seq: int = 0
 
     async def send(self, event: JobEvent) -> None:
-        await self.nc.publish(self.subject, event.to_bytes())
+        await self.nc.publish(self.subject, event.to_bytes(), reply=self.notices)
         self.seq += 1
 
     async def fail(self, code: ErrorCode, message: str, *, retryable: bool = False) -> None:
@@ -96,10 +102,25 @@ class JobRelay:
         # Cancels that arrived before their job (they travel on another subscription).
         self._early_cancels: dict[str, float] = {}
         self._cancel_sub: Subscription | None = None
+        self._gone_sub: Subscription | None = None
+        self._gone_prefix = ""
+        self._notice_ids: dict[str, str] = {}  # the last token of a notices subject -> job id
+        self._notices = 0
         self.draining = False
 
     async def start(self) -> None:
         self._cancel_sub = await self._nc.subscribe(self._subjects.cancel_any(), cb=self._on_broadcast_cancel)
+        self._gone_prefix = self._nc.new_inbox()
+        self._gone_sub = await self._nc.subscribe(f"{self._gone_prefix}.*", cb=self._on_requester_gone)
+
+    async def _on_requester_gone(self, msg: Msg) -> None:
+        if (msg.headers or {}).get("Status") != "503":
+            return
+        job_id = self._notice_ids.pop(msg.subject.rpartition(".")[2], None)  # once per job
+        running = self._jobs.get(job_id) if job_id else None
+        if running is not None:
+            log.info("job %s: nobody reads its answer any more (its gateway is gone); cancelling", job_id)
+            running.handle.cancel()
 
     async def _on_broadcast_cancel(self, msg: Msg) -> None:
         try:
@@ -221,6 +242,9 @@ class JobRelay:
         )
         running = _Running(job, entry, entry.worker.start_job(job, entry.loaded))
         self._jobs[job.job_id] = running
+        self._notices += 1
+        self._notice_ids[str(self._notices)] = job.job_id
+        reply.notices = f"{self._gone_prefix}.{self._notices}"
         entry.last_used = time.time()
         running.task = asyncio.create_task(self._relay(running, reply, accepted))
 
@@ -260,6 +284,7 @@ class JobRelay:
             with contextlib.suppress(nats.errors.Error):
                 await reply.fail(ErrorCode.internal, f"the node could not relay the answer: {type(exc).__name__}")
         finally:
+            self._notice_ids.pop(reply.notices.rpartition(".")[2], None)
             self._jobs.pop(job.job_id, None)
             running.entry.last_used = time.time()
 

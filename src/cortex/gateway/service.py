@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
@@ -20,14 +21,16 @@ from cortex.placement.lease import Leases
 from cortex.protocol.catalogue import Catalogue
 from cortex.protocol.config import split_host_port
 from cortex.protocol.errors import ModelNotFound
-from cortex.protocol.subjects import NODES_BUCKET, PINS_BUCKET, Subjects
+from cortex.protocol.subjects import NODES_BUCKET, PINS_BUCKET, PLACEMENT_BUCKET, Subjects
 from cortex.telemetry.http import TelemetryServer
 from cortex.transport.control import ControlClient
 from cortex.transport.nats import (
     JobClient,
     connect,
+    keep_trying,
     keep_watching,
     nodes_bucket,
+    on_reconnect,
     pins_bucket,
     placement_bucket,
     watch_bucket,
@@ -53,15 +56,16 @@ class Gateway:
         self.pin_values: dict[str, bytes] = {}  # KV cortex_pins as it is now, kept by a watch
         self._client: JobClient | None = None
         self._watches: list[asyncio.Task[None]] = []
+        self._reopening: set[asyncio.Task[None]] = set()
+        self._stop_listening: Callable[[], None] = lambda: None
         self._telemetry: TelemetryServer | None = None
 
     async def start(self) -> None:
         nats = self.settings.nats
-        self.nc = await connect(nats.servers, "cortex gateway", **nats.connect_options())
-        kv = await nodes_bucket(self.nc, replicas=nats.kv_replicas)
-        self._watches.append(
-            asyncio.create_task(keep_watching(lambda: self.fleet.follow(watch_bucket(kv)), NODES_BUCKET))
-        )
+        # fail_fast: while NATS is away, requests get a 503 at once, cold starts included.
+        self.nc = await connect(nats.servers, "cortex gateway", fail_fast=True, **nats.connect_options())
+        await nodes_bucket(self.nc, replicas=nats.kv_replicas)  # fail the start here, not in the watch
+        self._watches.append(asyncio.create_task(keep_watching(self._follow_nodes, NODES_BUCKET)))
         self._client = JobClient(self.nc, self.subjects)
         await self._client.start()
         gw = self.settings.gateway
@@ -69,9 +73,11 @@ class Gateway:
             self._client, self.fleet, accept_timeout=gw.accept_timeout, idle_timeout=gw.idle_timeout
         )
         self.control = ControlClient(self.nc, self.subjects)
-        self.pins = pins = await pins_bucket(self.nc, replicas=nats.kv_replicas)
-        self._watches.append(asyncio.create_task(keep_watching(lambda: self._mirror_pins(pins), PINS_BUCKET)))
+        self.pins = await pins_bucket(self.nc, replicas=nats.kv_replicas)
+        self._watches.append(asyncio.create_task(keep_watching(self._mirror_pins, PINS_BUCKET)))
         leases = Leases(await placement_bucket(self.nc, replicas=nats.kv_replicas), self.name, ttl=gw.load_timeout + 30)
+        # A server that came back empty has no placement bucket; the watches reopen theirs themselves.
+        self._stop_listening = on_reconnect(self.nc, self._reopen_placement)
         self.placer = Placer(
             fleet=self.fleet,
             control=self.control,
@@ -91,7 +97,22 @@ class Gateway:
                 await self.fleet.synced.wait()
         log.info("gateway connected to %s; fleet: %s", nats.servers, self.fleet.ready_models() or "no models yet")
 
-    async def _mirror_pins(self, kv: KeyValue) -> None:
+    async def _follow_nodes(self) -> None:
+        # Opened (created, if gone) on every (re)start: a NATS server may have come back empty.
+        assert self.nc is not None
+        kv = await nodes_bucket(self.nc, replicas=self.settings.nats.kv_replicas)
+        await self.fleet.follow(watch_bucket(kv))
+
+    def _reopen_placement(self) -> None:
+        assert self.nc is not None
+        nc, replicas = self.nc, self.settings.nats.kv_replicas
+        task = asyncio.create_task(keep_trying(lambda: placement_bucket(nc, replicas=replicas), PLACEMENT_BUCKET))
+        self._reopening.add(task)
+        task.add_done_callback(self._reopening.discard)
+
+    async def _mirror_pins(self) -> None:
+        assert self.nc is not None
+        self.pins = kv = await pins_bucket(self.nc, replicas=self.settings.nats.kv_replicas)
         values: dict[str, bytes] = {}
         async for update in watch_bucket(kv):
             if update is None:
@@ -102,9 +123,11 @@ class Gateway:
                 values[update[0]] = update[1]
 
     async def aclose(self) -> None:
-        for task in self._watches:
+        self._stop_listening()
+        tasks = [*self._watches, *self._reopening]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._watches, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._watches = []
         if self._client is not None:
             await self._client.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -41,6 +42,31 @@ _LIVENESS_CHECK_S = 1.0
 _NO_RESPONDERS = "503"
 WATCH_HEARTBEAT_S = 1.0
 WATCH_INACTIVE_S = 10.0
+_WATCH_RETRY_FIRST_S = 0.2
+
+# Who wants to hear that a connection made by `connect()` is back: the one place that knows
+# about reconnects. Weak keys: a closed and dropped client takes its listeners with it.
+_reconnect_listeners: weakref.WeakKeyDictionary[Client, list[Callable[[], None]]] = weakref.WeakKeyDictionary()
+
+
+class Reconnected(TransportError):
+    """A KV watch's connection came back: its consumer may be gone (the server restarted, maybe
+    empty), so the watch ends and `keep_watching` starts it again at once, replaying every key."""
+
+
+def on_reconnect(nc: Client, callback: Callable[[], None]) -> Callable[[], None]:
+    """Calls `callback` (plain, quick: start a task for real work) each time `nc` reconnects.
+
+    Only connections made by `connect()` report. Returns a function that stops the calls.
+    """
+    listeners = _reconnect_listeners.setdefault(nc, [])
+    listeners.append(callback)
+
+    def stop() -> None:
+        with contextlib.suppress(ValueError):
+            listeners.remove(callback)
+
+    return stop
 
 
 @contextlib.contextmanager
@@ -54,14 +80,27 @@ def map_nats_errors(what: str) -> Iterator[None]:
         raise NoCapacity(f"{what}: nobody is listening") from exc
     except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
         raise TransportError(f"{what}: NATS did not answer in time", code=ErrorCode.timeout) from exc
+    except nats.errors.OutboundBufferLimitError as exc:
+        # A fail-fast connection (see `connect`) refusing to buffer while it reconnects.
+        raise TransportError(f"{what}: NATS is unreachable (reconnecting); retry shortly") from exc
     except (nats.errors.ConnectionClosedError, nats.errors.NoServersError, OSError) as exc:
         raise TransportError(f"{what}: NATS is unreachable ({exc})") from exc
     except nats.errors.Error as exc:
         raise TransportError(f"{what}: {exc}") from exc
 
 
-async def connect(servers: list[str], name: str, *, first_timeout: float = 10.0, **options: Any) -> Client:
-    """Connects, retrying for `first_timeout` seconds; once connected, reconnects forever."""
+async def connect(
+    servers: list[str], name: str, *, first_timeout: float = 10.0, fail_fast: bool = False, **options: Any
+) -> Client:
+    """Connects, retrying for `first_timeout` seconds; once connected, reconnects forever.
+
+    `fail_fast`: while reconnecting, a publish (and so a request) raises at once instead of
+    waiting in nats-py's buffer for the server to come back: for a gateway, whose callers are
+    HTTP clients better served by a quick 503 than by a request that hangs for its timeout.
+    Without it (a neuron), a short outage loses nothing: a job's events wait and then go.
+    """
+    if fail_fast:
+        options["pending_size"] = 0  # nats-py: no reconnect buffer, OutboundBufferLimitError instead
     client: list[Client] = []
 
     async def _error_cb(exc: Exception) -> None:
@@ -74,6 +113,13 @@ async def connect(servers: list[str], name: str, *, first_timeout: float = 10.0,
 
     async def _reconnected_cb() -> None:
         log.info("nats: reconnected")
+        # Without this, watches would wait for their consumer's missed heartbeats (seconds) or,
+        # on a server that came back empty, stay silent for good; and a node's key for its next beat.
+        for callback in list(_reconnect_listeners.get(client[0], ())) if client else ():
+            try:
+                callback()
+            except Exception:
+                log.exception("a reconnect listener failed")
 
     try:
         nc = await asyncio.wait_for(
@@ -307,15 +353,42 @@ class JobClient:
 
 
 async def keep_watching(follow: Callable[[], Awaitable[None]], what: str, retry_s: float = 1.0) -> None:
-    """Runs `follow` (a KV watch) for good: a broken watch is started again, and replays every key first."""
+    """Runs `follow` (a KV watch) for good: a broken watch is started again, and replays every key first.
+
+    A watch ended by a reconnect starts again at once; one that fails is retried after 0.2 s,
+    doubling up to `retry_s`: a server that has just come back may need a moment for JetStream.
+    """
+    pause = _WATCH_RETRY_FIRST_S
     while True:
         try:
             await follow()
         except asyncio.CancelledError:
             raise
+        except Reconnected:
+            log.info("NATS is back: watching %s again", what)
+            pause = _WATCH_RETRY_FIRST_S
+            continue
         except Exception as exc:
-            log.warning("watching %s failed (%s); watching again in %gs", what, exc, retry_s)
-        await asyncio.sleep(retry_s)
+            log.warning("watching %s failed (%s); watching again in %gs", what, exc, pause)
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, retry_s)
+
+
+async def keep_trying(
+    attempt: Callable[[], Awaitable[object]], what: str, *, every_s: float = 0.25, for_s: float = 10.0
+) -> None:
+    """Runs `attempt` until it succeeds, for at most `for_s` seconds: for work a reconnect starts
+    (opening a bucket again) while the server that just came back may still be starting JetStream."""
+    deadline = asyncio.get_running_loop().time() + for_s
+    while True:
+        try:
+            await attempt()
+            return
+        except Exception as exc:  # a reconnect hook's task must end quietly, not with an unread error
+            if asyncio.get_running_loop().time() >= deadline:
+                log.warning("%s: still failing after %gs, giving up (%s)", what, for_s, exc)
+                return
+        await asyncio.sleep(every_s)
 
 
 async def watch_bucket(
@@ -330,26 +403,36 @@ async def watch_bucket(
     re-creates it from the last sequence seen once two heartbeats are missed. Its default
     5 s heartbeat meant 10-20 s of silence, long enough for a gateway to think every node
     had left; at 1 s the watch resumes in 2-4 s, inside a node's liveness allowance.
+
+    When the connection (made by `connect()`) reconnects, the watch raises `Reconnected`:
+    the server may have restarted, and its consumer with it; `keep_watching` starts again.
     """
     # The KeyValue's own subject prefix, stream and JetStream context: a bucket's, not ours to guess.
     js, prefix, stream = kv._js, kv._pre, kv._stream
-    updates: asyncio.Queue[Msg] = asyncio.Queue()
+    # None in the queue: the connection came back (queued behind whatever arrived before).
+    updates: asyncio.Queue[Msg | None] = asyncio.Queue()
 
     async def on_msg(msg: Msg) -> None:
         updates.put_nowait(msg)
 
-    with map_nats_errors(f"watching KV bucket {kv._name}"):
-        sub = await js.subscribe(
-            f"{prefix}{keys}",
-            stream=stream,
-            cb=on_msg,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            idle_heartbeat=heartbeat_s,
-            # A watch that is stopped, or replaced after a failover, leaves its consumer behind
-            # (unsubscribing does not delete it); the server drops it once nobody listens.
-            inactive_threshold=WATCH_INACTIVE_S,
-        )
+    # Listening before subscribing: a reconnect while the subscribe is in flight is not missed.
+    stop_listening = on_reconnect(js._nc, lambda: updates.put_nowait(None))
+    try:
+        with map_nats_errors(f"watching KV bucket {kv._name}"):
+            sub = await js.subscribe(
+                f"{prefix}{keys}",
+                stream=stream,
+                cb=on_msg,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                idle_heartbeat=heartbeat_s,
+                # A watch that is stopped, or replaced after a failover, leaves its consumer behind
+                # (unsubscribing does not delete it); the server drops it once nobody listens.
+                inactive_threshold=WATCH_INACTIVE_S,
+            )
+    except BaseException:
+        stop_listening()
+        raise
     try:
         with map_nats_errors(f"watching KV bucket {kv._name}"):
             info = await sub.consumer_info()
@@ -359,12 +442,15 @@ async def watch_bucket(
             yield None
         while True:
             msg = await updates.get()
+            if msg is None:
+                raise Reconnected(f"watching KV bucket {kv._name}: NATS reconnected")
             key = msg.subject[len(prefix) :]
             yield key, (None if _kv_removal(msg) else msg.data)
             if not snapshot_done and msg.metadata.num_pending == 0:
                 snapshot_done = True
                 yield None
     finally:
+        stop_listening()
         with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
             await sub.unsubscribe()
 

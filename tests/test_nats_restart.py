@@ -1,0 +1,238 @@
+"""A single nats-server restarts: during the outage the gateway answers 503 at once (OpenAI
+error envelope, Retry-After), and once NATS is back the gateway and the neuron reconnect and
+serve again within 5 s, both when the server kept its JetStream store (the buckets survive)
+and when it came back empty (the neuron and the gateway create the buckets again).
+
+The server is this module's own (the session's must not be restarted), on fixed free ports so
+that clients find it again; the tests run in file order and each leaves NATS up and serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import nats
+import nats.js.errors
+import openai
+import pytest
+
+from cortex import natsserver
+from cortex.protocol.subjects import NODES_BUCKET, PINS_BUCKET, PLACEMENT_BUCKET
+from tests.conftest import Gateway, Proc, start_gateway, start_neuron, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+MODEL = "test/tiny-llama"
+COLD_MODEL = "test/tiny-llama-b"  # in the catalogue, loaded nowhere: a request for it is a cold start
+NODE = "r1"
+FAIL_FAST_S = 2.0  # a request while NATS is down is answered within this
+RECOVERY_S = 5.0  # a request succeeds again within this of NATS accepting connections
+
+
+@dataclass
+class NatsServer:
+    """One nats-server on fixed ports; `start(workdir)` again with a new workdir = an empty store."""
+
+    root: Path
+    port: int = field(default_factory=natsserver.free_port)
+    http_port: int = field(default_factory=natsserver.free_port)
+    popen: subprocess.Popen[bytes] | None = None
+    lives: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, *, empty: bool = False) -> float:
+        """Starts the server (its store kept, or a new empty one); returns when it accepts connections."""
+        self.lives += empty
+        workdir = self.root / f"store-{self.lives}"
+        self.popen = natsserver.start(
+            port=self.port, http_port=self.http_port, workdir=workdir, log_file=workdir / "nats.log"
+        )
+        return time.monotonic()
+
+    def down(self, sig: int) -> None:
+        assert self.popen is not None
+        self.popen.send_signal(sig)
+        self.popen.wait(10)
+
+
+@dataclass
+class Fleet:
+    nats: NatsServer
+    gateway: Gateway
+    neuron: Proc
+
+
+@pytest.fixture(scope="module")
+def tiny_models_toml(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    # Only the tiny model: conftest's models_toml would also build the 224 MB dense one.
+    path = tmp_path_factory.mktemp("restart-config") / "models.toml"
+    path.write_text(
+        f'[[models]]\nid = "{MODEL}"\nsource = "file:{tiny_model_dir}"\naliases = ["tiny"]\n'
+        f'[[models]]\nid = "{COLD_MODEL}"\nsource = "file:{tiny_model_dir}"\n'
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, spawn: Callable[..., Proc], tiny_models_toml: Path
+) -> Iterator[Fleet]:
+    server = NatsServer(tmp_path_factory.mktemp("nats-restart"))
+    server.start()
+    gateway = neuron = None
+    try:
+        gateway = start_gateway(spawn, server.url, tiny_models_toml, name="gateway-restart")
+        neuron = start_neuron(spawn, server.url, tiny_models_toml, NODE, "tiny")
+        gateway.wait_for_model(MODEL)
+        yield Fleet(server, gateway, neuron)
+    finally:
+        for proc in (gateway.proc if gateway else None, neuron):
+            if proc is not None:
+                proc.stop()
+        if server.popen is not None:
+            natsserver.stop(server.popen)
+
+
+def client(fleet: Fleet, timeout: float) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{fleet.gateway.url}/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+
+def chat(fleet: Fleet, *, stream: bool = False, timeout: float = 10.0, model: str = "tiny") -> str:
+    messages = [{"role": "user", "content": "Hello"}]
+    api = client(fleet, timeout).chat.completions
+    if stream:
+        chunks = api.create(model=model, messages=messages, max_tokens=4, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reply = api.create(model=model, messages=messages, max_tokens=4, temperature=0)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    return reply.choices[0].message.content or ""
+
+
+def gateway_disconnected(fleet: Fleet) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(f"{fleet.gateway.url}/health", timeout=1).json()["status"] == "nats_disconnected"
+    return False
+
+
+@contextlib.contextmanager
+def outage(fleet: Fleet, sig: int = signal.SIGKILL) -> Iterator[None]:
+    """NATS down (the gateway has noticed) for the block; up again, same store, and serving after it."""
+    fleet.nats.down(sig)
+    wait_until(lambda: gateway_disconnected(fleet), 5, "the gateway to notice NATS is gone", interval=0.05)
+    try:
+        yield
+    finally:
+        fleet.nats.start()
+        seconds_until_served(fleet, since=time.monotonic(), limit=15)
+
+
+def seconds_until_served(fleet: Fleet, since: float, limit: float) -> float:
+    """Seconds from `since` until a chat request succeeds, trying every 0.1 s for up to `limit`."""
+
+    def succeeds() -> bool:
+        with contextlib.suppress(openai.OpenAIError):
+            return isinstance(chat(fleet, timeout=limit), str)
+        return False
+
+    wait_until(succeeds, limit, "a chat request to succeed after NATS came back", interval=0.1)
+    return time.monotonic() - since
+
+
+def heartbeat_age(fleet: Fleet) -> float:
+    """Seconds since the gateway last received the node's heartbeat through its KV watch (its own clock)."""
+    with contextlib.suppress(httpx.HTTPError):
+        nodes = httpx.get(f"{fleet.gateway.url}/fleet.json", timeout=1).json()["nodes"]
+        return next((n["age_s"] for n in nodes if n["name"] == NODE), float("inf"))
+    return float("inf")
+
+
+def seconds_until_fresh(fleet: Fleet, since: float, limit: float) -> float:
+    """Seconds from `since` until the gateway's watch has delivered a heartbeat sent after it."""
+    wait_until(
+        lambda: heartbeat_age(fleet) < time.monotonic() - since, limit, "a heartbeat through the new watch", 0.05
+    )
+    return time.monotonic() - since
+
+
+def assert_fast_503(fleet: Fleet, *, stream: bool = False, model: str = "tiny") -> None:
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as caught:
+        chat(fleet, stream=stream, timeout=10, model=model)
+    took = time.monotonic() - started
+    assert caught.value.status_code == 503, caught.value
+    assert took < FAIL_FAST_S, f"the 503 took {took:.1f}s"
+    assert caught.value.response.headers.get("retry-after")
+    error = caught.value.body
+    assert isinstance(error, dict) and error.get("message") and error.get("type"), error  # the OpenAI envelope
+
+
+def test_a_chat_request_while_nats_is_down_gets_503_at_once(fleet: Fleet) -> None:
+    with outage(fleet):
+        assert_fast_503(fleet)
+
+
+def test_a_streaming_request_while_nats_is_down_gets_503_at_once(fleet: Fleet) -> None:
+    with outage(fleet, signal.SIGTERM):
+        assert_fast_503(fleet, stream=True)
+
+
+def test_a_cold_start_while_nats_is_down_gets_503_at_once(fleet: Fleet) -> None:
+    with outage(fleet):
+        assert_fast_503(fleet, model=COLD_MODEL)
+    assert COLD_MODEL not in fleet.gateway.models()  # and nothing was left half-placed
+
+
+def test_requests_succeed_within_5s_of_nats_restarting_with_its_store(fleet: Fleet) -> None:
+    fleet.nats.down(signal.SIGKILL)
+    wait_until(lambda: gateway_disconnected(fleet), 5, "the gateway to notice NATS is gone", interval=0.05)
+    time.sleep(2)  # an outage longer than the watch's missed-heartbeat allowance
+    back = fleet.nats.start()
+    took = seconds_until_served(fleet, since=back, limit=15)
+    fresh = seconds_until_fresh(fleet, since=back, limit=15)
+    print(f"\nNATS restarted with its store: serving after {took:.2f}s, fleet view fresh after {fresh:.2f}s")
+    assert took <= RECOVERY_S
+    assert fresh <= RECOVERY_S
+    assert isinstance(chat(fleet, stream=True), str)
+
+
+def test_requests_succeed_within_5s_of_nats_restarting_empty(fleet: Fleet) -> None:
+    fleet.nats.down(signal.SIGTERM)
+    wait_until(lambda: gateway_disconnected(fleet), 5, "the gateway to notice NATS is gone", interval=0.05)
+    time.sleep(2)
+    back = fleet.nats.start(empty=True)
+    took = seconds_until_served(fleet, since=back, limit=15)
+    fresh = seconds_until_fresh(fleet, since=back, limit=15)
+    print(f"\nNATS restarted empty: serving after {took:.2f}s, fleet view fresh after {fresh:.2f}s")
+    assert took <= RECOVERY_S
+    assert fresh <= RECOVERY_S
+    assert NODE in fleet.gateway.models().get(MODEL, [])
+    buckets = asyncio.run(buckets_and_nodes(fleet.nats.url))
+    assert buckets == {NODES_BUCKET: [NODE], PINS_BUCKET: [], PLACEMENT_BUCKET: []}, buckets
+
+
+async def buckets_and_nodes(url: str) -> dict[str, list[str]]:
+    """Every cortex bucket on the server, with its keys: the clients created them again."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        out = {}
+        for bucket in (NODES_BUCKET, PINS_BUCKET, PLACEMENT_BUCKET):
+            kv = await js.key_value(bucket)  # raises BucketNotFoundError if nobody created it again
+            try:
+                out[bucket] = sorted(await kv.keys())
+            except nats.js.errors.NoKeysError:
+                out[bucket] = []
+        return out
+    finally:
+        await nc.close()
