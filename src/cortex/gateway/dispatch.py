@@ -1,7 +1,8 @@
 """Sends a job to a node that holds its model and opens its event stream.
 
 Retries the next holder while the job has produced nothing: on no-responders, a retryable
-error (`busy`, `model_not_loaded`, `shutting_down`) or an accept timeout. Errors that
+error (`busy`, `model_not_loaded`, `shutting_down`), an accept timeout, or its node dying;
+then, once, holders that appeared meanwhile. Errors that
 surface before the first token become HTTP statuses; later ones are in-band events.
 """
 
@@ -9,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
 
-from cortex.placement.fleet import FleetView
+from cortex.placement.fleet import FleetView, Holder
 from cortex.placement.policy import rank_holders
 from cortex.placement.usage import LocalUsage
 from cortex.protocol.errors import ErrorCode, JobFailed, NoCapacity, TransportError
@@ -76,10 +77,8 @@ class Dispatcher:
         if not self._client.connected:
             raise TransportError("the gateway has lost its NATS connection; retry shortly")
         holders = self._fleet.holders(job.model)
-        # With no holder in view (a gateway that just started, say), the queue group may still have one.
-        candidates: list[str | None] = list(rank_holders(holders, self.usage.in_flight(job.model))) or [None]
         busy = 0
-        for node in candidates:
+        for node in self._candidates(job.model, holders):
             stream = await self._client.submit(
                 job,
                 node,
@@ -118,6 +117,14 @@ class Dispatcher:
             f"{job.model} is not loaded on any node; add it to a neuron's default_models "
             "or load it with `nats req cortex.node.<node>.load`"
         )
+
+    def _candidates(self, model: str, holders: list[Holder]) -> Iterator[str | None]:
+        """The holders, least loaded first; then, once, any that appeared while those were tried (a
+        job whose node died before its first token goes to a node that has loaded the model since)."""
+        ranked = rank_holders(holders, self.usage.in_flight(model))
+        # With no holder in view (a gateway that just started, say), the queue group may still have one.
+        yield from ranked or [None]
+        yield from (n for n in rank_holders(self._fleet.holders(model), self.usage.in_flight(model)) if n not in ranked)
 
     async def _first_output(self, events: AsyncIterator[Any]) -> Any:
         """Reads `accepted` and the event after it; a failure among them raises JobFailed."""
