@@ -229,3 +229,26 @@ def test_a_job_whose_node_dies_before_its_first_token_is_retried_on_another_hold
     assert answer and answer[0].status_code == 200, answer[0].text if answer else "no answer"
     assert answer[0].json()["usage"]["completion_tokens"] == 8
     second.stop()
+
+
+def test_a_whole_answer_whose_node_dies_mid_way_is_a_502_envelope(spawn, nats_url, models_toml, gateway) -> None:
+    model = "test/tiny-lost"
+    victim = start_neuron(spawn, nats_url, models_toml, "lost1", model)
+    gateway.wait_for_model(model)
+    answer: list[httpx.Response] = []
+    client = threading.Thread(
+        target=lambda: answer.append(
+            httpx.post(f"{gateway.url}/v1/chat/completions", json={**LONG, "model": model}, timeout=60)
+        )
+    )
+    client.start()
+    wait_until(lambda: [j["state"] for j in _jobs(nats_url, "lost1")] == ["running"], 10, "the job running")
+    victim.stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    client.join(30)
+    assert answer, "the client is still waiting"
+    assert time.monotonic() - killed_at <= 3 * HEARTBEAT_S + 2.0
+    assert answer[0].status_code == 502, answer[0].text
+    error = answer[0].json()["error"]
+    assert error["code"] == "node_lost", error
+    wait_until(lambda: model not in gateway.models(), 3 * HEARTBEAT_S + 2.0, "the dead node to leave the view")
