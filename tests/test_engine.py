@@ -75,6 +75,13 @@ def test_top_p_keeps_only_the_nucleus() -> None:
     assert {sampler(logits) for _ in range(200)} <= {0, 1}
 
 
+def test_a_top_p_or_temperature_too_small_for_float32_is_greedy_not_a_crash() -> None:
+    logits = _logits()
+    for params in (SamplingParams(temperature=1.0, top_p=1e-103), SamplingParams(temperature=1e-300)):
+        sampler = Sampler(params, SamplingDefaults(), torch.device("cpu"))
+        assert sampler(logits) == int(torch.argmax(logits))
+
+
 def test_top_k_one_is_greedy() -> None:
     logits = _logits()
     sampler = Sampler(SamplingParams(temperature=1.5, top_k=1, seed=0), SamplingDefaults(), torch.device("cpu"))

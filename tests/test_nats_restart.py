@@ -190,6 +190,7 @@ def test_a_streaming_request_while_nats_is_down_gets_503_at_once(fleet: Fleet) -
 def test_a_cold_start_while_nats_is_down_gets_503_at_once(fleet: Fleet) -> None:
     with outage(fleet):
         assert_fast_503(fleet, model=COLD_MODEL)
+        assert_fast_503(fleet, model=COLD_MODEL, stream=True)  # not a 200 stream that can only fail
     assert COLD_MODEL not in fleet.gateway.models()  # and nothing was left half-placed
 
 

@@ -16,7 +16,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.dialects import sse
-from cortex.dialects.common import Answer, Part, check_tools, describe, http_status, join_text, stop_list
+from cortex.dialects.common import (
+    Answer,
+    Part,
+    check_tools,
+    describe,
+    http_status,
+    join_text,
+    sampling_floor,
+    stop_list,
+)
 from cortex.protocol.errors import CortexError, InvalidRequest
 from cortex.protocol.messages import (
     ChatMessage,
@@ -90,11 +99,11 @@ class _Conversation(BaseModel):
 
 
 class MessagesRequest(_Conversation):
-    max_tokens: int = Field(ge=1)
+    max_tokens: int = Field(ge=1, le=2**31 - 1)  # an int32, as the engines count tokens
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(None, ge=0.0, le=1.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=1, le=2**31 - 1)
     metadata: Metadata | None = None
     stream: bool = False
     service_tier: str | None = None  # a label here
@@ -193,8 +202,9 @@ def to_tools(req: MessagesRequest | CountTokensRequest) -> tuple[list[Tool] | No
 
 def to_job(req: MessagesRequest, model_id: str, *, job_id: str, request_id: str) -> InferenceJob:
     stops = stop_list(req.stop_sequences, "stop_sequences")
+    temperature, top_p = sampling_floor(req.temperature, req.top_p)
     sampling = SamplingParams(
-        max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, stop=stops
+        max_tokens=req.max_tokens, temperature=temperature, top_p=top_p, top_k=req.top_k, stop=stops
     )
     messages = to_messages(req)
     prefill = messages[-1].role == "assistant"
@@ -361,6 +371,21 @@ _ERROR_TYPES = {
 
 def error_type(status: int) -> str:
     return _ERROR_TYPES.get(status, "api_error")
+
+
+class AnthropicErrorDetail(BaseModel):
+    """The error object, as documented in /openapi.json; a preflight refusal adds kind, model, detail, suggestion."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    message: str
+
+
+class AnthropicError(BaseModel):
+    """The body of every error response; only documents it (error_body builds it)."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
 
 
 def error_body(message: str, type_: str) -> dict[str, Any]:

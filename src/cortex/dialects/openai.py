@@ -13,7 +13,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.dialects import sse
-from cortex.dialects.common import Answer, Part, check_tools, describe, http_status, join_text, stop_list
+from cortex.dialects.common import (
+    Answer,
+    Part,
+    check_tools,
+    describe,
+    http_status,
+    join_text,
+    sampling_floor,
+    stop_list,
+)
 from cortex.protocol.errors import CortexError, InvalidRequest
 from cortex.protocol.messages import (
     ChatMessage,
@@ -31,6 +40,10 @@ from cortex.protocol.messages import (
 )
 
 DEFAULT_MAX_TOKENS = 1024
+# Bounds that keep numbers within what the engines take (int32 token counts, int64 seeds): larger
+# ones used to reach a node and fail there as internal errors.
+MAX_TOKENS_LIMIT = 2**31 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 class FunctionCallIn(BaseModel):
@@ -93,10 +106,10 @@ class _Sampled(BaseModel):
     model: str = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -105,10 +118,11 @@ class _Sampled(BaseModel):
     logit_bias: dict[str, float] | None = None
 
     def sampling(self, max_tokens: int) -> SamplingParams:
+        temperature, top_p = sampling_floor(self.temperature, self.top_p)
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
+            temperature=temperature,
+            top_p=top_p,
             seed=self.seed,
             stop=stop_list(self.stop, "stop"),
             presence_penalty=self.presence_penalty or 0.0,
@@ -119,7 +133,7 @@ class _Sampled(BaseModel):
 
 class ChatCompletionRequest(_Sampled):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     tools: list[ToolDef] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -439,6 +453,22 @@ def error_payload(exc: CortexError) -> dict[str, Any]:
     body = error_body(message, error_type(http_status(exc.code)), exc.code.value)
     body["error"].update(extra)
     return body
+
+
+class OpenAIErrorDetail(BaseModel):
+    """The error object, as documented in /openapi.json; a preflight refusal adds kind, model, detail, suggestion."""
+
+    model_config = ConfigDict(extra="allow")
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    """The body of every error response; only documents it (error_body builds it)."""
+
+    error: OpenAIErrorDetail
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:

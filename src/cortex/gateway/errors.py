@@ -68,6 +68,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"invalid `{field}`: {first.get('msg')}", field
 
 
+def _body_error(cause: BaseException | None) -> str | None:
+    """FastAPI answers every body it cannot parse, other than bad JSON syntax, with one vague message;
+    this names what was wrong from the exception beneath it."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8: byte {cause.start} is {cause.object[cause.start]:#04x}"
+    if isinstance(cause, RecursionError):
+        return "the request body's JSON nests too deeply to parse"
+    return None
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(CortexError)
     async def _cortex(request: Request, exc: CortexError) -> JSONResponse:
@@ -80,7 +90,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _plain(request, exc.status_code, str(exc.detail))
+        return _plain(request, exc.status_code, _body_error(exc.__cause__) or str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic_core import from_json
 
 from cortex.dialects import anthropic, openai
 from cortex.gateway.catalogue_view import model_entry
@@ -23,15 +26,51 @@ from cortex.gateway.streaming import (
     unless_disconnected,
 )
 from cortex.placement.policy import rank_holders
-from cortex.protocol.errors import CortexError, NoCapacity
+from cortex.protocol.errors import CortexError, ErrorCode, InvalidRequest, NoCapacity, TransportError
 from cortex.protocol.messages import CountReply, CountRequest, InferenceJob
 from cortex.telemetry import logs
 
 router = APIRouter()
 
+# A `\\uD800`-`\\uDFFF` escape: half of a UTF-16 surrogate pair, which only pairs may use.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+# Documents, in /openapi.json, the statuses an inference endpoint may answer before its body, and the
+# envelope each dialect answers them in (FastAPI would otherwise list its own 422 shape, which is never sent).
+_ERROR_STATUSES = {
+    400: "invalid request: bad JSON, a wrong or unknown field, a value out of range",
+    404: "no such model",
+    413: "the request is larger than NATS max_payload",
+    422: "refused by preflight: the model cannot run as asked",
+    429: "every node serving the model is busy",
+    503: "no capacity, or NATS unreachable",
+}
+_OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": openai.OpenAIError, "description": text} for status, text in _ERROR_STATUSES.items()
+}
+_ANTHROPIC_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": anthropic.AnthropicError, "description": text} for status, text in _ERROR_STATUSES.items()
+}
+
 
 def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
+
+
+async def _check_unicode(request: Request) -> None:
+    """Refuses a body whose JSON escapes a lone surrogate: Python's JSON parser lets it through, but no
+    text holding one can be encoded again, so the job could never be sent. The regex keeps the exact
+    parse (jiter, which refuses lone surrogates) to the rare body that escapes a surrogate at all."""
+    body = await request.body()  # Starlette keeps the body FastAPI already read: no second read
+    if not _SURROGATE_ESCAPE.search(body):
+        return
+    try:
+        from_json(body)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"the request body holds a lone UTF-16 surrogate escape, which is not valid Unicode text: {exc}"
+        ) from None
 
 
 def _request_id(request: Request) -> str:
@@ -65,8 +104,9 @@ async def get_model(model: str, request: Request) -> JSONResponse:
     return JSONResponse(model_entry(gw, gw.resolve_model(model)))
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=_OPENAI_ERRORS)
 async def chat_completions(body: openai.ChatCompletionRequest, request: Request) -> Response:
+    await _check_unicode(request)
     gw = _gateway(request)
     request_id = _request_id(request)
     model_id = gw.resolve_model(body.model)
@@ -75,8 +115,9 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
     return await _serve(request, gw, job, "openai.chat", writer, body.stream)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=_OPENAI_ERRORS)
 async def completions(body: openai.CompletionRequest, request: Request) -> Response:
+    await _check_unicode(request)
     gw = _gateway(request)
     request_id = _request_id(request)
     model_id = gw.resolve_model(body.model)
@@ -86,8 +127,9 @@ async def completions(body: openai.CompletionRequest, request: Request) -> Respo
     return await _serve(request, gw, job, "openai.completions", writer, body.stream)
 
 
-@router.post("/v1/messages")
+@router.post("/v1/messages", responses=_ANTHROPIC_ERRORS)
 async def messages(body: anthropic.MessagesRequest, request: Request) -> Response:
+    await _check_unicode(request)
     gw = _gateway(request)
     request_id = _request_id(request)
     model_id = gw.resolve_model(body.model)
@@ -96,21 +138,35 @@ async def messages(body: anthropic.MessagesRequest, request: Request) -> Respons
     return await _serve(request, gw, job, "anthropic.messages", writer, body.stream)
 
 
-@router.post("/v1/messages/count_tokens")
+@router.post("/v1/messages/count_tokens", responses=_ANTHROPIC_ERRORS)
 async def count_tokens(body: anthropic.CountTokensRequest, request: Request) -> JSONResponse:
+    await _check_unicode(request)
     gw = _gateway(request)
     assert gw.placer is not None and gw.control is not None and gw.dispatcher is not None
     model_id = gw.resolve_model(body.model)
     messages = anthropic.to_messages(body)
     tools, _, _ = anthropic.to_tools(body)
+    count = CountRequest(model=model_id, messages=messages, tools=tools)
+    _check_size(gw, len(count.to_bytes()), "count request")  # before a model is loaded for it
     # The tokenizer and chat template live with the model, on a node that holds it.
     await unless_disconnected(request, gw.placer.place(model_id))
     holders = rank_holders(gw.fleet.holders(model_id), gw.dispatcher.usage.in_flight(model_id))
     if not holders:
         raise NoCapacity(f"{model_id} is not loaded on any node right now; retry")
-    count = CountRequest(model=model_id, messages=messages, tools=tools)
     reply = await gw.control.call(holders[0], "count", count, CountReply)
     return JSONResponse({"input_tokens": reply.input_tokens}, headers={"x-request-id": _request_id(request)})
+
+
+def _check_size(gw: Gateway, size: int, what: str) -> None:
+    """Refuses, before publishing, a message NATS would refuse anyway, naming the limit (jobs are checked
+    the same way where they are published)."""
+    limit = gw.nc.max_payload if gw.nc is not None else 0
+    if limit and size > limit:
+        raise InvalidRequest(
+            f"the request is {size} bytes as a {what}; NATS max_payload is {limit} bytes. "
+            "Shorten the conversation, or raise max_payload in nats.conf",
+            code=ErrorCode.payload_too_large,
+        )
 
 
 def _include_usage(options: openai.StreamOptions | None) -> bool:
@@ -128,6 +184,8 @@ async def _serve(
     headers = {"x-request-id": request_id}
     stream_headers = {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     try:
+        if not gw.connected:  # before a cold load could start a stream that can only fail
+            raise TransportError("the gateway has lost its NATS connection; retry shortly")
         pending = await gw.placer.prepare(job.model)
         if pending is not None and stream:
             cold = ColdStart(outcome, gw.metrics)

@@ -65,7 +65,8 @@ class Sampler:
             counts = torch.tensor(list(self._counts.values()), device=logits.device, dtype=logits.dtype)
             logits = logits.clone()
             logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
-        if self._temperature == 0.0:
+        # Below ~1e-6 the scaled logits overflow float32 anyway: that is greedy.
+        if self._temperature < 1e-6:
             token = int(torch.argmax(logits))
         else:
             token = self._draw(logits / self._temperature)
@@ -82,6 +83,7 @@ class Sampler:
             sorted_probs, order = torch.sort(probs, descending=True)
             # Drop a token when the tokens before it already cover top_p; the first always stays.
             drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= self._top_p
+            drop[0] = False  # also when top_p rounds to 0 in float32
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             choice = torch.multinomial(sorted_probs, 1, generator=self._gen)
             return int(order[choice])
