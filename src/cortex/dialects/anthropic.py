@@ -23,7 +23,6 @@ from cortex.dialects.common import (
     describe,
     http_status,
     join_text,
-    sampling_floor,
     stop_list,
 )
 from cortex.protocol.errors import CortexError, InvalidRequest
@@ -202,9 +201,8 @@ def to_tools(req: MessagesRequest | CountTokensRequest) -> tuple[list[Tool] | No
 
 def to_job(req: MessagesRequest, model_id: str, *, job_id: str, request_id: str) -> InferenceJob:
     stops = stop_list(req.stop_sequences, "stop_sequences")
-    temperature, top_p = sampling_floor(req.temperature, req.top_p)
     sampling = SamplingParams(
-        max_tokens=req.max_tokens, temperature=temperature, top_p=top_p, top_k=req.top_k, stop=stops
+        max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, stop=stops
     )
     messages = to_messages(req)
     prefill = messages[-1].role == "assistant"

@@ -70,20 +70,6 @@ def stop_list(value: str | list[str] | None, field: str) -> list[str]:
     return stop
 
 
-# The engines sample in float32, where a temperature or top_p this close to 0 underflows (logits
-# divided into inf, a threshold rounded to 0) and fails the job. By then both mean "the likeliest
-# token", so they are sent as values that say so: greedy decoding, and a top_p that keeps one token.
-_TINY = 1e-6
-
-
-def sampling_floor(temperature: float | None, top_p: float | None) -> tuple[float | None, float | None]:
-    if temperature is not None and 0.0 < temperature < _TINY:
-        temperature = 0.0
-    if top_p is not None and top_p < _TINY:
-        top_p = _TINY
-    return temperature, top_p
-
-
 def check_tools(tools: list[Tool] | None, choice: ToolChoice, field: str) -> None:
     """A named or required tool_choice needs tools, and a named one must be among them."""
     names = {t.name for t in tools or []}

@@ -20,7 +20,6 @@ from cortex.dialects.common import (
     describe,
     http_status,
     join_text,
-    sampling_floor,
     stop_list,
 )
 from cortex.protocol.errors import CortexError, InvalidRequest
@@ -118,11 +117,10 @@ class _Sampled(BaseModel):
     logit_bias: dict[str, float] | None = None
 
     def sampling(self, max_tokens: int) -> SamplingParams:
-        temperature, top_p = sampling_floor(self.temperature, self.top_p)
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
+            temperature=self.temperature,
+            top_p=self.top_p,
             seed=self.seed,
             stop=stop_list(self.stop, "stop"),
             presence_penalty=self.presence_penalty or 0.0,
