@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
+import socket
 import threading
 import time
 
@@ -43,10 +45,14 @@ def test_client_disconnect_mid_stream_stops_generation_on_the_neuron(gateway, ne
 
 
 def test_client_disconnect_while_waiting_for_a_whole_answer_stops_generation(gateway, neuron, nats_url) -> None:
-    try:
-        httpx.post(f"{gateway.url}/v1/chat/completions", json=LONG, timeout=1.5)
-    except httpx.ReadTimeout:
-        pass
+    # A raw socket, so that "the client left" is exactly a closed connection after 1.5 s.
+    host, port = gateway.url.removeprefix("http://").split(":")
+    body = json.dumps(LONG).encode()
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        wait_until(lambda: len(_jobs(nats_url, "t1")) == 1, 5, "the job to start")
+        sock.shutdown(socket.SHUT_RDWR)
     wait_until(lambda: _jobs(nats_url, "t1") == [], 10.0, "the neuron to drop the job")
 
 
