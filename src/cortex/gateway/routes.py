@@ -46,11 +46,20 @@ _ERROR_STATUSES = {
     429: "every node serving the model is busy",
     503: "no capacity, or NATS unreachable",
 }
+# With `"stream": true` the 200 is a server-sent event stream rather than one JSON body.
+_STREAMED = {
+    200: {
+        "description": "The answer: one JSON body, or with `stream: true` server-sent events",
+        "content": {"text/event-stream": {"schema": {}}},
+    }
+}
 _OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": openai.OpenAIError, "description": text} for status, text in _ERROR_STATUSES.items()
+    **_STREAMED,
+    **{status: {"model": openai.OpenAIError, "description": text} for status, text in _ERROR_STATUSES.items()},
 }
 _ANTHROPIC_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": anthropic.AnthropicError, "description": text} for status, text in _ERROR_STATUSES.items()
+    **_STREAMED,
+    **{status: {"model": anthropic.AnthropicError, "description": text} for status, text in _ERROR_STATUSES.items()},
 }
 
 
