@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.dialects import sse
 from cortex.dialects.common import (
+    MAX_TOKENS_LIMIT,
     Answer,
     Part,
     check_tools,
@@ -98,11 +99,11 @@ class _Conversation(BaseModel):
 
 
 class MessagesRequest(_Conversation):
-    max_tokens: int = Field(ge=1, le=2**31 - 1)  # an int32, as the engines count tokens
+    max_tokens: int = Field(ge=1, le=MAX_TOKENS_LIMIT)
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(None, ge=0.0, le=1.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1, le=2**31 - 1)
+    top_k: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # an int32 too
     metadata: Metadata | None = None
     stream: bool = False
     service_tier: str | None = None  # a label here

@@ -63,6 +63,11 @@ def join_text(content: str | list[Part], where: str, noun: str) -> str:
     return "".join(texts)
 
 
+# Token counts the engines take (int32): larger ones used to reach a node and fail there as
+# internal errors. Both dialects bound max_tokens (and Anthropic's top_k) by it.
+MAX_TOKENS_LIMIT = 2**31 - 1
+
+
 def stop_list(value: str | list[str] | None, field: str) -> list[str]:
     stop = [value] if isinstance(value, str) else list(value or [])
     if len(stop) > 16 or any(not s for s in stop):

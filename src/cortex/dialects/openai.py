@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.dialects import sse
 from cortex.dialects.common import (
+    MAX_TOKENS_LIMIT,
     Answer,
     Part,
     check_tools,
@@ -39,9 +40,7 @@ from cortex.protocol.messages import (
 )
 
 DEFAULT_MAX_TOKENS = 1024
-# Bounds that keep numbers within what the engines take (int32 token counts, int64 seeds): larger
-# ones used to reach a node and fail there as internal errors.
-MAX_TOKENS_LIMIT = 2**31 - 1
+# Seeds within what the engines take (int64): larger ones used to fail on a node as internal errors.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
