@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -332,10 +332,11 @@ class Gateway:
     url: str
     proc: Proc
     metrics_url: str
+    headers: dict[str, str] = field(default_factory=dict)  # an API key, where the gateway needs one
 
     def models(self) -> dict[str, list[str]]:
         """Models ready somewhere -> the nodes serving them."""
-        body = httpx.get(f"{self.url}/v1/models", timeout=5).json()
+        body = httpx.get(f"{self.url}/v1/models", headers=self.headers, timeout=5).json()
         return {m["id"]: m["nodes"] for m in body["data"] if m["nodes"]}
 
     def wait_for_model(self, model: str, timeout: float = 60.0) -> None:

@@ -74,3 +74,18 @@ def test_an_empty_or_short_admin_key_is_refused(monkeypatch) -> None:
     monkeypatch.setenv("CORTEX_AUTH__ADMIN_KEYS", '[""]')
     with pytest.raises(ConfigError, match=r"`auth\.admin_keys\.0`: String should have at least 16 characters"):
         cortex_config.load(None)
+
+
+def test_an_api_key_needs_exactly_one_of_key_and_key_sha256(tmp_path: Path) -> None:
+    path = tmp_path / "cortex.toml"
+    path.write_text('[[auth.keys]]\nname = "team-a"\nmodels = ["smollm2"]\n')
+    with pytest.raises(ConfigError, match="key `team-a`: set exactly one of `key` and `key_sha256`"):
+        cortex_config.load(path)
+
+
+def test_two_api_keys_with_one_name_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cortex.toml"
+    entry = '[[auth.keys]]\nname = "team-a"\nkey = "0123456789abcdef-{}"\n'
+    path.write_text(entry.format(1) + entry.format(2))
+    with pytest.raises(ConfigError, match="two \\[\\[auth.keys\\]\\] share the name team-a"):
+        cortex_config.load(path)

@@ -1,15 +1,16 @@
-"""`cortex` command line: up (dev stack), serve (gateway), schemas (wire format), and the admin
-commands (models, load, unload, pin, unpin; see admin_cli)."""
+"""`cortex` command line: up (dev stack), serve (gateway), schemas (wire format), the admin
+commands (models, load, unload, pin, unpin; see admin_cli), status, and key (API keys)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from pathlib import Path
 
-from cortex import admin_cli, status_cli
+from cortex import admin_cli, key_cli, status_cli
 from cortex.natsserver import NatsServerError
 from cortex.protocol.catalogue import DEFAULT_MODEL, CatalogueError
 from cortex.protocol.config import ConfigError, split_host_port
@@ -51,6 +52,12 @@ def _serve(args: argparse.Namespace) -> int:
     )
     logs.configure(settings.log_level, settings.log_format, "cortex")
     host, port = split_host_port(settings.gateway.listen)
+    if not settings.auth.keys and host not in ("127.0.0.1", "::1", "localhost"):
+        logging.getLogger("cortex").warning(
+            "listening on %s with no [[auth.keys]]: anyone who can reach it may use every model "
+            "(`cortex key new NAME` makes a key)",
+            settings.gateway.listen,
+        )
     # log_config=None: uvicorn's own lines go through our handler (JSON too), not its own.
     uvicorn.run(
         build_app(settings),
@@ -111,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
 
     admin_cli.add_commands(sub)
     status_cli.add_commands(sub)
+    key_cli.add_commands(sub)
 
     args = parser.parse_args(argv)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cortex.protocol.config import NatsSettings, load_settings
 from cortex.telemetry.logs import LogFormat
@@ -34,13 +34,56 @@ class EvictionSection(BaseModel):
     )
 
 
+# Names a key in logs, metrics and errors, where the key itself never appears.
+KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
+
+
+class ApiKey(BaseModel):
+    """One `[[auth.keys]]` entry: a key, the models it may use, and whether it may use /admin."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=KEY_NAME_PATTERN, description="Names the key in logs and errors (never the key).")
+    key: str | None = Field(None, min_length=16, repr=False, description="The key itself (16+ characters).")
+    key_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        repr=False,
+        description="Or its SHA-256 in hex, so the config holds no secret (`cortex key new` prints both).",
+    )
+    models: list[str] = Field(
+        default_factory=lambda: ["*"],
+        min_length=1,
+        description="Catalogue ids or aliases it may use; `*` and `?` match as in file names (`Qwen/*`).",
+    )
+    admin: bool = Field(False, description="Also an admin key (every model, and /admin/*).")
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ApiKey:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(f"key `{self.name}`: set exactly one of `key` and `key_sha256`")
+        return self
+
+
 class AuthSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     admin_keys: list[Annotated[str, Field(min_length=16)]] = Field(
         default_factory=list,
+        repr=False,
         description="Keys for /admin/* (16+ characters); with none, only clients on this machine may use it.",
     )
+    keys: list[ApiKey] = Field(
+        default_factory=list,
+        description="API keys; with any set, every /v1 request needs one (`Authorization: Bearer` or `x-api-key`).",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AuthSection:
+        names = [k.name for k in self.keys]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"two [[auth.keys]] share the name {', '.join(twice)}; each needs its own")
+        return self
 
 
 class CortexSettings(BaseModel):

@@ -1,15 +1,14 @@
 """`/admin/models/{load,unload,pin,unpin}`: operators move models by hand.
 
-With `[auth] admin_keys` set, a request needs one of them (`Authorization: Bearer <key>`
-or `x-api-key`); with none set, only clients on this machine (loopback) are let in.
-Keys are compared in constant time and never logged.
+With an admin key configured (`[auth] admin_keys`, or a `[[auth.keys]]` entry with `admin = true`),
+a request needs one (`Authorization: Bearer <key>` or `x-api-key`); with none, only clients on this
+machine (loopback) are let in. Keys are checked as in `auth`: in constant time, never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import ipaddress
 import logging
 
@@ -17,12 +16,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from cortex.gateway.auth import keyring, presented_key
 from cortex.gateway.catalogue_view import model_entry
 from cortex.gateway.service import Gateway
 from cortex.placement.fleet import FleetView
 from cortex.protocol.errors import CortexError, ErrorCode, InvalidRequest, ModelNotFound
 from cortex.protocol.messages import LoadRequest, ModelReply, ModelSpec, ModelState, UnloadRequest
 from cortex.protocol.subjects import NODE_NAME_PATTERN
+from cortex.telemetry import logs
 from cortex.transport.nats import map_nats_errors
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ def _gateway(request: Request) -> Gateway:
 
 
 async def require_admin(request: Request) -> None:
-    keys = _gateway(request).settings.auth.admin_keys
-    if not keys:
+    ring = keyring(request)
+    if not ring.has_admin:
         if not _loopback(request.client.host if request.client else ""):
             raise CortexError(
                 "the admin API is open only to clients on the gateway's machine while no admin key is set; "
@@ -44,12 +45,18 @@ async def require_admin(request: Request) -> None:
                 code=ErrorCode.forbidden,
             )
         return
-    auth = request.headers.get("authorization", "")
-    given = auth[7:] if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-    if not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
+    caller = ring.find(presented_key(request) or "")
+    if caller is None:
         raise CortexError(
             "the admin API needs an admin key: send `Authorization: Bearer <key>` (or `x-api-key`)",
             code=ErrorCode.unauthorized,
+        )
+    logs.api_key.set(caller.name)
+    if not caller.admin:
+        raise CortexError(
+            f"the API key `{caller.name}` is not an admin key; /admin needs one of [auth] admin_keys "
+            "or a [[auth.keys]] entry with `admin = true`",
+            code=ErrorCode.forbidden,
         )
 
 

@@ -38,6 +38,7 @@ def build_app(settings: CortexSettings, catalogue: Catalogue | None = None) -> F
     app.state.gateway = gateway
     errors.install(app)
     app.include_router(routes.router)
+    app.include_router(routes.v1)
     app.include_router(admin.router)
     app.include_router(fleet_page.router)
     return app

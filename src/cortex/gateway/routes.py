@@ -7,11 +7,12 @@ import re
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic_core import from_json
 
 from cortex.dialects import anthropic, openai
+from cortex.gateway import auth
 from cortex.gateway.catalogue_view import model_entry
 from cortex.gateway.service import Gateway
 from cortex.gateway.streaming import (
@@ -31,6 +32,8 @@ from cortex.protocol.messages import CountReply, CountRequest, InferenceJob
 from cortex.telemetry import logs
 
 router = APIRouter()
+# Every /v1 route needs an API key once any is configured; the check comes before the body's.
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth.authenticate)])
 
 # A `\\uD800`-`\\uDFFF` escape: half of a UTF-16 surrogate pair, which only pairs may use.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -40,6 +43,8 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 # envelope each dialect answers them in (FastAPI would otherwise list its own 422 shape, which is never sent).
 _ERROR_STATUSES = {
     400: "invalid request: bad JSON, a wrong or unknown field, a value out of range",
+    401: "no API key, or one that is not valid (once [[auth.keys]] are configured)",
+    403: "the API key may not use this model",
     404: "no such model",
     413: "the request is larger than NATS max_payload",
     422: "refused by preflight: the model cannot run as asked",
@@ -82,6 +87,13 @@ async def _check_unicode(request: Request) -> None:
         ) from None
 
 
+def _model(request: Request, gw: Gateway, name: str) -> str:
+    """The model's id, once the caller's key may use it."""
+    model_id = gw.resolve_model(name)
+    auth.check_model(request, model_id, gw.model_names(model_id))
+    return model_id
+
+
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
     request.state.request_id = given[:128] if given.isprintable() and given else uuid.uuid4().hex
@@ -100,59 +112,60 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if gw.connected else 503)
 
 
-@router.get("/v1/models")
+@v1.get("/models")
 async def list_models(request: Request) -> JSONResponse:
     gw = _gateway(request)
     ids = sorted({s.id for s in gw.catalogue.models} | gw.fleet.known_models())
+    ids = [m for m in ids if auth.may_use(request, gw.model_names(m))]
     return JSONResponse({"object": "list", "data": [model_entry(gw, m) for m in ids]})
 
 
-@router.get("/v1/models/{model:path}")
+@v1.get("/models/{model:path}")
 async def get_model(model: str, request: Request) -> JSONResponse:
     gw = _gateway(request)
-    return JSONResponse(model_entry(gw, gw.resolve_model(model)))
+    return JSONResponse(model_entry(gw, _model(request, gw, model)))
 
 
-@router.post("/v1/chat/completions", responses=_OPENAI_ERRORS)
+@v1.post("/chat/completions", responses=_OPENAI_ERRORS)
 async def chat_completions(body: openai.ChatCompletionRequest, request: Request) -> Response:
     await _check_unicode(request)
     gw = _gateway(request)
     request_id = _request_id(request)
-    model_id = gw.resolve_model(body.model)
+    model_id = _model(request, gw, body.model)
     job = openai.to_job(body, model_id, job_id=uuid.uuid4().hex, request_id=request_id)
     writer = openai.ChunkWriter(f"chatcmpl-{job.job_id}", model_id, _include_usage(body.stream_options))
     return await _serve(request, gw, job, "openai.chat", writer, body.stream)
 
 
-@router.post("/v1/completions", responses=_OPENAI_ERRORS)
+@v1.post("/completions", responses=_OPENAI_ERRORS)
 async def completions(body: openai.CompletionRequest, request: Request) -> Response:
     await _check_unicode(request)
     gw = _gateway(request)
     request_id = _request_id(request)
-    model_id = gw.resolve_model(body.model)
+    model_id = _model(request, gw, body.model)
     job = openai.completion_to_job(body, model_id, job_id=uuid.uuid4().hex, request_id=request_id)
     echo = job.prompt if body.echo else None
     writer = openai.TextWriter(f"cmpl-{job.job_id}", model_id, _include_usage(body.stream_options), echo)
     return await _serve(request, gw, job, "openai.completions", writer, body.stream)
 
 
-@router.post("/v1/messages", responses=_ANTHROPIC_ERRORS)
+@v1.post("/messages", responses=_ANTHROPIC_ERRORS)
 async def messages(body: anthropic.MessagesRequest, request: Request) -> Response:
     await _check_unicode(request)
     gw = _gateway(request)
     request_id = _request_id(request)
-    model_id = gw.resolve_model(body.model)
+    model_id = _model(request, gw, body.model)
     job = anthropic.to_job(body, model_id, job_id=uuid.uuid4().hex, request_id=request_id)
     writer = anthropic.MessageWriter(anthropic.message_id(), model_id)
     return await _serve(request, gw, job, "anthropic.messages", writer, body.stream)
 
 
-@router.post("/v1/messages/count_tokens", responses=_ANTHROPIC_ERRORS)
+@v1.post("/messages/count_tokens", responses=_ANTHROPIC_ERRORS)
 async def count_tokens(body: anthropic.CountTokensRequest, request: Request) -> JSONResponse:
     await _check_unicode(request)
     gw = _gateway(request)
     assert gw.placer is not None and gw.control is not None and gw.dispatcher is not None
-    model_id = gw.resolve_model(body.model)
+    model_id = _model(request, gw, body.model)
     messages = anthropic.to_messages(body)
     tools, _, _ = anthropic.to_tools(body)
     count = CountRequest(model=model_id, messages=messages, tools=tools)

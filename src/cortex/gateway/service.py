@@ -13,6 +13,7 @@ from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
 from cortex.config import CortexSettings
+from cortex.gateway.auth import Keyring
 from cortex.gateway.dispatch import Dispatcher
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.placer import Placer
@@ -43,6 +44,7 @@ class Gateway:
     def __init__(self, settings: CortexSettings, catalogue: Catalogue) -> None:
         self.settings = settings
         self.catalogue = catalogue
+        self.keyring = Keyring(settings.auth)
         self.subjects = Subjects(settings.nats.prefix)
         self.fleet = FleetView()
         self.metrics = GatewayMetrics()
@@ -148,6 +150,11 @@ class Gateway:
         """Also read by the telemetry thread: plain reads only."""
         body = {"status": "ok" if self.connected else "nats_disconnected", "gateway": self.name}
         return self.connected, {**body, "nodes": len(self.fleet.nodes())}
+
+    def model_names(self, model_id: str) -> tuple[str, ...]:
+        """The names an API key's `models` may match: the id and the catalogue's aliases."""
+        spec = self.catalogue.resolve(model_id)
+        return (model_id, *spec.aliases) if spec else (model_id,)
 
     def resolve_model(self, name: str) -> str:
         spec = self.catalogue.resolve(name)

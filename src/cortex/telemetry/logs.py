@@ -18,6 +18,8 @@ LogFormat = Literal["text", "json"]
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 job_id: ContextVar[str | None] = ContextVar("job_id", default=None)
+# The name of the API key a request came with; never the key.
+api_key: ContextVar[str | None] = ContextVar("api_key", default=None)
 
 # Attributes every LogRecord has; anything else was passed in `extra=` and goes out as a field.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "service"}
@@ -34,11 +36,13 @@ class _Context(logging.Filter):
             record.request_id = request_id.get()
         if getattr(record, "job_id", None) is None:
             record.job_id = job_id.get()
+        if getattr(record, "api_key", None) is None:
+            record.api_key = api_key.get()
         return True
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, service, logger, msg, request_id, job_id, extras."""
+    """One JSON object per line: ts, level, service, logger, msg, request_id, job_id, api_key, extras."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, object] = {
@@ -62,7 +66,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        ids = [f"{k}={v}" for k in ("request_id", "job_id") if (v := getattr(record, k, None))]
+        ids = [f"{k}={v}" for k in ("request_id", "job_id", "api_key") if (v := getattr(record, k, None))]
         return f"{line} [{' '.join(ids)}]" if ids else line
 
 

@@ -1,0 +1,122 @@
+"""Who may call: API keys for /v1 (each with the models it may use), admin keys for /admin.
+
+A key is read from `Authorization: Bearer <key>` or `x-api-key: <key>` (OpenAI's SDK sends the
+first, Anthropic's the second; either works on both dialects). Keys are kept and compared as
+SHA-256 digests, every one of them each time and in constant time, so neither the answer nor its
+timing tells how close a guess was. Logs, metrics and errors name a key by its `name`; the key
+itself is never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from fastapi import Request
+
+from cortex.config import AuthSection
+from cortex.protocol.errors import CortexError, ErrorCode
+from cortex.telemetry import logs
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Whoever presented a key (or anyone, while no API key is configured)."""
+
+    name: str
+    models: tuple[str, ...] = ("*",)
+    admin: bool = False
+
+    def may_use(self, names: Iterable[str]) -> bool:
+        """`names`: a model's id and aliases; one matching one of the key's patterns is enough."""
+        return any(fnmatchcase(name, pattern) for name in names for pattern in self.models)
+
+
+ANYONE = Caller("")
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class Keyring:
+    def __init__(self, auth: AuthSection) -> None:
+        self._entries: list[tuple[bytes, Caller]] = [
+            (_digest(key), Caller("admin", admin=True)) for key in auth.admin_keys
+        ]
+        for entry in auth.keys:
+            digest = _digest(entry.key) if entry.key is not None else bytes.fromhex(entry.key_sha256 or "")
+            self._entries.append((digest, Caller(entry.name, tuple(entry.models), entry.admin)))
+        # Admin keys alone leave /v1 open, as before any API key existed.
+        self.open = not auth.keys
+        self.has_admin = any(caller.admin for _, caller in self._entries)
+
+    def find(self, key: str) -> Caller | None:
+        given, found = _digest(key), None
+        for digest, caller in self._entries:  # no early exit: every guess costs the same
+            if hmac.compare_digest(given, digest) and found is None:
+                found = caller
+        return found
+
+
+def presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth is not None and auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def _how(request: Request) -> str:
+    if request.url.path.startswith("/v1/messages"):
+        return "`x-api-key: <key>`"
+    return "`Authorization: Bearer <key>`"
+
+
+def keyring(request: Request) -> Keyring:
+    return request.app.state.gateway.keyring
+
+
+async def authenticate(request: Request) -> Caller:
+    """Dependency of every /v1 route: the caller, or 401 in the dialect's envelope."""
+    ring = keyring(request)
+    key = presented_key(request)
+    if ring.open and not key:
+        caller = ANYONE
+    elif not key:
+        raise CortexError(f"this gateway needs an API key: send it as {_how(request)}", code=ErrorCode.unauthorized)
+    else:
+        found = ring.find(key)
+        if found is None and ring.open:
+            # With no API keys configured, clients send placeholders ("unused", "sk-no-key"); only
+            # a key that is an admin key means anything.
+            found = ANYONE
+        if found is None:
+            raise CortexError(
+                "the API key is not valid: check the key you were given "
+                "(the gateway's [[auth.keys]] in cortex.toml lists the valid ones)",
+                code=ErrorCode.unauthorized,
+            )
+        caller = found
+    request.state.caller = caller
+    logs.api_key.set(caller.name or None)
+    return caller
+
+
+def may_use(request: Request, names: Iterable[str]) -> bool:
+    """Whether the caller's key may use a model (`names`: its id and aliases)."""
+    caller: Caller = getattr(request.state, "caller", ANYONE)
+    return caller.admin or caller.may_use(names)
+
+
+def check_model(request: Request, model_id: str, names: Iterable[str]) -> None:
+    """403 unless the caller's key may use the model."""
+    if not may_use(request, names):
+        caller: Caller = request.state.caller
+        raise CortexError(
+            f"the API key `{caller.name}` may not use the model `{model_id}`; "
+            f"it may use: {', '.join(caller.models)}. Ask for a key that includes it",
+            code=ErrorCode.forbidden,
+        )
