@@ -28,14 +28,15 @@ import nats
 import pytest
 
 from cortex import natsserver
+from cortex.protocol.config import NatsSettings
 from cortex.protocol.subjects import NODES_BUCKET, PINS_BUCKET, PLACEMENT_BUCKET, model_key
 from tests.conftest import HEARTBEAT_S, Proc, wait_until
-from tests.test_deploy import NATS_PASSWORDS, install_nats_configs, make_tls
+from tests.test_deploy import NATS_PASSWORDS, install_nats_configs, make_tls, nats_password
 
 pytestmark = pytest.mark.timeout(180)
 
 MODEL = "test/tiny-llama"
-NODE = "c1"
+NODE = "gpu-a"  # a node of deploy/nats/accounts.conf: it logs in as its own user
 
 
 @dataclass
@@ -146,7 +147,7 @@ def client_env(prefix: str, user: str, cluster: Cluster, first: int) -> dict[str
     return {
         f"{prefix}_NATS__SERVERS": json.dumps(cluster.urls(first)),
         f"{prefix}_NATS__USER": user,
-        f"{prefix}_NATS__PASSWORD": NATS_PASSWORDS[f"NATS_{user.upper()}_PASSWORD"],
+        f"{prefix}_NATS__PASSWORD": nats_password(user),
         f"{prefix}_NATS__TLS_CA": str(cluster.ca),
         f"{prefix}_NATS__KV_REPLICAS": "3",
     }
@@ -162,11 +163,11 @@ class Fleet:
 @pytest.fixture(scope="module")
 def fleet(cluster: Cluster, spawn: Callable[..., Proc], tiny_models_toml: Path) -> Iterator[Fleet]:
     neuron_env = {
-        **client_env("NEURON", "neuron", cluster, first=0),
+        **client_env("NEURON", NODE, cluster, first=0),
         "NEURON_METRICS_LISTEN": f"127.0.0.1:{natsserver.free_port()}",
     }
     neuron = spawn(
-        "neuron-cluster-c1",
+        f"neuron-cluster-{NODE}",
         "neuron.cli",
         *("serve", "--node", NODE, "--models-config", str(tiny_models_toml)),
         *("--heartbeat-interval", str(HEARTBEAT_S), "--model", "tiny"),
@@ -220,7 +221,8 @@ async def connect_as(cluster: Cluster, user: str, errors: list[str] | None = Non
     return await nats.connect(
         servers=[n.url for n in cluster.nodes if n.alive],
         user=user,
-        password=NATS_PASSWORDS[f"NATS_{user.upper()}_PASSWORD"],
+        password=nats_password(user),
+        inbox_prefix=NatsSettings(user=user).effective_inbox_prefix(),  # the only inbox it may read
         tls=ssl.create_default_context(cafile=str(cluster.ca)),
         error_cb=on_error,
         connect_timeout=5,
@@ -250,19 +252,19 @@ async def test_ops_user_can_look_but_not_submit_jobs_or_write_state(cluster: Clu
     nc = await connect_as(cluster, "ops", errors)
     try:
         kv = await nc.jetstream().key_value(NODES_BUCKET)
-        assert (await kv.get("c1")).value  # the neuron's heartbeat
-        status = await nc.request("cortex.node.c1.status", b"{}", timeout=5)
-        assert json.loads(status.data)["heartbeat"]["node"] == "c1"
+        assert (await kv.get(NODE)).value  # the neuron's heartbeat
+        status = await nc.request(f"cortex.node.{NODE}.status", b"{}", timeout=5)
+        assert json.loads(status.data)["heartbeat"]["node"] == NODE
         ping = await nc.request("$SRV.PING.neuron", b"", timeout=5)  # nats micro ls
         assert json.loads(ping.data)["name"] == "neuron"
 
         await nc.publish(f"cortex.infer.{model_key(MODEL)}", b"{}")
-        await nc.publish(f"$KV.{NODES_BUCKET}.c1", b"{}")
+        await nc.publish(f"$KV.{NODES_BUCKET}.{NODE}", b"{}")
         await nc.flush()
         await asyncio.sleep(0.5)  # the server answers a refused publish with -ERR, asynchronously
         refused = " ".join(errors).lower()  # nats-py lowercases the server's -ERR text
         assert f'permissions violation for publish to "cortex.infer.{model_key(MODEL)}"'.lower() in refused
-        assert f'permissions violation for publish to "$kv.{NODES_BUCKET}.c1"' in refused
+        assert f'permissions violation for publish to "$kv.{NODES_BUCKET}.{NODE}"' in refused
     finally:
         await nc.close()
 

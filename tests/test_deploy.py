@@ -31,13 +31,22 @@ NATS_DIR = DEPLOY / "nats"
 UNITS = DEPLOY / "systemd"
 CLUSTER_NODES = ("nats-1.conf", "nats-2.conf", "nats-3.conf")
 
-# The env vars deploy/nats/accounts.conf reads its passwords from, with test values.
+# The env vars deploy/nats/accounts.conf reads its passwords from, with test values: one per role,
+# and one per neuron node (its example nodes gpu-a and gpu-b).
 NATS_PASSWORDS = {
     "NATS_GATEWAY_PASSWORD": "gateway-secret",
-    "NATS_NEURON_PASSWORD": "neuron-secret",
+    "NATS_GPU_A_PASSWORD": "gpu-a-secret",
+    "NATS_GPU_B_PASSWORD": "gpu-b-secret",
     "NATS_OPS_PASSWORD": "ops-secret",
     "NATS_SYS_PASSWORD": "sys-secret",
 }
+
+
+def nats_password(user: str) -> str:
+    """A user's test password: accounts.conf names its variable NATS_<USER>_PASSWORD, `-` as `_`."""
+    return NATS_PASSWORDS[f"NATS_{user.upper().replace('-', '_')}_PASSWORD"]
+
+
 PROD_TLS_DIR = "/etc/nats/tls/"
 PROD_STORE_DIR = "/var/lib/nats"
 
@@ -133,10 +142,10 @@ def test_cluster_node_config_is_valid(node: str, tls_dir: Path, tmp_path: Path) 
 
 def test_cluster_config_refuses_to_start_without_its_password_env_vars(tls_dir: Path, tmp_path: Path) -> None:
     configs = install_nats_configs(tmp_path / "etc", tls_dir, tmp_path / "store")
-    partial = {k: v for k, v in NATS_PASSWORDS.items() if k != "NATS_NEURON_PASSWORD"}
+    partial = {k: v for k, v in NATS_PASSWORDS.items() if k != "NATS_GPU_B_PASSWORD"}
     result = nats_config_check(configs / "nats-1.conf", partial)
     assert result.returncode != 0
-    assert "NATS_NEURON_PASSWORD" in result.stdout + result.stderr
+    assert "NATS_GPU_B_PASSWORD" in result.stdout + result.stderr
 
 
 def test_every_cluster_node_has_its_own_server_name_and_routes_to_all_three() -> None:

@@ -110,6 +110,8 @@ class JobRelay:
 
     async def start(self) -> None:
         self._cancel_sub = await self._nc.subscribe(self._subjects.cancel_any(), cb=self._on_broadcast_cancel)
+        # An inbox under the connection's prefix (`_INBOX.<node>` with deploy/nats): the node's user
+        # may read no other, and no other user may read it.
         self._gone_prefix = self._nc.new_inbox()
         self._gone_sub = await self._nc.subscribe(f"{self._gone_prefix}.*", cb=self._on_requester_gone)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +29,11 @@ class ConfigError(ValueError):
 # --url`, ...). Any other unknown one is refused, so that a typo (CORTEX_NATS_PASSWORD for
 # CORTEX_NATS__PASSWORD) is an error at start, not a puzzling failure later.
 NOT_SETTINGS = frozenset({"CORTEX_URL", "CORTEX_ADMIN_KEY"})
+
+DEFAULT_INBOX_PREFIX = "_INBOX"
+# A subject token as nats-server reads one: no dots, wildcards or white space.
+_TOKEN_PATTERN = r"[^.*>\s]+"
+_SUBJECT_PATTERN = rf"^{_TOKEN_PATTERN}(\.{_TOKEN_PATTERN})*$"
 
 
 class NatsSettings(BaseModel):
@@ -49,9 +55,25 @@ class NatsSettings(BaseModel):
         description="Replicas of the KV buckets cortex creates (an odd number up to the NATS cluster's size; "
         "3 on a 3-node cluster). Applies when a bucket is created, not to existing ones.",
     )
+    inbox_prefix: str | None = Field(
+        None,
+        pattern=_SUBJECT_PATTERN,
+        description="Subjects this client's replies come to (`<inbox_prefix>.<unique>`). Default: "
+        "`_INBOX.<user>` when `user` is a single subject token, else `_INBOX`. deploy/nats/accounts.conf lets "
+        "each user read only its own `_INBOX.<user>.>`.",
+    )
+
+    def effective_inbox_prefix(self) -> str:
+        if self.inbox_prefix:
+            return self.inbox_prefix
+        # Per user by default, so that a server whose users each read only their own inbox (as
+        # deploy/nats does) needs nothing more in the clients' configs than the user.
+        if self.user and re.fullmatch(_TOKEN_PATTERN, self.user):
+            return f"{DEFAULT_INBOX_PREFIX}.{self.user}"
+        return DEFAULT_INBOX_PREFIX
 
     def connect_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {"inbox_prefix": self.effective_inbox_prefix()}
         if self.user:
             options["user"], options["password"] = self.user, self.password
         if self.token:

@@ -1,0 +1,362 @@
+"""deploy/nats/accounts.conf's permissions, role by role, on one nats-server that runs it as shipped.
+
+Each role connects with its own user, as the gateway, a neuron (node `gpu-a`, one of the file's
+example nodes) and an operator would, and the tests check what the server refuses: a node may not
+write another node's heartbeat, take its addressed jobs or answer its control subjects, nor read
+the gateway's inbox; the gateway may not write heartbeats; ops may look but not submit jobs or read
+anyone's replies. Then a real gateway and a real neuron, each logged in as its own user, serve
+requests through the same server: the narrowed permissions are enough for jobs, heartbeats,
+control (load, unload, cancel) and the operator's view.
+
+nats-server answers a refused publish or subscribe with an asynchronous `-ERR 'Permissions
+Violation ...'` (nats-py hands it, lowercased, to `error_cb`) and otherwise drops it silently: a
+refusal is asserted by that error, an allowance by a message that arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from cortex import natsserver
+from cortex.protocol.config import NatsSettings
+from cortex.protocol.subjects import NODES_BUCKET, model_key
+from cortex.transport.nats import nodes_bucket
+from tests.conftest import Gateway, Proc, start_gateway, start_neuron, wait_until
+from tests.test_deploy import NATS_PASSWORDS, install_nats_configs, nats_password
+
+pytestmark = pytest.mark.timeout(60)
+
+NODE, OTHER = "gpu-a", "gpu-b"  # example nodes of accounts.conf
+MODEL, SECOND = "test/tiny-llama", "test/tiny-llama-b"
+KEY = model_key(MODEL)
+REFUSAL_WAIT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One nats-server with JetStream and deploy/nats/accounts.conf included as shipped (the cluster
+    files are copied beside it, unused: a lone server cannot form their cluster)."""
+    root = tmp_path_factory.mktemp("nats-permissions")
+    etc = install_nats_configs(root / "etc", root / "tls", root / "store")
+    config = etc / "single.conf"
+    config.write_text(f'jetstream {{ store_dir: "{root / "store"}" }}\nmax_payload: 8MB\ninclude ./accounts.conf\n')
+    port = natsserver.free_port()
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in NATS_PASSWORDS.items():
+            env.setenv(name, value)  # accounts.conf reads its passwords from the environment
+        proc = natsserver.start(
+            port=port, http_port=natsserver.free_port(), workdir=root, config=config, log_file=root / "nats.log"
+        )
+    try:
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        natsserver.stop(proc)
+
+
+@dataclass
+class Session:
+    nc: Client
+    errors: list[str]
+
+    async def refused(self, what: str) -> bool:
+        """Whether the server reported a permissions violation naming `what` (within a short wait)."""
+        await self.nc.flush()  # the -ERR comes before the flush's PONG; error_cb may still be pending
+        deadline = time.monotonic() + REFUSAL_WAIT_S
+        while time.monotonic() < deadline:
+            if any("permissions violation" in e and what.lower() in e for e in self.errors):
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+
+@contextlib.asynccontextmanager
+async def login(url: str, user: str) -> AsyncIterator[Session]:
+    """Connects as `user` the way gateways and neurons do: NatsSettings' options, its inbox prefix included."""
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc).lower())  # nats-py lowercases the server's -ERR text anyway
+
+    settings = NatsSettings(servers=[url], user=user, password=nats_password(user))
+    nc = await nats.connect(
+        servers=settings.servers,
+        error_cb=on_error,
+        max_reconnect_attempts=0,
+        connect_timeout=5,
+        **settings.connect_options(),
+    )
+    try:
+        yield Session(nc, errors)
+    finally:
+        await nc.close()
+
+
+# --- the inbox prefix ---------------------------------------------------------------------------
+
+
+def test_the_inbox_prefix_is_the_users_own_by_default() -> None:
+    assert NatsSettings(user=NODE).connect_options()["inbox_prefix"] == f"_INBOX.{NODE}"
+    assert NatsSettings().connect_options()["inbox_prefix"] == "_INBOX"  # no user: nats-py's default
+    assert NatsSettings(user="a.b").connect_options()["inbox_prefix"] == "_INBOX"  # not one subject token
+    assert NatsSettings(user=NODE, inbox_prefix="_R.x").connect_options()["inbox_prefix"] == "_R.x"
+    with pytest.raises(ValidationError):
+        NatsSettings(inbox_prefix="_INBOX.>")
+
+
+# --- what each role is refused ------------------------------------------------------------------
+
+REFUSED_PUBLISH = [
+    (NODE, f"$KV.{NODES_BUCKET}.{OTHER}"),  # another node's heartbeat
+    (NODE, f"$JS.API.STREAM.PURGE.KV_{NODES_BUCKET}"),  # every node's heartbeat at once
+    (NODE, f"$JS.API.STREAM.DELETE.KV_{NODES_BUCKET}"),
+    (NODE, f"$JS.API.STREAM.UPDATE.KV_{NODES_BUCKET}"),
+    (NODE, f"$JS.API.STREAM.MSG.DELETE.KV_{NODES_BUCKET}"),
+    (NODE, "$KV.cortex_pins.gpu-a.x"),  # pins are the operator's, through the gateway
+    (NODE, f"cortex.infer.{KEY}"),  # submitting jobs
+    (NODE, f"cortex.node.{OTHER}.unload"),  # controlling another node
+    (NODE, "_INBOX.gateway.forged.1"),  # an event into a job's stream it was not sent
+    ("gateway", f"$KV.{NODES_BUCKET}.{NODE}"),  # heartbeats are the neurons' word
+    ("ops", f"cortex.infer.{KEY}"),
+    ("ops", f"cortex.infer.{KEY}.{NODE}"),
+    ("ops", f"cortex.node.{NODE}.unload"),
+    ("ops", "cortex.cancel"),
+    ("ops", f"$KV.{NODES_BUCKET}.{NODE}"),
+]
+
+
+@pytest.mark.parametrize(("user", "subject"), REFUSED_PUBLISH)
+async def test_publish_is_refused(server: str, user: str, subject: str) -> None:
+    async with login(server, user) as session:
+        await session.nc.publish(subject, b"{}")
+        assert await session.refused(f'publish to "{subject}"'), session.errors
+
+
+REFUSED_SUBSCRIBE = [
+    (NODE, f"cortex.infer.{KEY}.{OTHER}", ""),  # another node's addressed jobs
+    (NODE, f"cortex.infer.{KEY}.{OTHER}", "neurons"),
+    (NODE, f"cortex.infer.{KEY}", ""),  # every job of a model, outside the queue group: every prompt
+    (NODE, f"cortex.node.{OTHER}.>", ""),  # another node's control subjects
+    (NODE, f"cortex.node.{OTHER}.load", "q"),  # ... in nats micro's queue group
+    (NODE, "_INBOX.gateway.>", ""),  # the gateway's replies: every job's events
+    (NODE, f"_INBOX.{OTHER}.>", ""),
+    (NODE, "_INBOX.>", ""),
+    ("gateway", f"_INBOX.{NODE}.>", ""),
+    ("gateway", "_INBOX.ops.>", ""),
+    ("gateway", f"cortex.infer.{KEY}", "neurons"),
+    ("ops", "_INBOX.gateway.>", ""),  # the token streams of every request
+    ("ops", f"_INBOX.{NODE}.>", ""),
+    ("ops", "_INBOX.>", ""),
+    ("ops", "cortex.infer.>", ""),
+]
+
+
+@pytest.mark.parametrize(("user", "subject", "queue"), REFUSED_SUBSCRIBE)
+async def test_subscribe_is_refused(server: str, user: str, subject: str, queue: str) -> None:
+    async with login(server, user) as session:
+        await session.nc.subscribe(subject, queue=queue)
+        assert await session.refused(f'subscription to "{subject}"'), session.errors
+
+
+# --- what a node may do ---------------------------------------------------------------------------
+
+
+async def test_a_node_writes_its_own_heartbeat(server: str) -> None:
+    async with login(server, NODE) as node, login(server, "ops") as ops:
+        await nodes_bucket(node.nc)  # opens or creates it, as the neuron does
+        ack = await node.nc.jetstream().publish(f"$KV.{NODES_BUCKET}.{NODE}", b'{"beat": 1}', timeout=5)
+        assert ack.stream == f"KV_{NODES_BUCKET}"
+        entry = await (await ops.nc.jetstream().key_value(NODES_BUCKET)).get(NODE)
+        assert entry.value == b'{"beat": 1}'
+        await (await node.nc.jetstream().key_value(NODES_BUCKET)).delete(NODE)  # as a neuron leaving does
+        assert node.errors == []
+
+
+async def test_a_node_receives_its_own_jobs_control_requests_and_cancels(server: str) -> None:
+    async with login(server, NODE) as node, login(server, "gateway") as gateway:
+        got: list[str] = []
+        all_in = asyncio.Event()
+
+        async def on_msg(msg: Msg) -> None:
+            got.append(msg.subject)
+            if len(got) == len(subjects):
+                all_in.set()
+
+        subjects = {
+            f"cortex.infer.{KEY}": "neurons",
+            f"cortex.infer.{KEY}.{NODE}": "",
+            f"cortex.node.{NODE}.status": "q",
+            "cortex.cancel": "",
+        }
+        for subject, queue in subjects.items():
+            await node.nc.subscribe(subject, queue=queue, cb=on_msg)
+        await node.nc.flush()
+        for subject in subjects:
+            await gateway.nc.publish(subject, b"{}")
+        await gateway.nc.flush()
+        await asyncio.wait_for(all_in.wait(), 5)
+        assert sorted(got) == sorted(subjects)
+        assert node.errors == [] and gateway.errors == []
+
+
+async def test_a_node_streams_many_replies_to_one_request(server: str) -> None:
+    """A job's events are many messages to one reply subject: allow_responses must allow more than one."""
+    events = 300
+    async with login(server, NODE) as node, login(server, "gateway") as gateway:
+
+        async def answer(msg: Msg) -> None:
+            for i in range(events):
+                await node.nc.publish(msg.reply, str(i).encode())
+            await node.nc.publish(msg.reply, b"")
+
+        await node.nc.subscribe(f"cortex.infer.{KEY}.{NODE}", cb=answer)
+        await node.nc.flush()
+        inbox = gateway.nc.new_inbox()
+        assert inbox.startswith("_INBOX.gateway.")
+        sub = await gateway.nc.subscribe(inbox)
+        await gateway.nc.publish(f"cortex.infer.{KEY}.{NODE}", b"{}", reply=inbox)
+        received = []
+        while (msg := await sub.next_msg(timeout=5)).data:
+            received.append(int(msg.data))
+        assert received == list(range(events))
+        assert node.errors == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limitation: nats-server checks a subscription's subject against the permission "
+    "`cortex.infer.* neurons` as a match, where `*` also matches the token `>`; so a node may subscribe "
+    "`cortex.infer.>` in queue group `neurons` and receive every node's addressed jobs. Closing it needs "
+    "addressed jobs outside `cortex.infer.` (e.g. under the node's own `cortex.node.<node>.`)",
+)
+async def test_a_node_cannot_catch_other_nodes_addressed_jobs_with_a_wildcard_queue_subscription(server: str) -> None:
+    async with login(server, NODE) as node, login(server, "gateway") as gateway:
+        sub = await node.nc.subscribe("cortex.infer.>", queue="neurons")
+        await node.nc.flush()
+        await gateway.nc.publish(f"cortex.infer.{KEY}.{OTHER}", b"{}")
+        await gateway.nc.flush()
+        refused = await node.refused('subscription to "cortex.infer.>"')
+        delivered = False
+        with contextlib.suppress(nats.errors.TimeoutError):
+            delivered = (await sub.next_msg(timeout=0.5)).subject == f"cortex.infer.{KEY}.{OTHER}"
+        assert refused and not delivered
+
+
+# --- a real gateway and neuron, each with its own user --------------------------------------------
+
+
+@dataclass
+class Fleet:
+    gateway: Gateway
+    neuron: Proc
+
+
+@pytest.fixture(scope="module")
+def fleet(server: str, spawn: Callable[..., Proc], tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    models = tmp_path_factory.mktemp("permissions-config") / "models.toml"
+    models.write_text(
+        f'[[models]]\nid = "{MODEL}"\nsource = "file:{tiny_model_dir}"\naliases = ["tiny"]\n\n'
+        f'[[models]]\nid = "{SECOND}"\nsource = "file:{tiny_model_dir}"\n'
+    )
+    gateway = start_gateway(
+        spawn,
+        server,
+        models,
+        name="gateway-permissions",
+        CORTEX_NATS__USER="gateway",
+        CORTEX_NATS__PASSWORD=nats_password("gateway"),
+    )
+    env = {"NEURON_NATS__USER": NODE, "NEURON_NATS__PASSWORD": nats_password(NODE)}
+    neuron = start_neuron(spawn, server, models, NODE, "tiny", env=env)
+    try:
+        gateway.wait_for_model(MODEL, timeout=60)
+        yield Fleet(gateway, neuron)
+    finally:
+        gateway.proc.stop()
+        neuron.stop()
+
+
+def test_a_chat_completion_is_served_through_the_narrowed_permissions(fleet: Fleet) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{fleet.gateway.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0, stream=True
+        )
+    )
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_gateway_loads_and_unloads_over_the_nodes_control_subjects(fleet: Fleet) -> None:
+    url = fleet.gateway.url
+    loaded = httpx.post(f"{url}/admin/models/load", json={"model": SECOND, "node": NODE}, timeout=30)
+    assert loaded.status_code == 200, loaded.text
+    fleet.gateway.wait_for_model(SECOND, timeout=10)
+    unloaded = httpx.post(f"{url}/admin/models/unload", json={"model": SECOND}, timeout=30)
+    assert unloaded.status_code == 200, unloaded.text
+    assert unloaded.json()["unloaded_from"] == [NODE]
+
+
+async def node_status(server: str) -> dict:
+    async with login(server, "ops") as ops:
+        return json.loads((await ops.nc.request(f"cortex.node.{NODE}.status", b"{}", timeout=5)).data)
+
+
+def test_a_client_that_leaves_has_its_job_cancelled_on_the_node(fleet: Fleet, server: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 8000}
+    body |= {"temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{fleet.gateway.url}/v1/chat/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert len(asyncio.run(node_status(server))["jobs"]) == 1
+    wait_until(lambda: asyncio.run(node_status(server))["jobs"] == [], 10, "the node to drop the job")
+    assert "cancelled (request" in fleet.neuron.output()
+
+
+async def test_ops_watches_the_heartbeats(fleet: Fleet, server: str) -> None:
+    async with login(server, "ops") as ops:
+        kv = await ops.nc.jetstream().key_value(NODES_BUCKET)
+        watcher = await kv.watch(NODE)
+        try:
+            entry = await watcher.updates(timeout=5)
+            if entry is None:  # nats-py's end-of-snapshot marker can overtake the first entry
+                entry = await watcher.updates(timeout=5)
+            assert entry is not None and json.loads(entry.value)["node"] == NODE
+        finally:
+            await watcher.stop()
+        assert ops.errors == []
+
+
+async def test_ops_sees_the_nodes_micro_service_and_status(fleet: Fleet, server: str) -> None:
+    async with login(server, "ops") as ops:
+        info = json.loads((await ops.nc.request("$SRV.INFO.neuron", b"", timeout=5)).data)
+        assert info["metadata"]["node"] == NODE
+        status = json.loads((await ops.nc.request(f"cortex.node.{NODE}.status", b"{}", timeout=5)).data)
+        assert status["heartbeat"]["node"] == NODE
+        assert ops.errors == []
+
+
+def test_nothing_the_gateway_or_the_neuron_did_was_refused(fleet: Fleet) -> None:
+    """Last, after the fleet has served, loaded, unloaded and cancelled: their logs name no refusal
+    (a refused publish or subscribe is otherwise silent, and might only have slowed something down)."""
+    for proc in (fleet.gateway.proc, fleet.neuron):
+        assert "permissions violation" not in proc.output().lower(), proc.output()
