@@ -45,25 +45,34 @@ KEY = model_key(MODEL)
 REFUSAL_WAIT_S = 2.0
 
 
+@dataclass
+class Server:
+    url: str
+    monitor: str  # http://host:port of its monitoring endpoints
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One nats-server with JetStream and deploy/nats/accounts.conf included as shipped (the cluster
     files are copied beside it, unused: a lone server cannot form their cluster)."""
     root = tmp_path_factory.mktemp("nats-permissions")
     etc = install_nats_configs(root / "etc", root / "tls", root / "store")
     config = etc / "single.conf"
     config.write_text(f'jetstream {{ store_dir: "{root / "store"}" }}\nmax_payload: 8MB\ninclude ./accounts.conf\n')
-    port = natsserver.free_port()
+    port, http_port = natsserver.free_port(), natsserver.free_port()
     with pytest.MonkeyPatch.context() as env:
         for name, value in NATS_PASSWORDS.items():
             env.setenv(name, value)  # accounts.conf reads its passwords from the environment
-        proc = natsserver.start(
-            port=port, http_port=natsserver.free_port(), workdir=root, config=config, log_file=root / "nats.log"
-        )
+        proc = natsserver.start(port=port, http_port=http_port, workdir=root, config=config, log_file=root / "nats.log")
     try:
-        yield f"nats://127.0.0.1:{port}"
+        yield Server(f"nats://127.0.0.1:{port}", f"http://127.0.0.1:{http_port}")
     finally:
         natsserver.stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(nats_server: Server) -> str:
+    return nats_server.url
 
 
 @dataclass
@@ -315,20 +324,39 @@ def test_the_gateway_loads_and_unloads_over_the_nodes_control_subjects(fleet: Fl
     assert unloaded.json()["unloaded_from"] == [NODE]
 
 
-async def node_status(server: str) -> dict:
-    async with login(server, "ops") as ops:
-        return json.loads((await ops.nc.request(f"cortex.node.{NODE}.status", b"{}", timeout=5)).data)
+# Greedy: the random model then never samples its end-of-sequence token by chance.
+LONG = {"model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 8000, "temperature": 0}
 
 
-def test_a_client_that_leaves_has_its_job_cancelled_on_the_node(fleet: Fleet, server: str) -> None:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 8000}
-    body |= {"temperature": 0, "stream": True}
+def jobs_on_node(server: str) -> list[dict] | None:
+    """The node's running jobs, as ops asks for them; None while it does not answer."""
+
+    async def ask() -> list[dict]:
+        async with login(server, "ops") as ops:
+            reply = await ops.nc.request(f"cortex.node.{NODE}.status", b"{}", timeout=2)
+            return json.loads(reply.data)["jobs"]
+
+    with contextlib.suppress(nats.errors.Error, TimeoutError):
+        return asyncio.run(ask())
+    return None
+
+
+@contextlib.contextmanager
+def streaming_job(fleet: Fleet, server: str) -> Iterator[None]:
+    """A long streamed completion, held open while the node generates it."""
+    body = {**LONG, "stream": True}
     with httpx.stream("POST", f"{fleet.gateway.url}/v1/chat/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()
         for _ in range(5):
             next(lines)
-        assert len(asyncio.run(node_status(server))["jobs"]) == 1
-    wait_until(lambda: asyncio.run(node_status(server))["jobs"] == [], 10, "the node to drop the job")
+        assert len(jobs_on_node(server) or []) == 1
+        yield
+
+
+def test_a_client_that_leaves_has_its_job_cancelled_on_the_node(fleet: Fleet, server: str) -> None:
+    with streaming_job(fleet, server):
+        pass
+    wait_until(lambda: jobs_on_node(server) == [], 10, "the node to drop the job")
     assert "cancelled (request" in fleet.neuron.output()
 
 
@@ -356,7 +384,32 @@ async def test_ops_sees_the_nodes_micro_service_and_status(fleet: Fleet, server:
 
 
 def test_nothing_the_gateway_or_the_neuron_did_was_refused(fleet: Fleet) -> None:
-    """Last, after the fleet has served, loaded, unloaded and cancelled: their logs name no refusal
-    (a refused publish or subscribe is otherwise silent, and might only have slowed something down)."""
+    """After the fleet has served, loaded, unloaded and cancelled: their logs name no refusal (a
+    refused publish or subscribe is otherwise silent, and might only have slowed something down)."""
     for proc in (fleet.gateway.proc, fleet.neuron):
         assert "permissions violation" not in proc.output().lower(), proc.output()
+
+
+def kick(server: Server, client_name: str) -> None:
+    """Closes a client's connection from the server's side (the system account's KICK); it reconnects."""
+    connections = httpx.get(f"{server.monitor}/connz", timeout=2).json()["connections"]
+    cid = next(c["cid"] for c in connections if c.get("name") == client_name)
+    server_id = httpx.get(f"{server.monitor}/varz", timeout=2).json()["server_id"]
+
+    async def request() -> None:
+        async with login(server.url, "sys") as sys:
+            await sys.nc.request(f"$SYS.REQ.SERVER.{server_id}.KICK", json.dumps({"cid": cid}).encode(), timeout=2)
+
+    asyncio.run(request())
+
+
+def test_a_node_that_reconnects_mid_job_cancels_the_job_it_may_no_longer_answer(
+    fleet: Fleet, nats_server: Server
+) -> None:
+    """Last: it leaves a refusal in the neuron's log. The answers a node may send belong to its
+    connection (allow_responses); after a reconnect the rest of a running job's events are refused,
+    and the node stops generating them instead of running to max_tokens for nobody."""
+    with streaming_job(fleet, nats_server.url):
+        kick(nats_server, f"neuron {NODE}")
+        wait_until(lambda: jobs_on_node(nats_server.url) == [], 10, "the node to drop the job")
+    assert "NATS refuses its events" in fleet.neuron.output()

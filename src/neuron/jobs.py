@@ -35,6 +35,7 @@ from cortex.protocol.messages import (
 )
 from cortex.protocol.subjects import JOB_QUEUE_GROUP, Subjects
 from cortex.telemetry import logs
+from cortex.transport.nats import on_refused_publish
 from neuron.engine.outputs import Crashed, Finished, Reasoning, Text, ToolCallPart
 from neuron.engine.worker import JobHandle
 from neuron.metrics import NeuronMetrics
@@ -75,7 +76,9 @@ class _Running:
     job: InferenceJob
     entry: ModelEntry
     handle: JobHandle
+    reply: str
     task: asyncio.Task[None] | None = None
+    refused: bool = False  # NATS refused its events: it has been cancelled
 
 
 class JobRelay:
@@ -114,6 +117,21 @@ class JobRelay:
         # may read no other, and no other user may read it.
         self._gone_prefix = self._nc.new_inbox()
         self._gone_sub = await self._nc.subscribe(f"{self._gone_prefix}.*", cb=self._on_requester_gone)
+        on_refused_publish(self._nc, self._on_refused)
+
+    def _on_refused(self, subject: str) -> None:
+        """The server refused an event of a job: under deploy/nats's permissions a node may answer
+        only requests delivered on its current connection, so after a reconnect (its NATS server
+        died) the rest of the answers it had in hand would go nowhere. Stop generating them."""
+        for running in self._jobs.values():
+            if running.reply.lower() == subject.lower() and not running.refused:
+                running.refused = True
+                log.warning(
+                    "job %s: NATS refuses its events (%s; allowed replies do not outlive a reconnect); cancelling",
+                    running.job.job_id,
+                    subject,
+                )
+                running.handle.cancel()
 
     async def _on_requester_gone(self, msg: Msg) -> None:
         if (msg.headers or {}).get("Status") != "503":
@@ -242,7 +260,7 @@ class JobRelay:
         accepted = Accepted(
             job_id=job.job_id, seq=0, node=self._node, device=entry.worker.device.id, queue_position=queued
         )
-        running = _Running(job, entry, entry.worker.start_job(job, entry.loaded))
+        running = _Running(job, entry, entry.worker.start_job(job, entry.loaded), reply.subject)
         self._jobs[job.job_id] = running
         self._notices += 1
         self._notice_ids[str(self._notices)] = job.job_id

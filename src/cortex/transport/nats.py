@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -47,6 +48,9 @@ _WATCH_RETRY_FIRST_S = 0.2
 # Who wants to hear that a connection made by `connect()` is back: the one place that knows
 # about reconnects. Weak keys: a closed and dropped client takes its listeners with it.
 _reconnect_listeners: weakref.WeakKeyDictionary[Client, list[Callable[[], None]]] = weakref.WeakKeyDictionary()
+# Who wants to hear of a publish the server refused: nats-py tells only the error callback, as text.
+_refusal_listeners: weakref.WeakKeyDictionary[Client, list[Callable[[str], None]]] = weakref.WeakKeyDictionary()
+_REFUSED_PUBLISH = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
 
 
 class Reconnected(TransportError):
@@ -59,7 +63,20 @@ def on_reconnect(nc: Client, callback: Callable[[], None]) -> Callable[[], None]
 
     Only connections made by `connect()` report. Returns a function that stops the calls.
     """
-    listeners = _reconnect_listeners.setdefault(nc, [])
+    return _listen(_reconnect_listeners, nc, callback)
+
+
+def on_refused_publish(nc: Client, callback: Callable[[str], None]) -> Callable[[], None]:
+    """Calls `callback(subject)` (plain, quick) each time the server refuses a publish of `nc`'s
+    (a permissions violation); nats-py reports the subject lowercased.
+
+    Only connections made by `connect()` report. Returns a function that stops the calls.
+    """
+    return _listen(_refusal_listeners, nc, callback)
+
+
+def _listen(registry: weakref.WeakKeyDictionary[Client, list[Any]], nc: Client, callback: Any) -> Callable[[], None]:
+    listeners = registry.setdefault(nc, [])
     listeners.append(callback)
 
     def stop() -> None:
@@ -106,6 +123,13 @@ async def connect(
     async def _error_cb(exc: Exception) -> None:
         if client:  # before the first connection, the timeout error below says it once
             log.warning("nats: %s", exc)
+        refused = _REFUSED_PUBLISH.search(str(exc))
+        if refused and client:
+            for callback in list(_refusal_listeners.get(client[0], ())):
+                try:
+                    callback(refused.group(1))
+                except Exception:
+                    log.exception("a refused-publish listener failed")
 
     async def _disconnected_cb() -> None:
         if not (client and client[0].is_closed):  # a close we asked for is not news
