@@ -87,5 +87,5 @@ def test_two_api_keys_with_one_name_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "cortex.toml"
     entry = '[[auth.keys]]\nname = "team-a"\nkey = "0123456789abcdef-{}"\n'
     path.write_text(entry.format(1) + entry.format(2))
-    with pytest.raises(ConfigError, match="two \\[\\[auth.keys\\]\\] share the name team-a"):
+    with pytest.raises(ConfigError, match=r"two \[\[auth\.keys\]\] share the name team-a"):
         cortex_config.load(path)

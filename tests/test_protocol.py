@@ -107,7 +107,7 @@ def test_model_keys_do_not_collide_when_ids_differ_only_by_escapes() -> None:
 def test_subjects_are_single_tokens_per_model() -> None:
     s = Subjects("cortex")
     assert s.infer("a.b/c") == "cortex.infer.a_2Eb_2Fc"
-    assert s.infer_node("a.b/c", "gpu1") == "cortex.infer.a_2Eb_2Fc.gpu1"
+    assert s.infer_node("a.b/c", "gpu1") == "cortex.node.gpu1.infer.a_2Eb_2Fc"
     assert s.control("gpu1", "load") == "cortex.node.gpu1.load"
 
 

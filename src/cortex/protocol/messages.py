@@ -88,7 +88,8 @@ class SamplingParams(_Wire):
 
 
 class InferenceJob(_Wire):
-    """The normalized request, published on `<prefix>.infer.<model_key>[.<node>]`."""
+    """The normalized request, published on `<prefix>.infer.<model_key>` (any holder), or on
+    `<prefix>.node.<node>.infer.<model_key>` (one node)."""
 
     v: int = PROTOCOL_VERSION
     # Generated when absent, so an operator can type a job by hand (`nats req cortex.infer.<key> ...`).

@@ -61,7 +61,10 @@ class Subjects:
         return f"{self.prefix}.infer.{model_key(model_id)}"
 
     def infer_node(self, model_id: str, node: str) -> str:
-        return f"{self.prefix}.infer.{model_key(model_id)}.{node}"
+        """A job for one node, under the node's own subjects: NATS permissions can then give each
+        node `<prefix>.node.<node>.>` alone, and no subscription under `<prefix>.infer.` (where any
+        node may take un-addressed jobs) can catch another node's addressed ones."""
+        return f"{self.prefix}.node.{node}.infer.{model_key(model_id)}"
 
     def control_group(self, node: str) -> str:
         return f"{self.prefix}.node.{node}"
