@@ -339,15 +339,15 @@ def jobs_on_node(server: str) -> list[dict] | None:
 
 
 @contextlib.contextmanager
-def streaming_job(fleet: Fleet, server: str) -> Iterator[None]:
-    """A long streamed completion, held open while the node generates it."""
+def streaming_job(fleet: Fleet, server: str) -> Iterator[Iterator[str]]:
+    """A long streamed completion, held open while the node generates it; yields the rest of its lines."""
     body = {**LONG, "stream": True}
     with httpx.stream("POST", f"{fleet.gateway.url}/v1/chat/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()
         for _ in range(5):
             next(lines)
         assert len(jobs_on_node(server) or []) == 1
-        yield
+        yield lines
 
 
 def test_a_client_that_leaves_has_its_job_cancelled_on_the_node(fleet: Fleet, server: str) -> None:
@@ -405,8 +405,14 @@ def test_a_node_that_reconnects_mid_job_cancels_the_job_it_may_no_longer_answer(
 ) -> None:
     """Last: it leaves a refusal in the neuron's log. The answers a node may send belong to its
     connection (allow_responses); after a reconnect the rest of a running job's events are refused,
-    and the node stops generating them instead of running to max_tokens for nobody."""
-    with streaming_job(fleet, nats_server.url):
+    and the node stops generating them instead of running to max_tokens for nobody, and tells the
+    gateway, whose client gets an error event at once."""
+    with streaming_job(fleet, nats_server.url) as lines:
         kick(nats_server, f"neuron {NODE}")
         wait_until(lambda: jobs_on_node(nats_server.url) == [], 10, "the node to drop the job")
+        # The node says so on cortex.events.job_lost: the stream ends now with an error event,
+        # not after the gateway's idle_timeout (120 s; the client's read timeout is 30 s).
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert '"code":"node_lost"' in rest[-2]
     assert "NATS refuses its events" in fleet.neuron.output()

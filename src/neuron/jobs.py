@@ -25,6 +25,7 @@ from cortex.protocol.messages import (
     Delta,
     Done,
     Failed,
+    FleetEvent,
     InferenceJob,
     JobEvent,
     JobStatus,
@@ -109,6 +110,7 @@ class JobRelay:
         self._gone_prefix = ""
         self._notice_ids: dict[str, str] = {}  # the last token of a notices subject -> job id
         self._notices = 0
+        self._telling: set[asyncio.Task[None]] = set()
         self.draining = False
 
     async def start(self) -> None:
@@ -132,6 +134,20 @@ class JobRelay:
                     subject,
                 )
                 running.handle.cancel()
+                self._tell_lost(running.job)
+
+    def _tell_lost(self, job: InferenceJob) -> None:
+        """Its requester waits on events it will never get; this subject any gateway may hear."""
+        lost = FleetEvent(kind="job_lost", node=self._node, model=job.model, job_id=job.job_id, reason="reply_refused")
+        task = asyncio.create_task(self._publish_quietly(self._subjects.events("job_lost"), lost.to_bytes()))
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
+
+    async def _publish_quietly(self, subject: str, payload: bytes) -> None:
+        try:
+            await self._nc.publish(subject, payload)
+        except Exception as exc:  # NATS gone again: the requester's idle timeout is the fallback
+            log.warning("could not publish on %s: %s", subject, exc)
 
     async def _on_requester_gone(self, msg: Msg) -> None:
         if (msg.headers or {}).get("Status") != "503":

@@ -437,9 +437,13 @@ class FleetEvent(_Wire):
         "node_up",
         "node_draining",
         "node_down",
+        "job_lost",
     ]
     node: str
     model: str | None = None
+    job_id: str | None = Field(
+        None, description="`job_lost`: a job the node can no longer answer (its events are refused)."
+    )
     reason: str | None = Field(None, description="Why: `keep_alive`, `evicted`, a refusal kind, ...")
     detail: str | None = None
     at: float = Field(default_factory=time.time)

@@ -32,6 +32,7 @@ from cortex.protocol.messages import (
     CancelRequest,
     Done,
     Failed,
+    FleetEvent,
     InferenceJob,
 )
 from cortex.protocol.subjects import NODES_BUCKET, PINS_BUCKET, PLACEMENT_BUCKET, Subjects
@@ -224,7 +225,7 @@ class JobStream:
         client: JobClient,
         job: InferenceJob,
         token: str,
-        queue: asyncio.Queue[Msg],
+        queue: asyncio.Queue[Msg | FleetEvent],
         target: str | None,
         accept_timeout: float,
         idle_timeout: float,
@@ -249,6 +250,12 @@ class JobStream:
         try:
             while True:
                 msg = await self._next_message()
+                if isinstance(msg, FleetEvent):
+                    raise TransportError(
+                        f"node {msg.node} can no longer send job {self.job.job_id} its events "
+                        f"({msg.reason}: its NATS connection was replaced mid-job)",
+                        code=ErrorCode.node_lost,
+                    )
                 if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
                     raise NoCapacity(f"no neuron is subscribed for model {self.job.model}")
                 if not msg.data:
@@ -267,9 +274,9 @@ class JobStream:
                     self.finished = True
                 yield event
         finally:
-            self._client._forget(self._token)
+            self._client._forget(self._token, self.job.job_id)
 
-    async def _next_message(self) -> Msg:
+    async def _next_message(self) -> Msg | FleetEvent:
         """Waits for the next message, giving up early when the job's node leaves the fleet."""
         if self.pending:  # the common case mid-stream: no timer needed
             return self._queue.get_nowait()
@@ -307,25 +314,31 @@ class JobStream:
 class JobClient:
     """Submits jobs and demultiplexes their events from one wildcard inbox subscription.
 
-    One subscription for all jobs means no SUB/UNSUB round trip per request.
+    One subscription for all jobs means no SUB/UNSUB round trip per request. A second one hears
+    `job_lost` fleet events: a node that may no longer answer a job (NATS permissions tie replies
+    to the connection a job came on) says so there, and the job fails now, not at idle_timeout.
     """
 
     def __init__(self, nc: Client, subjects: Subjects) -> None:
         self._nc = nc
         self._subjects = subjects
         self._prefix = nc.new_inbox()
-        self._queues: dict[str, asyncio.Queue[Msg]] = {}
+        self._queues: dict[str, asyncio.Queue[Msg | FleetEvent]] = {}
+        self._tokens: dict[str, str] = {}  # job id -> token, for job_lost events
         self._sub: Any = None
+        self._lost_sub: Any = None
         self._counter = 0
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_msg)
+        self._lost_sub = await self._nc.subscribe(self._subjects.events("job_lost"), cb=self._on_lost)
 
     async def aclose(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
-            self._sub = None
+        for sub in (self._sub, self._lost_sub):
+            if sub is not None:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+        self._sub = self._lost_sub = None
 
     async def _on_msg(self, msg: Msg) -> None:
         token = msg.subject[len(self._prefix) + 1 :]
@@ -333,8 +346,19 @@ class JobClient:
         if queue is not None:
             queue.put_nowait(msg)
 
-    def _forget(self, token: str) -> None:
+    async def _on_lost(self, msg: Msg) -> None:
+        try:
+            event = FleetEvent.model_validate_json(msg.data)
+        except ValueError:
+            return
+        token = self._tokens.get(event.job_id or "")
+        queue = self._queues.get(token) if token is not None else None
+        if queue is not None:
+            queue.put_nowait(event)
+
+    def _forget(self, token: str, job_id: str) -> None:
         self._queues.pop(token, None)
+        self._tokens.pop(job_id, None)
 
     async def submit(
         self,
@@ -355,10 +379,15 @@ class JobClient:
             )
         self._counter += 1
         token = str(self._counter)
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        queue: asyncio.Queue[Msg | FleetEvent] = asyncio.Queue()
         self._queues[token] = queue
-        with map_nats_errors(f"publishing job {job.job_id}"):
-            await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}")
+        self._tokens[job.job_id] = token
+        try:
+            with map_nats_errors(f"publishing job {job.job_id}"):
+                await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}")
+        except BaseException:
+            self._forget(token, job.job_id)
+            raise
         return JobStream(self, job, token, queue, node, accept_timeout, idle_timeout, node_alive)
 
     @property
