@@ -33,23 +33,32 @@ class ClientGone(Exception):
     pass
 
 
-async def _until_disconnect(request: Request) -> None:
+async def _cancel_on_disconnect(request: Request, scope: anyio.CancelScope) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+    scope.cancel()
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Awaits `work`; if the client disconnects first, cancels it and raises ClientGone."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.create_task(_until_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    """Awaits `work`; if the client disconnects first, cancels it and raises ClientGone.
+
+    The work runs in a cancel scope rather than a task cancelled once: a single `task.cancel()`
+    can be swallowed (on Python 3.11, `asyncio.wait_for`, which a job stream uses for each event,
+    returns its result instead of raising when that result is ready in the instant it is
+    cancelled), and the job then ran to max_tokens for nobody. A cancelled scope cancels again
+    at every await until the work ends, and leaves the work's shielded clean-ups alone. Work that
+    still returns a result is returned: the caller's next step sees the (sticky) disconnect.
+    """
+    with anyio.CancelScope() as scope:
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, scope))
+        try:
+            return await work
+        except Exception as exc:
+            if scope.cancel_called:  # failing because it was stopped: the client left first
+                raise ClientGone from exc
+            raise
+        finally:
+            watcher.cancel()
     raise ClientGone
 
 
