@@ -285,7 +285,10 @@ class JobStream:
         while True:
             left = deadline - asyncio.get_running_loop().time()
             try:
-                return await asyncio.wait_for(self._queue.get(), min(left, _LIVENESS_CHECK_S))
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation that
+                # lands in the instant the event arrives, and the request then outlives its client.
+                async with asyncio.timeout(min(left, _LIVENESS_CHECK_S)):
+                    return await self._queue.get()
             except TimeoutError:
                 node = self.node or self._target
                 if node is not None and not self._node_alive(node):
