@@ -18,6 +18,7 @@ import pytest
 
 from cortex.key_cli import entry, new_key
 from tests.conftest import Gateway, start_gateway
+from tests.test_observability import scrape, value
 
 TINY = "test/tiny-llama"
 TINY_KEY = "ck-tiny-only-key-for-tests-0001"
@@ -148,6 +149,20 @@ def test_keys_never_appear_in_the_logs_but_their_names_do(locked) -> None:
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     served = [line for line in lines if re.match(r"request \S+ openai\.chat", line["msg"])]
     assert served and served[-1]["api_key"] == "tiny-only"
+
+
+def test_metrics_count_requests_and_tokens_per_key_name(locked) -> None:
+    before = scrape(locked.metrics_url)
+    reply = _openai(locked, HASHED_KEY).chat.completions.create(model="tiny", messages=HELLO, max_tokens=3)
+    after = scrape(locked.metrics_url)
+
+    def grew(name: str, **labels: str) -> float:
+        labels |= {"key": "hashed", "model": TINY}
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("cortex_key_requests_total", status="200") == 1
+    assert grew("cortex_key_tokens_total", kind="completion") == reply.usage.completion_tokens == 3
+    assert grew("cortex_key_tokens_total", kind="prompt") == reply.usage.prompt_tokens
 
 
 def test_key_new_prints_a_key_and_an_entry_that_admits_it() -> None:

@@ -83,40 +83,40 @@ async def authenticate(request: Request) -> Caller:
     """Dependency of every /v1 route: the caller, or 401 in the dialect's envelope."""
     ring = keyring(request)
     key = presented_key(request)
-    if ring.open and not key:
-        caller = ANYONE
-    elif not key:
+    if not key and not ring.open:
         raise CortexError(f"this gateway needs an API key: send it as {_how(request)}", code=ErrorCode.unauthorized)
-    else:
-        found = ring.find(key)
-        if found is None and ring.open:
-            # With no API keys configured, clients send placeholders ("unused", "sk-no-key"); only
-            # a key that is an admin key means anything.
-            found = ANYONE
-        if found is None:
-            raise CortexError(
-                "the API key is not valid: check the key you were given "
-                "(the gateway's [[auth.keys]] in cortex.toml lists the valid ones)",
-                code=ErrorCode.unauthorized,
-            )
-        caller = found
-    request.state.caller = caller
-    logs.api_key.set(caller.name or None)
-    return caller
+    who = ring.find(key) if key else None
+    if who is None and ring.open:
+        # With no API keys configured, clients send placeholders ("unused", "sk-no-key"); only an
+        # admin key means anything then.
+        who = ANYONE
+    if who is None:
+        raise CortexError(
+            "the API key is not valid: check the key you were given "
+            "(the gateway's [[auth.keys]] in cortex.toml lists the valid ones)",
+            code=ErrorCode.unauthorized,
+        )
+    request.state.caller = who
+    logs.api_key.set(who.name or None)
+    return who
+
+
+def caller(request: Request) -> Caller:
+    return getattr(request.state, "caller", ANYONE)
 
 
 def may_use(request: Request, names: Iterable[str]) -> bool:
     """Whether the caller's key may use a model (`names`: its id and aliases)."""
-    caller: Caller = getattr(request.state, "caller", ANYONE)
-    return caller.admin or caller.may_use(names)
+    who = caller(request)
+    return who.admin or who.may_use(names)
 
 
 def check_model(request: Request, model_id: str, names: Iterable[str]) -> None:
     """403 unless the caller's key may use the model."""
     if not may_use(request, names):
-        caller: Caller = request.state.caller
+        who = caller(request)
         raise CortexError(
-            f"the API key `{caller.name}` may not use the model `{model_id}`; "
-            f"it may use: {', '.join(caller.models)}. Ask for a key that includes it",
+            f"the API key `{who.name}` may not use the model `{model_id}`; "
+            f"it may use: {', '.join(who.models)}. Ask for a key that includes it",
             code=ErrorCode.forbidden,
         )

@@ -78,6 +78,16 @@ class GatewayMetrics:
             registry=r,
         )
         self.in_flight = Gauge("cortex_in_flight_requests", "Requests being served.", registry=r)
+        # Per API key (its configured name; bounded by the config), for who-used-what accounting.
+        self.key_requests = Counter(
+            "cortex_key_requests", "Requests per API key, by outcome.", ["key", "model", "status"], registry=r
+        )
+        self.key_tokens = Counter(
+            "cortex_key_tokens",
+            "Tokens per API key (`kind`: prompt or completion).",
+            ["key", "model", "kind"],
+            registry=r,
+        )
         self.cold_starts = Counter(
             "cortex_cold_starts", "Loads this gateway started for a request.", ["model"], registry=r
         )

@@ -201,7 +201,7 @@ async def _serve(
     """Places the model if need be, runs the job, and answers: a stream, or one body."""
     assert gw.dispatcher is not None and gw.placer is not None
     dispatcher, request_id = gw.dispatcher, job.request_id
-    outcome = Outcome(model=job.model, api=api, request_id=request_id)
+    outcome = Outcome(model=job.model, api=api, request_id=request_id, key=auth.caller(request).name)
     request.state.counted = True  # from here the outcome counts errors, not the error handlers
     headers = {"x-request-id": request_id}
     stream_headers = {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

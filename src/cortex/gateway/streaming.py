@@ -74,6 +74,7 @@ class Outcome:
     done: Done | None = None
     status: str = "200"
     code: str | None = None
+    key: str = ""  # the API key's name; "" while the gateway needs none
 
     def failed(self, code: ErrorCode) -> None:
         self.status = str(http_status(code))
@@ -99,6 +100,8 @@ class Outcome:
             (now - self.started) * 1000,
         )
         metrics.requests.labels(self.model, node, self.api, self.status).inc()
+        if self.key:
+            metrics.key_requests.labels(self.key, self.model, self.status).inc()
         if self.code is not None:
             metrics.errors.labels(self.model, self.code).inc()
         metrics.duration.labels(self.model, self.api).observe(now - self.started)
@@ -108,6 +111,9 @@ class Outcome:
             usage = self.done.usage
             metrics.prompt_tokens.labels(self.model).inc(usage.prompt_tokens)
             metrics.completion_tokens.labels(self.model).inc(usage.completion_tokens)
+            if self.key:
+                metrics.key_tokens.labels(self.key, self.model, "prompt").inc(usage.prompt_tokens)
+                metrics.key_tokens.labels(self.key, self.model, "completion").inc(usage.completion_tokens)
             metrics.queue_wait.labels(self.model).observe(self.done.timings.queue_ms / 1000)
             if self.done.timings.decode_ms > 0 and usage.completion_tokens > 1:
                 rate = (usage.completion_tokens - 1) / (self.done.timings.decode_ms / 1000)
