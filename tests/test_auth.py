@@ -171,3 +171,31 @@ def test_key_new_prints_a_key_and_an_entry_that_admits_it() -> None:
     assert key not in text
     assert f'key_sha256 = "{hashlib.sha256(key.encode()).hexdigest()}"' in text
     assert 'models = ["smollm2", "Qwen/*"]' in text
+
+
+def test_a_key_kept_to_some_models_gets_403_not_404_for_a_name_that_does_not_exist(locked) -> None:
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        _openai(locked, TINY_KEY).chat.completions.create(model="no/such-model", messages=HELLO, max_tokens=2)
+    assert "may not use the model `no/such-model`" in err.value.message
+
+
+def test_an_empty_bearer_header_falls_back_to_x_api_key() -> None:
+    from starlette.requests import Request
+
+    from cortex.gateway.auth import presented_key
+
+    headers = [(b"authorization", b"Bearer  "), (b"x-api-key", TINY_KEY.encode())]
+    assert presented_key(Request({"type": "http", "headers": headers})) == TINY_KEY
+
+
+def test_with_api_keys_but_no_admin_key_admin_is_closed_even_on_loopback() -> None:
+    from fastapi.testclient import TestClient
+
+    from cortex.config import ApiKey, AuthSection, CortexSettings
+    from cortex.gateway.app import build_app
+
+    settings = CortexSettings(auth=AuthSection(keys=[ApiKey(name="a", key=TINY_KEY)]))
+    client = TestClient(build_app(settings), client=("127.0.0.1", 50000))  # no lifespan: no NATS needed
+    resp = client.post("/admin/models/load", json={"model": "smollm2"}, headers={"x-api-key": TINY_KEY})
+    assert resp.status_code == 403
+    assert "needs an admin key once [[auth.keys]] are configured" in resp.json()["error"]["message"]

@@ -89,3 +89,12 @@ def test_two_api_keys_with_one_name_are_refused(tmp_path: Path) -> None:
     path.write_text(entry.format(1) + entry.format(2))
     with pytest.raises(ConfigError, match=r"two \[\[auth\.keys\]\] share the name team-a"):
         cortex_config.load(path)
+
+
+def test_one_key_in_two_entries_is_refused_without_printing_it(tmp_path: Path) -> None:
+    path = tmp_path / "cortex.toml"
+    key = "0123456789abcdef-same"
+    path.write_text(f'[[auth.keys]]\nname = "a"\nkey = "{key}"\n\n[[auth.keys]]\nname = "b"\nkey = "{key}"\n')
+    with pytest.raises(ConfigError, match="`b` has the same key as `a`") as err:
+        cortex_config.load(path)
+    assert key not in str(err.value)

@@ -137,6 +137,7 @@ REFUSED_PUBLISH = [
     (NODE, f"cortex.infer.{KEY}"),  # submitting jobs
     (NODE, f"cortex.node.{OTHER}.unload"),  # controlling another node
     (NODE, f"cortex.node.{OTHER}.infer.{KEY}"),  # sending another node a job
+    (NODE, f"cortex.events.job_lost.{OTHER}"),  # failing another node's jobs at their gateway
     (NODE, "_INBOX.gateway.forged.1"),  # an event into a job's stream it was not sent
     ("gateway", f"$KV.{NODES_BUCKET}.{NODE}"),  # heartbeats are the neurons' word
     ("ops", f"cortex.infer.{KEY}"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -34,6 +35,11 @@ class EvictionSection(BaseModel):
     )
 
 
+def key_sha256(key: str) -> str:
+    """How a key is kept and compared: its SHA-256, in hex."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 # Names a key in logs, metrics and errors, where the key itself never appears.
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
 
@@ -64,6 +70,10 @@ class ApiKey(BaseModel):
             raise ValueError(f"key `{self.name}`: set exactly one of `key` and `key_sha256`")
         return self
 
+    @property
+    def digest(self) -> str:
+        return key_sha256(self.key) if self.key is not None else self.key_sha256 or ""
+
 
 class AuthSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -83,6 +93,11 @@ class AuthSection(BaseModel):
         names = [k.name for k in self.keys]
         if twice := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"two [[auth.keys]] share the name {', '.join(twice)}; each needs its own")
+        # One key in two entries would mean whichever comes first; say which, never the key.
+        owners: dict[str, str] = {key_sha256(k): "an admin_keys entry" for k in self.admin_keys}
+        for entry in self.keys:
+            if (first := owners.setdefault(entry.digest, f"`{entry.name}`")) != f"`{entry.name}`":
+                raise ValueError(f"[[auth.keys]] `{entry.name}` has the same key as {first}; give each its own key")
         return self
 
 

@@ -7,12 +7,11 @@ printed once, for whoever will use it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import secrets
 
-from cortex.config import KEY_NAME_PATTERN
+from cortex.config import KEY_NAME_PATTERN, key_sha256
 
 # Recognisable in a leaked file or a secret scanner's rules.
 KEY_PREFIX = "ck-"
@@ -26,7 +25,7 @@ def entry(name: str, key: str, models: list[str], admin: bool) -> str:
     lines = [
         "[[auth.keys]]",
         f"name = {json.dumps(name)}",
-        f'key_sha256 = "{hashlib.sha256(key.encode()).hexdigest()}"',
+        f'key_sha256 = "{key_sha256(key)}"',
         f"models = [{', '.join(json.dumps(m) for m in models)}]",
     ]
     if admin:

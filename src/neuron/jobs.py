@@ -139,7 +139,7 @@ class JobRelay:
     def _tell_lost(self, job: InferenceJob) -> None:
         """Its requester waits on events it will never get; this subject any gateway may hear."""
         lost = FleetEvent(kind="job_lost", node=self._node, model=job.model, job_id=job.job_id, reason="reply_refused")
-        task = asyncio.create_task(self._publish_quietly(self._subjects.events("job_lost"), lost.to_bytes()))
+        task = asyncio.create_task(self._publish_quietly(self._subjects.job_lost(self._node), lost.to_bytes()))
         self._telling.add(task)
         task.add_done_callback(self._telling.discard)
 

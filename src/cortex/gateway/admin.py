@@ -37,6 +37,13 @@ def _gateway(request: Request) -> Gateway:
 
 async def require_admin(request: Request) -> None:
     ring = keyring(request)
+    if not ring.has_admin and not ring.open:
+        # API keys guard /v1; a key holder (or anyone behind a local proxy) is not an operator.
+        raise CortexError(
+            "the admin API needs an admin key once [[auth.keys]] are configured; set [auth] admin_keys "
+            "(or `admin = true` on a key) in cortex.toml and send one as `Authorization: Bearer <key>`",
+            code=ErrorCode.forbidden,
+        )
     if not ring.has_admin:
         if not _loopback(request.client.host if request.client else ""):
             raise CortexError(

@@ -9,7 +9,6 @@ itself is never logged or echoed.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,7 +16,8 @@ from fnmatch import fnmatchcase
 
 from fastapi import Request
 
-from cortex.config import AuthSection
+from cortex.config import AuthSection, key_sha256
+from cortex.gateway.errors import anthropic_path
 from cortex.protocol.errors import CortexError, ErrorCode
 from cortex.telemetry import logs
 
@@ -32,30 +32,30 @@ class Caller:
 
     def may_use(self, names: Iterable[str]) -> bool:
         """`names`: a model's id and aliases; one matching one of the key's patterns is enough."""
-        return any(fnmatchcase(name, pattern) for name in names for pattern in self.models)
+        return self.admin or any(fnmatchcase(name, pattern) for name in names for pattern in self.models)
+
+    @property
+    def restricted(self) -> bool:
+        """Kept to some models: then it is not told which other models exist."""
+        return not self.admin and "*" not in self.models
 
 
 ANYONE = Caller("")
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
 class Keyring:
     def __init__(self, auth: AuthSection) -> None:
         self._entries: list[tuple[bytes, Caller]] = [
-            (_digest(key), Caller("admin", admin=True)) for key in auth.admin_keys
+            (bytes.fromhex(key_sha256(key)), Caller("admin", admin=True)) for key in auth.admin_keys
         ]
         for entry in auth.keys:
-            digest = _digest(entry.key) if entry.key is not None else bytes.fromhex(entry.key_sha256 or "")
-            self._entries.append((digest, Caller(entry.name, tuple(entry.models), entry.admin)))
+            self._entries.append((bytes.fromhex(entry.digest), Caller(entry.name, tuple(entry.models), entry.admin)))
         # Admin keys alone leave /v1 open, as before any API key existed.
         self.open = not auth.keys
         self.has_admin = any(caller.admin for _, caller in self._entries)
 
     def find(self, key: str) -> Caller | None:
-        given, found = _digest(key), None
+        given, found = bytes.fromhex(key_sha256(key)), None
         for digest, caller in self._entries:  # no early exit: every guess costs the same
             if hmac.compare_digest(given, digest) and found is None:
                 found = caller
@@ -63,16 +63,13 @@ class Keyring:
 
 
 def presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization")
-    if auth is not None and auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    return bearer or request.headers.get("x-api-key") or None
 
 
 def _how(request: Request) -> str:
-    if request.url.path.startswith("/v1/messages"):
-        return "`x-api-key: <key>`"
-    return "`Authorization: Bearer <key>`"
+    return "`x-api-key: <key>`" if anthropic_path(request) else "`Authorization: Bearer <key>`"
 
 
 def keyring(request: Request) -> Keyring:
@@ -107,16 +104,19 @@ def caller(request: Request) -> Caller:
 
 def may_use(request: Request, names: Iterable[str]) -> bool:
     """Whether the caller's key may use a model (`names`: its id and aliases)."""
+    return caller(request).may_use(names)
+
+
+def forbidden(request: Request, model: str) -> CortexError:
     who = caller(request)
-    return who.admin or who.may_use(names)
+    return CortexError(
+        f"the API key `{who.name}` may not use the model `{model}`; "
+        f"it may use: {', '.join(who.models)}. Ask for a key that includes it",
+        code=ErrorCode.forbidden,
+    )
 
 
 def check_model(request: Request, model_id: str, names: Iterable[str]) -> None:
     """403 unless the caller's key may use the model."""
     if not may_use(request, names):
-        who = caller(request)
-        raise CortexError(
-            f"the API key `{who.name}` may not use the model `{model_id}`; "
-            f"it may use: {', '.join(who.models)}. Ask for a key that includes it",
-            code=ErrorCode.forbidden,
-        )
+        raise forbidden(request, model_id)

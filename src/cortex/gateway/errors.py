@@ -17,7 +17,7 @@ from cortex.protocol.errors import CortexError, Refused
 log = logging.getLogger(__name__)
 
 
-def _anthropic(request: Request) -> bool:
+def anthropic_path(request: Request) -> bool:
     """Errors leave in the dialect of the endpoint that was called."""
     return request.url.path.startswith("/v1/messages")
 
@@ -38,7 +38,7 @@ def _count(request: Request, code: str) -> None:
 def _plain(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
     """An error raised before any job: in the caller's dialect."""
     _count(request, "invalid_request" if status in (400, 422) else f"http_{status}")
-    if _anthropic(request):
+    if anthropic_path(request):
         body = anthropic.error_body(message, anthropic.error_type(status))
     else:
         body = openai.error_body(message, openai.error_type(status), None, param)
@@ -53,7 +53,7 @@ def error_response(request: Request, exc: CortexError) -> JSONResponse:
         headers["Retry-After"] = "1"
     if isinstance(exc, Refused):
         log.warning("refused %s: %s", exc.refusal.model, exc.refusal.log_fields())
-    body = anthropic.error_payload(exc) if _anthropic(request) else openai.error_payload(exc)
+    body = anthropic.error_payload(exc) if anthropic_path(request) else openai.error_payload(exc)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -1,6 +1,6 @@
 """`GET /fleet.json` (the FleetReport) and `GET /fleet` (a page that polls it and draws the fleet).
 
-Both are read-only and, like /v1/models, need no key: they show what the heartbeats already
+Both are read-only and, like /health, need no API key: they show what the heartbeats already
 publish to every NATS client (nodes, devices, models, load), nothing a request carried.
 """
 

@@ -27,7 +27,7 @@ from cortex.gateway.streaming import (
     unless_disconnected,
 )
 from cortex.placement.policy import rank_holders
-from cortex.protocol.errors import CortexError, ErrorCode, InvalidRequest, NoCapacity, TransportError
+from cortex.protocol.errors import CortexError, ErrorCode, InvalidRequest, ModelNotFound, NoCapacity, TransportError
 from cortex.protocol.messages import CountReply, CountRequest, InferenceJob
 from cortex.telemetry import logs
 
@@ -89,7 +89,12 @@ async def _check_unicode(request: Request) -> None:
 
 def _model(request: Request, gw: Gateway, name: str) -> str:
     """The model's id, once the caller's key may use it."""
-    model_id = gw.resolve_model(name)
+    try:
+        model_id = gw.resolve_model(name)
+    except ModelNotFound:
+        if auth.caller(request).restricted:  # a 404 would tell it which names exist
+            raise auth.forbidden(request, name) from None
+        raise
     auth.check_model(request, model_id, gw.model_names(model_id))
     return model_id
 

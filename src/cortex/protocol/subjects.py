@@ -82,3 +82,8 @@ class Subjects:
 
     def events(self, kind: str) -> str:
         return f"{self.prefix}.events.{kind}"
+
+    def job_lost(self, node: str) -> str:
+        """`job_lost`, per node: NATS permissions let each node publish only its own, since a
+        gateway fails the job it names."""
+        return f"{self.prefix}.events.job_lost.{node}"

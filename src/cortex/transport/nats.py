@@ -233,10 +233,10 @@ class JobStream:
     ) -> None:
         self.job = job
         self.node: str | None = None
-        self._target = target
+        self.target = target  # the node it was addressed to, if any
         self.finished = False
         self._client = client
-        self._token = token
+        self.token = token
         self._queue = queue
         self._accept_timeout = accept_timeout
         self._idle_timeout = idle_timeout
@@ -274,7 +274,7 @@ class JobStream:
                     self.finished = True
                 yield event
         finally:
-            self._client._forget(self._token, self.job.job_id)
+            self._client._forget(self)
 
     async def _next_message(self) -> Msg | FleetEvent:
         """Waits for the next message, giving up early when the job's node leaves the fleet."""
@@ -290,7 +290,7 @@ class JobStream:
                 async with asyncio.timeout(min(left, _LIVENESS_CHECK_S)):
                     return await self._queue.get()
             except TimeoutError:
-                node = self.node or self._target
+                node = self.node or self.target
                 if node is not None and not self._node_alive(node):
                     raise TransportError(
                         f"node {node} left the fleet while running job {self.job.job_id}", code=ErrorCode.node_lost
@@ -302,6 +302,10 @@ class JobStream:
                         code=ErrorCode.timeout if self.node is None else ErrorCode.node_lost,
                     ) from None
 
+    def lost(self, event: FleetEvent) -> None:
+        """Its node says it can no longer send this job's events: the next read fails."""
+        self._queue.put_nowait(event)
+
     @property
     def pending(self) -> bool:
         """More of this job's messages have arrived and wait to be read."""
@@ -311,7 +315,7 @@ class JobStream:
         """Ask the node to stop this job. Returns whether the node still had it."""
         if self.finished:
             return False
-        return await self._client.cancel(self.node or self._target, self.job.job_id)
+        return await self._client.cancel(self.node or self.target, self.job.job_id)
 
 
 class JobClient:
@@ -327,14 +331,14 @@ class JobClient:
         self._subjects = subjects
         self._prefix = nc.new_inbox()
         self._queues: dict[str, asyncio.Queue[Msg | FleetEvent]] = {}
-        self._tokens: dict[str, str] = {}  # job id -> token, for job_lost events
+        self._streams: dict[str, JobStream] = {}  # job id -> its latest stream, for job_lost events
         self._sub: Any = None
         self._lost_sub: Any = None
         self._counter = 0
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_msg)
-        self._lost_sub = await self._nc.subscribe(self._subjects.events("job_lost"), cb=self._on_lost)
+        self._lost_sub = await self._nc.subscribe(self._subjects.job_lost("*"), cb=self._on_lost)
 
     async def aclose(self) -> None:
         for sub in (self._sub, self._lost_sub):
@@ -354,14 +358,18 @@ class JobClient:
             event = FleetEvent.model_validate_json(msg.data)
         except ValueError:
             return
-        token = self._tokens.get(event.job_id or "")
-        queue = self._queues.get(token) if token is not None else None
-        if queue is not None:
-            queue.put_nowait(event)
+        stream = self._streams.get(event.job_id or "")
+        # Only the node running the job may say it lost it: the subject's last token is the
+        # sender's node (NATS lets each node publish only its own), and the same job id may
+        # have been tried on another node first.
+        node = msg.subject.rsplit(".", 1)[-1]
+        if stream is not None and not stream.finished and node == event.node == (stream.node or stream.target):
+            stream.lost(event)
 
-    def _forget(self, token: str, job_id: str) -> None:
-        self._queues.pop(token, None)
-        self._tokens.pop(job_id, None)
+    def _forget(self, stream: JobStream) -> None:
+        self._queues.pop(stream.token, None)
+        if self._streams.get(stream.job.job_id) is stream:
+            del self._streams[stream.job.job_id]
 
     async def submit(
         self,
@@ -384,14 +392,15 @@ class JobClient:
         token = str(self._counter)
         queue: asyncio.Queue[Msg | FleetEvent] = asyncio.Queue()
         self._queues[token] = queue
-        self._tokens[job.job_id] = token
         try:
             with map_nats_errors(f"publishing job {job.job_id}"):
                 await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}")
         except BaseException:
-            self._forget(token, job.job_id)
+            self._queues.pop(token, None)
             raise
-        return JobStream(self, job, token, queue, node, accept_timeout, idle_timeout, node_alive)
+        stream = JobStream(self, job, token, queue, node, accept_timeout, idle_timeout, node_alive)
+        self._streams[job.job_id] = stream
+        return stream
 
     @property
     def connected(self) -> bool:

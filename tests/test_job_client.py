@@ -1,0 +1,46 @@
+"""The gateway's JobClient hears `job_lost` only from the node running the job."""
+
+from __future__ import annotations
+
+import nats
+import pytest
+
+from cortex.protocol.errors import TransportError
+from cortex.protocol.messages import Accepted, Delta, FleetEvent, InferenceJob
+from cortex.protocol.subjects import Subjects
+from cortex.transport.nats import JobClient
+
+MINIMAL_JOB = '{"model": "test/x", "messages": [{"role": "user", "content": "Hello"}], "sampling": {"max_tokens": 4}}'
+
+
+async def test_job_lost_counts_only_from_the_node_running_the_job(nats_url: str) -> None:
+    subjects = Subjects()
+    nc = await nats.connect(nats_url)
+    client = JobClient(nc, subjects)
+    await client.start()
+    job = InferenceJob.model_validate_json(MINIMAL_JOB)
+    replies: list[str] = []
+
+    async def node_b(msg) -> None:
+        replies.append(msg.reply)
+        await nc.publish(msg.reply, Accepted(job_id=job.job_id, seq=0, node="b", device="cpu").to_bytes())
+
+    async def lost(node: str) -> None:
+        event = FleetEvent(kind="job_lost", node=node, model=job.model, job_id=job.job_id, reason="reply_refused")
+        await nc.publish(subjects.job_lost(node), event.to_bytes())
+        await nc.flush()
+
+    try:
+        await nc.subscribe(subjects.infer_node(job.model, "b"), cb=node_b)
+        await nc.flush()
+        events = (await client.submit(job, "b")).__aiter__()
+        assert isinstance(await anext(events), Accepted)
+        await lost("a")  # an earlier try of the same job on another node: not this one's business
+        await nc.publish(replies[0], Delta(job_id=job.job_id, seq=1, text="hi", tokens=1).to_bytes())
+        assert isinstance(await anext(events), Delta)
+        await lost("b")
+        with pytest.raises(TransportError, match="node b can no longer send job"):
+            await anext(events)
+    finally:
+        await client.aclose()
+        await nc.close()
