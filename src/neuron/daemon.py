@@ -39,7 +39,7 @@ from cortex.protocol.messages import (
 )
 from cortex.protocol.subjects import PINS_BUCKET, Subjects
 from cortex.telemetry.http import TelemetryServer
-from cortex.transport.nats import connect, keep_trying, nodes_bucket, on_reconnect, pins_bucket
+from cortex.transport.nats import connect, nodes_bucket, on_reconnect, pins_bucket, reopen_on_reconnect
 from neuron import __version__
 from neuron.config import NeuronSettings
 from neuron.control.service import ControlError, start_control
@@ -310,15 +310,7 @@ async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Ev
         # Back from a NATS outage: our key first (gateways are re-reading the bucket right now), and
         # the pins bucket again, in case the server came back empty (the keeper's watch retries).
         stack.callback(on_reconnect(nc, heartbeat.wake))
-        reopening: set[asyncio.Task[None]] = set()
-
-        def reopen_pins() -> None:
-            task = asyncio.create_task(keep_trying(lambda: pins_bucket(nc, replicas=replicas), PINS_BUCKET))
-            reopening.add(task)
-            task.add_done_callback(reopening.discard)
-
-        stack.callback(on_reconnect(nc, reopen_pins))
-        stack.callback(lambda: [task.cancel() for task in reopening])
+        stack.callback(reopen_on_reconnect(nc, lambda: pins_bucket(nc, replicas=replicas), PINS_BUCKET))
         await neuron.publish_event("node_up", detail=", ".join(d.id for d in devices))
         log.info("neuron %s ready on %s: devices %s", settings.node, settings.nats.servers, [d.id for d in devices])
         log.info(backends.describe())

@@ -28,12 +28,11 @@ from cortex.transport.control import ControlClient
 from cortex.transport.nats import (
     JobClient,
     connect,
-    keep_trying,
     keep_watching,
     nodes_bucket,
-    on_reconnect,
     pins_bucket,
     placement_bucket,
+    reopen_on_reconnect,
     watch_bucket,
 )
 
@@ -58,8 +57,7 @@ class Gateway:
         self.pin_values: dict[str, bytes] = {}  # KV cortex_pins as it is now, kept by a watch
         self._client: JobClient | None = None
         self._watches: list[asyncio.Task[None]] = []
-        self._reopening: set[asyncio.Task[None]] = set()
-        self._stop_listening: Callable[[], None] = lambda: None
+        self._stop_reopening: Callable[[], None] = lambda: None
         self._telemetry: TelemetryServer | None = None
 
     async def start(self) -> None:
@@ -79,7 +77,10 @@ class Gateway:
         self._watches.append(asyncio.create_task(keep_watching(self._mirror_pins, PINS_BUCKET)))
         leases = Leases(await placement_bucket(self.nc, replicas=nats.kv_replicas), self.name, ttl=gw.load_timeout + 30)
         # A server that came back empty has no placement bucket; the watches reopen theirs themselves.
-        self._stop_listening = on_reconnect(self.nc, self._reopen_placement)
+        nc, replicas = self.nc, nats.kv_replicas
+        self._stop_reopening = reopen_on_reconnect(
+            nc, lambda: placement_bucket(nc, replicas=replicas), PLACEMENT_BUCKET
+        )
         self.placer = Placer(
             fleet=self.fleet,
             control=self.control,
@@ -105,13 +106,6 @@ class Gateway:
         kv = await nodes_bucket(self.nc, replicas=self.settings.nats.kv_replicas)
         await self.fleet.follow(watch_bucket(kv))
 
-    def _reopen_placement(self) -> None:
-        assert self.nc is not None
-        nc, replicas = self.nc, self.settings.nats.kv_replicas
-        task = asyncio.create_task(keep_trying(lambda: placement_bucket(nc, replicas=replicas), PLACEMENT_BUCKET))
-        self._reopening.add(task)
-        task.add_done_callback(self._reopening.discard)
-
     async def _mirror_pins(self) -> None:
         assert self.nc is not None
         self.pins = kv = await pins_bucket(self.nc, replicas=self.settings.nats.kv_replicas)
@@ -125,11 +119,10 @@ class Gateway:
                 values[update[0]] = update[1]
 
     async def aclose(self) -> None:
-        self._stop_listening()
-        tasks = [*self._watches, *self._reopening]
-        for task in tasks:
+        self._stop_reopening()
+        for task in self._watches:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._watches, return_exceptions=True)
         self._watches = []
         if self._client is not None:
             await self._client.aclose()

@@ -456,6 +456,27 @@ async def keep_trying(
         await asyncio.sleep(every_s)
 
 
+def reopen_on_reconnect(nc: Client, reopen: Callable[[], Awaitable[object]], what: str) -> Callable[[], None]:
+    """After each reconnect of `nc`, runs `reopen` (open a bucket, creating it when the server came
+    back empty) until it succeeds, as `keep_trying` does. Returns a function that stops listening
+    and cancels an attempt still running."""
+    attempts: set[asyncio.Task[None]] = set()
+
+    def start() -> None:
+        task = asyncio.create_task(keep_trying(reopen, what))
+        attempts.add(task)
+        task.add_done_callback(attempts.discard)
+
+    stop_listening = on_reconnect(nc, start)
+
+    def stop() -> None:
+        stop_listening()
+        for task in list(attempts):
+            task.cancel()
+
+    return stop
+
+
 async def watch_bucket(
     kv: KeyValue, keys: str = ">", *, heartbeat_s: float = WATCH_HEARTBEAT_S
 ) -> AsyncIterator[tuple[str, bytes | None] | None]:
