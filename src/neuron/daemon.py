@@ -97,6 +97,7 @@ class Neuron:
             max_batch=settings.max_batch,
             max_queue=settings.max_queue,
             metrics=metrics,
+            publish_event=self.publish_event,
         )
         self.heartbeat: Heartbeater | None = None
 
@@ -166,11 +167,17 @@ class Neuron:
                 await self.heartbeat.beat()
 
     async def publish_event(
-        self, kind: str, model: str | None = None, detail: str | None = None, reason: str | None = None
+        self,
+        kind: str,
+        model: str | None = None,
+        detail: str | None = None,
+        reason: str | None = None,
+        job_id: str | None = None,
     ) -> None:
-        event = FleetEvent(kind=kind, node=self.settings.node, model=model, detail=detail, reason=reason)  # type: ignore[arg-type]
+        node = self.settings.node
+        event = FleetEvent(kind=kind, node=node, model=model, detail=detail, reason=reason, job_id=job_id)  # type: ignore[arg-type]
         with contextlib.suppress(Exception):
-            await self._nc.publish(self.subjects.events(kind), event.to_bytes())
+            await self._nc.publish(self.subjects.node_event(kind, node), event.to_bytes())
 
     # --- preflight and memory estimates -------------------------------------------------------
 

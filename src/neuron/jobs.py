@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import nats.errors
@@ -25,7 +26,6 @@ from cortex.protocol.messages import (
     Delta,
     Done,
     Failed,
-    FleetEvent,
     InferenceJob,
     JobEvent,
     JobStatus,
@@ -93,6 +93,7 @@ class JobRelay:
         max_batch: int,
         max_queue: int,
         metrics: NeuronMetrics,
+        publish_event: Callable[..., Awaitable[None]],
     ) -> None:
         self._nc = nc
         self._metrics = metrics
@@ -110,6 +111,7 @@ class JobRelay:
         self._gone_prefix = ""
         self._notice_ids: dict[str, str] = {}  # the last token of a notices subject -> job id
         self._notices = 0
+        self._publish_event = publish_event
         self._telling: set[asyncio.Task[None]] = set()
         self.draining = False
 
@@ -137,17 +139,11 @@ class JobRelay:
                 self._tell_lost(running.job)
 
     def _tell_lost(self, job: InferenceJob) -> None:
-        """Its requester waits on events it will never get; this subject any gateway may hear."""
-        lost = FleetEvent(kind="job_lost", node=self._node, model=job.model, job_id=job.job_id, reason="reply_refused")
-        task = asyncio.create_task(self._publish_quietly(self._subjects.job_lost(self._node), lost.to_bytes()))
+        """Its requester waits on events it will never get; a `job_lost` event any gateway may hear."""
+        lost = self._publish_event("job_lost", model=job.model, reason="reply_refused", job_id=job.job_id)
+        task = asyncio.create_task(lost)
         self._telling.add(task)
         task.add_done_callback(self._telling.discard)
-
-    async def _publish_quietly(self, subject: str, payload: bytes) -> None:
-        try:
-            await self._nc.publish(subject, payload)
-        except Exception as exc:  # NATS gone again: the requester's idle timeout is the fallback
-            log.warning("could not publish on %s: %s", subject, exc)
 
     async def _on_requester_gone(self, msg: Msg) -> None:
         if (msg.headers or {}).get("Status") != "503":

@@ -87,3 +87,7 @@ class Subjects:
         """`job_lost`, per node: NATS permissions let each node publish only its own, since a
         gateway fails the job it names."""
         return f"{self.prefix}.events.job_lost.{node}"
+
+    def node_event(self, kind: str, node: str) -> str:
+        """Where a node publishes a fleet event of `kind`."""
+        return self.job_lost(node) if kind == "job_lost" else self.events(kind)
