@@ -13,7 +13,7 @@ from pathlib import Path
 from cortex import admin_cli, key_cli, status_cli
 from cortex.natsserver import NatsServerError
 from cortex.protocol.catalogue import DEFAULT_MODEL, CatalogueError
-from cortex.protocol.config import ConfigError, split_host_port
+from cortex.protocol.config import ConfigError, is_loopback, split_host_port
 from cortex.telemetry import logs
 
 
@@ -52,7 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     logs.configure(settings.log_level, settings.log_format, "cortex")
     host, port = split_host_port(settings.gateway.listen)
-    if not settings.auth.keys and host not in ("127.0.0.1", "::1", "localhost"):
+    if not settings.auth.keys and not is_loopback(host):
         logging.getLogger("cortex").warning(
             "listening on %s with no [[auth.keys]]: anyone who can reach it may use every model "
             "(`cortex key new NAME` makes a key)",

@@ -89,7 +89,7 @@ class AuthSection(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _unique_names(self) -> AuthSection:
+    def _each_name_and_key_once(self) -> AuthSection:
         names = [k.name for k in self.keys]
         if twice := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"two [[auth.keys]] share the name {', '.join(twice)}; each needs its own")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 
 from fastapi import APIRouter, Depends, Request
@@ -20,6 +19,7 @@ from cortex.gateway.auth import keyring, presented_key
 from cortex.gateway.catalogue_view import model_entry
 from cortex.gateway.service import Gateway
 from cortex.placement.fleet import FleetView
+from cortex.protocol.config import is_loopback
 from cortex.protocol.errors import CortexError, ErrorCode, InvalidRequest, ModelNotFound
 from cortex.protocol.messages import LoadRequest, ModelReply, ModelSpec, ModelState, UnloadRequest
 from cortex.protocol.subjects import NODE_NAME_PATTERN
@@ -45,7 +45,7 @@ async def require_admin(request: Request) -> None:
             code=ErrorCode.forbidden,
         )
     if not ring.has_admin:
-        if not _loopback(request.client.host if request.client else ""):
+        if not is_loopback(request.client.host if request.client else ""):
             raise CortexError(
                 "the admin API is open only to clients on the gateway's machine while no admin key is set; "
                 "set [auth] admin_keys in cortex.toml and send one as `Authorization: Bearer <key>`",
@@ -65,13 +65,6 @@ async def require_admin(request: Request) -> None:
             "or a [[auth.keys]] entry with `admin = true`",
             code=ErrorCode.forbidden,
         )
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 router = APIRouter(prefix="/admin/models", dependencies=[Depends(require_admin)])

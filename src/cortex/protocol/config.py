@@ -7,6 +7,7 @@ A value that starts with `[` or `{` is read as JSON.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -128,6 +129,16 @@ def _set(data: dict[str, Any], keys: list[str], value: Any) -> None:
     for key in keys[:-1]:
         data = data.setdefault(key, {})
     data[keys[-1]] = value
+
+
+def is_loopback(host: str) -> bool:
+    """An address (or `localhost`) reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def split_host_port(listen: str) -> tuple[str, int]:
