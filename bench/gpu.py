@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     from cortex.protocol.messages import DeviceInfo, InferenceJob, ModelSpec, SamplingParams
     from neuron.engine.chat import ChatFormat
     from neuron.engine.outputs import Finished, Text
+    from neuron.engine.runtime import LoadedModel
     from neuron.engine.sampling import SamplingDefaults
+    from neuron.engine.transformers_runtime import TransformersRuntime
     from neuron.engine.worker import DeviceWorker
-    from neuron.sources.loader import LoadedModel
 
     parser = argparse.ArgumentParser(prog="python -m bench.gpu")
     parser.add_argument("--device", default="cuda")
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = ModelSpec(id="smollm2-shape", source="file:/dev/null")
     loaded = LoadedModel(
         spec=spec,
-        model=model,
+        runtime=TransformersRuntime(model, max_batch=max(CONCURRENCY)),
         tokenizer=tok,
         device=device,
         context=4096,
@@ -102,7 +103,6 @@ def main(argv: list[str] | None = None) -> None:
         sampling=SamplingDefaults(),
         chat=ChatFormat(spec, tok),
         vocab_size=model.config.vocab_size,
-        parallel=max(CONCURRENCY),
     )
     prompts = [f"The sum of {n} is a plain sentence about number {n}." * 3 for n in range(max(CONCURRENCY))]
     no_eos = {tok.eos_token_id: -100.0}

@@ -12,8 +12,9 @@ import torch
 
 from cortex.protocol.messages import ChatMessage, DeviceInfo, InferenceJob, ModelSpec, SamplingParams
 from neuron.engine.outputs import Crashed, Finished, Text
+from neuron.engine.runtime import LoadedModel
 from neuron.engine.worker import DeviceWorker
-from neuron.sources.loader import LoadedModel, load, unload
+from neuron.sources.loader import load, unload
 from neuron.sources.preflight import preflight
 from neuron.sources.resolve import resolve
 from tests.conftest import SMOLLM2_GGUF, needs_llama_cpp

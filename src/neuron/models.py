@@ -21,10 +21,10 @@ from cortex.protocol.messages import ModelSpec, ModelState, ModelStatus, Refusal
 from cortex.protocol.subjects import model_key
 from neuron.devices.discovery import refresh
 from neuron.engine.backends import Engine
+from neuron.engine.runtime import LoadedModel
 from neuron.engine.worker import DeviceWorker
 from neuron.metrics import NeuronMetrics
 from neuron.sources import loader
-from neuron.sources.loader import LoadedModel
 from neuron.sources.preflight import Plan
 from neuron.sources.resolve import SourceError, resolve
 

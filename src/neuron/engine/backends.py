@@ -11,9 +11,24 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from dataclasses import dataclass
 from typing import Literal
 
 Engine = Literal["transformers", "llama.cpp"]
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How preflight estimates an engine's memory before anything is allocated."""
+
+    gguf_as_stored: bool  # a GGUF file runs quantized (its size is its weights'), not dequantized
+    kv_bytes: int | None  # the width of a KV cache element, where the engine fixes it (else the dtype's)
+
+
+SIZING: dict[Engine, Sizing] = {
+    "transformers": Sizing(gguf_as_stored=False, kv_bytes=None),
+    "llama.cpp": Sizing(gguf_as_stored=True, kv_bytes=2),  # llama.cpp keeps its KV cache in float16
+}
 
 # quant values that quantize dense weights on load rather than pick a GGUF file.
 IN_PLACE_QUANTS: dict[str, float] = {"int8": 8.0, "int4": 4.5}  # bits per weight, scales included

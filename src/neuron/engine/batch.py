@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from neuron.engine.generation import Generation
-from neuron.sources.loader import LoadedModel
+from neuron.engine.runtime import LoadedModel
+
+if TYPE_CHECKING:  # it makes these batches
+    from neuron.engine.transformers_runtime import TransformersRuntime
 
 log = logging.getLogger(__name__)
 # The most prompt tokens (padding included) one prefill pass takes: its activations must fit
@@ -61,8 +65,11 @@ def each_row(gens: list[Generation], action: Callable[[Generation, int], None]) 
 
 
 class DecodeBatch:
-    def __init__(self, model: LoadedModel) -> None:
+    """The running sequences of one transformers model (the `Batch` of engine/runtime.py)."""
+
+    def __init__(self, model: LoadedModel, runtime: TransformersRuntime) -> None:
         self.model = model
+        self._runtime = runtime
         self.rows: list[Generation] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [B, L]: 1 where a row has a real token
@@ -97,11 +104,12 @@ class DecodeBatch:
             input_ids[row, length - len(ids) :] = torch.tensor(ids, device=device)
             mask[row, length - len(ids) :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self.model.model(
+        lm = self._runtime.model
+        out = lm(
             input_ids=input_ids,
             attention_mask=mask if len(prompts) > 1 else None,
             position_ids=positions,
-            cache=DynamicCache(config=self.model.model.config),
+            cache=DynamicCache(config=lm.config),
             use_cache=True,
             logits_to_keep=1,
         )
@@ -141,7 +149,7 @@ class DecodeBatch:
         input_ids = torch.tensor([[gen.next_input] for gen in self.rows], device=device)
         positions = torch.tensor([[gen.position] for gen in self.rows], device=device)
         mask = torch.cat([self._mask, torch.ones(len(self.rows), 1, dtype=torch.long, device=device)], dim=1)
-        out = self.model.model(
+        out = self._runtime.model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,

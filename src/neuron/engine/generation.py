@@ -20,9 +20,9 @@ from neuron.engine.detokenize import IncrementalDetokenizer
 from neuron.engine.outputs import Crashed, Finished, Output, Reasoning, Text, ToolCallPart
 from neuron.engine.parsing.output import Call, Content, Parsed, PlainText, Thought
 from neuron.engine.replay import ReplaySampler
+from neuron.engine.runtime import LoadedModel
 from neuron.engine.sampling import BadLogitBias, Sampler
 from neuron.engine.stops import StopMatcher
-from neuron.sources.loader import LoadedModel
 
 
 def encode_prompt(job: InferenceJob, model: LoadedModel) -> Rendered:

@@ -13,21 +13,20 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from neuron.engine.batch import each_row
 from neuron.engine.generation import Generation
-
-if TYPE_CHECKING:
-    from neuron.sources.loader import LoadedModel
+from neuron.engine.runtime import Capabilities, LoadedModel
 
 log = logging.getLogger(__name__)
 
 # Prompt tokens per llama_decode call; llama.cpp splits it further into micro-batches.
 PREFILL_TOKENS = 2048
+_MB = 2**20
 
 
 def _llama() -> Any:
@@ -63,7 +62,7 @@ def decode_threads() -> int:
     return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
-class LlamaCppModel:
+class LlamaCppRuntime:
     """One GGUF file in llama.cpp: the weights, a context of `sequences` x `context` tokens, and
     which sequence slots are free. Used only on its device's worker thread."""
 
@@ -92,6 +91,18 @@ class LlamaCppModel:
         self.weights_bytes = self._model.size()
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._free = list(range(sequences))
+        self._capabilities = Capabilities("llama.cpp", sequences)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    @property
+    def weights_mb(self) -> int:
+        return -(-self.weights_bytes // _MB)
+
+    def new_batch(self, model: LoadedModel) -> LlamaBatch:
+        return LlamaBatch(model, self)
 
     def take_sequence(self) -> int:
         if not self._free:
@@ -124,26 +135,24 @@ class LlamaCppModel:
         return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)))
 
     def close(self) -> None:
-        if self._batch is not None:
-            _llama().llama_batch_free(self._batch)
-            self._batch = None
+        if self._batch is None:
+            return  # closed already
+        _llama().llama_batch_free(self._batch)
+        self._batch = None
         self._ctx.close()
         self._model.close()
 
 
 class LlamaBatch:
-    """The running sequences of one llama.cpp model: the same contract as engine/batch.DecodeBatch."""
+    """The running sequences of one llama.cpp model (the `Batch` of engine/runtime.py)."""
 
     batchable = True
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, runtime: LlamaCppRuntime) -> None:
         self.model = model
+        self._llama = runtime
         self.rows: list[Generation] = []
         self._seqs: dict[int, int] = {}  # id(generation) -> its sequence slot
-
-    @property
-    def _llama(self) -> LlamaCppModel:
-        return self.model.model  # type: ignore[no-any-return]
 
     def __len__(self) -> int:
         return len(self.rows)

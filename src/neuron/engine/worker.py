@@ -21,12 +21,10 @@ from typing import Any, TypeVar
 import torch
 
 from cortex.protocol.messages import DeviceInfo, InferenceJob
-from neuron.engine.batch import DecodeBatch
 from neuron.engine.generation import Generation
-from neuron.engine.llamacpp import LlamaBatch
 from neuron.engine.outputs import Crashed, Finished, Output
+from neuron.engine.runtime import Batch, LoadedModel
 from neuron.metrics import NeuronMetrics
-from neuron.sources.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,7 +68,7 @@ class DeviceWorker:
         self.max_batch = max_batch
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._batches: list[DecodeBatch | LlamaBatch] = []
+        self._batches: list[Batch] = []
         self._waiting: deque[Generation] = deque()
 
     def start(self) -> None:
@@ -189,10 +187,10 @@ class DeviceWorker:
                     if not gen.finished:
                         gen.fail(exc)
 
-    def _batch_for(self, gen: Generation) -> DecodeBatch | LlamaBatch:
+    def _batch_for(self, gen: Generation) -> Batch:
         batch = next((b for b in self._batches if b.can_join(gen)), None)
         if batch is None:
-            batch = LlamaBatch(gen.model) if gen.model.engine == "llama.cpp" else DecodeBatch(gen.model)
+            batch = gen.model.new_batch()
             self._batches.append(batch)
         return batch
 

@@ -10,6 +10,10 @@ llama.cpp: the GGUF file is mapped as it is, quantized, with as many layers on t
 free memory holds. The tokenizer and chat template still come from transformers (read from
 the same file, then cached under `converted_dir`: reading a GGUF's vocabulary takes seconds),
 so prompts and outputs are handled alike on both engines.
+
+Which loader a plan gets is decided here once, from its engine's name (`LOADERS`); what is
+loaded is a LoadedModel around that engine's runtime (neuron.engine.runtime), and nothing
+past this module asks which engine it is.
 """
 
 from __future__ import annotations
@@ -22,20 +26,21 @@ import logging
 import shutil
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cortex.protocol.messages import ModelSpec
 from cortex.protocol.subjects import model_key
 from neuron.engine.backends import Engine
 from neuron.engine.chat import ChatFormat
+from neuron.engine.llamacpp import LlamaCppRuntime, decode_threads
 from neuron.engine.replay import Replay
+from neuron.engine.runtime import LoadedModel
 from neuron.engine.sampling import SamplingDefaults
+from neuron.engine.transformers_runtime import TransformersRuntime
 from neuron.sources.preflight import Plan
 from neuron.sources.resolve import ResolvedSource
 
@@ -45,25 +50,6 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _MB = 2**20
 # What llama.cpp allocates on the GPU beside the weights and the KV cache (compute buffers).
 LLAMA_CPP_BUFFERS_MB = 512
-
-
-@dataclass
-class LoadedModel:
-    spec: ModelSpec
-    model: Any  # a transformers model, or a LlamaCppModel
-    tokenizer: Any
-    device: torch.device  # where its logits are
-    context: int
-    eos_ids: frozenset[int]
-    memory_mb: int
-    sampling: SamplingDefaults
-    chat: ChatFormat
-    vocab_size: int  # the logits' width: what a logit_bias token id must stay under
-    engine: Engine = "transformers"
-    parallel: int = 1  # sequences it decodes at once
-    replay: Replay | None = None
-    convert_to: Path | None = None  # where to save the dequantized weights, if not done yet
-    from_cache: bool = False
 
 
 def pick_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
@@ -81,6 +67,18 @@ def converted_path(converted_dir: Path, spec: ModelSpec, source: ResolvedSource,
     return converted_dir / f"{model_key(spec.id)}-{digest}"
 
 
+class Loader(Protocol):
+    def __call__(
+        self,
+        plan: Plan,
+        source: ResolvedSource,
+        devices: list[torch.device],
+        limits_mb: list[int],
+        converted_dir: Path | None,
+        max_batch: int,
+    ) -> LoadedModel: ...
+
+
 def load(
     plan: Plan,
     source: ResolvedSource,
@@ -89,8 +87,17 @@ def load(
     converted_dir: Path | None = None,
     max_batch: int = 1,
 ) -> LoadedModel:
-    if plan.engine == "llama.cpp":
-        return _load_llama_cpp(plan, source, devices[0], converted_dir, max_batch)
+    return LOADERS[plan.engine](plan, source, devices, limits_mb, converted_dir, max_batch)
+
+
+def _load_transformers(
+    plan: Plan,
+    source: ResolvedSource,
+    devices: list[torch.device],
+    limits_mb: list[int],
+    converted_dir: Path | None,
+    max_batch: int,
+) -> LoadedModel:
     spec, device = plan.spec, devices[0]
     dtype = pick_dtype(spec, device)
     directory, kwargs = str(source.directory), {"gguf_file": source.gguf_file} if source.gguf_file else {}
@@ -122,18 +129,18 @@ def load(
     config = model.config
     context = spec.context or getattr(config, "max_position_embeddings", None) or 2048
     eos = _eos_ids(model, tokenizer)
+    runtime = TransformersRuntime(model, max_batch=max_batch)
     return LoadedModel(
         spec=spec,
-        model=model,
+        runtime=runtime,
         tokenizer=tokenizer,
         device=device,
         context=int(context),
         eos_ids=eos,
-        memory_mb=_weights_mb(model) + plan.kv_mb,
+        memory_mb=runtime.weights_mb + plan.kv_mb,
         sampling=SamplingDefaults.for_model(spec, getattr(model, "generation_config", None)),
         chat=ChatFormat(spec, tokenizer),
         vocab_size=_vocab_size(model),
-        parallel=max_batch if _paddable_cache(model) else 1,
         replay=Replay.from_file(spec.replay, tokenizer, min(eos)) if spec.replay and eos else None,
         convert_to=convert_to,
         from_cache=not kwargs and source.gguf_file is not None,
@@ -152,33 +159,36 @@ def _quantization(quant: str | None, dtype: torch.dtype) -> Any:
 
 
 def _load_llama_cpp(
-    plan: Plan, source: ResolvedSource, device: torch.device, converted_dir: Path | None, sequences: int
+    plan: Plan,
+    source: ResolvedSource,
+    devices: list[torch.device],
+    limits_mb: list[int],
+    converted_dir: Path | None,
+    max_batch: int,
 ) -> LoadedModel:
-    from neuron.engine.llamacpp import LlamaCppModel, decode_threads
-
-    spec = plan.spec
+    """One device (preflight refuses a GGUF over several), its layers offloaded as free memory allows;
+    `limits_mb` is not used: llama.cpp sizes itself by the plan."""
+    spec, device, sequences = plan.spec, devices[0], max_batch
     assert source.gguf_file is not None
     path = source.directory / source.gguf_file
     tokenizer = _gguf_tokenizer(spec, source, converted_dir)
     context = plan.context or 2048  # the GGUF header's, capped by the catalogue's, read by preflight
     gpu_layers = _gpu_layers(plan, device)
-    model = LlamaCppModel(
+    runtime = LlamaCppRuntime(
         str(path), context=context, sequences=sequences, gpu_layers=gpu_layers, threads=decode_threads()
     )
     eos = _eos_ids(None, tokenizer)  # the tokenizer was read from the GGUF: its end token is the file's
     return LoadedModel(
         spec=spec,
-        model=model,
+        runtime=runtime,
         tokenizer=tokenizer,
         device=torch.device("cpu"),  # logits come back to host memory
         context=context,
         eos_ids=eos,
-        memory_mb=-(-model.weights_bytes // _MB) + plan.kv_mb,
+        memory_mb=runtime.weights_mb + plan.kv_mb,
         sampling=SamplingDefaults.for_model(spec, None),
         chat=ChatFormat(spec, tokenizer),
-        vocab_size=model.n_vocab,
-        engine="llama.cpp",
-        parallel=sequences,
+        vocab_size=runtime.n_vocab,
         replay=Replay.from_file(spec.replay, tokenizer, min(eos)) if spec.replay and eos else None,
     )
 
@@ -227,9 +237,11 @@ def save_converted(loaded: LoadedModel) -> Path | None:
     """
     from safetensors.torch import save_model
 
-    target, model = loaded.convert_to, loaded.model
-    if target is None or model is None:
+    target, runtime = loaded.convert_to, loaded.runtime
+    # Only transformers dequantizes a GGUF file, so only its runtime has weights to save.
+    if target is None or not isinstance(runtime, TransformersRuntime) or runtime.closed:
         return None
+    model = runtime.model
     if (target / "config.json").exists():
         return target  # another process saved it meanwhile
 
@@ -265,9 +277,7 @@ def _write_folder(target: Path, write: Callable[[Path], object]) -> None:
 
 
 def unload(loaded: LoadedModel) -> None:
-    if loaded.engine == "llama.cpp" and loaded.model is not None:
-        loaded.model.close()
-    loaded.model = None
+    loaded.runtime.close()
     gc.collect()
     if loaded.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -296,13 +306,6 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _paddable_cache(model: Any) -> bool:
-    """Plain growing caches can be padded and stacked into one batch; sliding-window or hybrid ones
-    cannot, so such a model decodes one sequence at a time."""
-    cache = DynamicCache(config=model.config)
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
 def _vocab_size(model: Any) -> int:
     head = model.get_output_embeddings()
     if head is not None and getattr(head, "weight", None) is not None:
@@ -310,7 +313,5 @@ def _vocab_size(model: Any) -> int:
     return int(model.config.get_text_config().vocab_size)
 
 
-def _weights_mb(model: Any) -> int:
-    total = sum(t.numel() * t.element_size() for t in model.parameters())
-    total += sum(t.numel() * t.element_size() for t in model.buffers())
-    return -(-total // _MB)
+# The one place an engine's name picks its code: the catalogue's `engine`, as preflight chose it.
+LOADERS: dict[Engine, Loader] = {"transformers": _load_transformers, "llama.cpp": _load_llama_cpp}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from cortex.protocol.messages import Estimate, ModelSpec
-from neuron.engine.backends import IN_PLACE_QUANTS, Engine, EngineRefused, check_in_place_quant, choose
+from neuron.engine.backends import IN_PLACE_QUANTS, SIZING, Engine, EngineRefused, check_in_place_quant, choose
 from neuron.sources.inspect import (
     Listing,
     Shape,
@@ -134,9 +134,10 @@ def plan(spec: ModelSpec, listing: Listing, *, device_kind: str, device_count: i
     parameters, shape = _size(spec, listing, gguf_file)
     if shape is not None and spec.context:
         shape.context = min(shape.context, spec.context)
-    kv_element = 2 if engine == "llama.cpp" else element  # llama.cpp keeps its KV cache in float16
+    sizing = SIZING[engine]
+    kv_element = sizing.kv_bytes or element
     kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.context * max_batch * kv_element if shape else 0
-    if engine == "llama.cpp" and gguf_file is not None:
+    if sizing.gguf_as_stored and gguf_file is not None:
         weights = listing.files[gguf_file]  # mapped as stored, quantized
     elif in_place:
         weights = _quantized_bytes(parameters, listing.config or {}, element, IN_PLACE_QUANTS[spec.quant or ""])

@@ -1,0 +1,119 @@
+"""The engine seam: a loaded model, the `Runtime` that runs its forward passes, and the `Batch`
+of its sequences decoding together.
+
+Everything about a job that is not a forward pass (chat template, tokenizer, sampling,
+detokenization, stops, tool-call parsing) is the shared Generation's, so both engines answer
+alike. What differs between engines is behind two protocols: a `Runtime` (one per loaded model:
+transformers' `TransformersRuntime`, llama.cpp's `LlamaCppRuntime`) makes `Batch`es
+(`DecodeBatch`, `LlamaBatch`) and frees the weights. The device worker and the model table
+talk only to these; which runtime a catalogue's `engine` name gets is decided once, by the
+loader (neuron.sources.loader).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from cortex.protocol.messages import ModelSpec
+from neuron.engine.backends import Engine
+from neuron.engine.chat import ChatFormat
+from neuron.engine.replay import Replay
+from neuron.engine.sampling import SamplingDefaults
+
+if TYPE_CHECKING:
+    from neuron.engine.generation import Generation
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a runtime can do with its model, as the node reports it and the worker uses it."""
+
+    engine: Engine  # its name, as the catalogue and the heartbeat spell it
+    parallel: int  # sequences it decodes at once (1: each job decodes alone)
+
+
+class Batch(Protocol):
+    """The running sequences of one loaded model; used only on its device's worker thread.
+
+    A batch prefills new sequences (each gets its first token), then steps: one token for every
+    row still going. Rows that finish leave at once; a row's own failure ends that row only.
+    """
+
+    @property
+    def model(self) -> LoadedModel: ...
+
+    @property
+    def rows(self) -> list[Generation]: ...
+
+    @property
+    def batchable(self) -> bool:
+        """Whether sequences that arrive together are prefilled together."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def can_join(self, gen: Generation) -> bool: ...
+
+    def prefill(self, gens: list[Generation]) -> None:
+        """Feeds the new prompts and gives each its first token; a failed prompt ends its own job."""
+        ...
+
+    def step(self) -> None:
+        """One token for every row still going; rows that finish leave."""
+        ...
+
+    def fail(self, exc: BaseException) -> None:
+        """The batch's forward pass failed: every row ends with the error."""
+        ...
+
+
+class Runtime(Protocol):
+    """A model's weights in one engine; used only on its device's worker thread."""
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    @property
+    def weights_mb(self) -> int:
+        """The memory its weights take (the KV cache is the plan's estimate, added by the loader)."""
+        ...
+
+    def new_batch(self, model: LoadedModel) -> Batch:
+        """An empty batch of `model`'s sequences (`model` is the LoadedModel around this runtime)."""
+        ...
+
+    def close(self) -> None:
+        """Frees the weights; safe to call twice. A batch still holding them fails its next pass."""
+        ...
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    runtime: Runtime
+    tokenizer: Any  # a transformers tokenizer (read from the GGUF file under llama.cpp)
+    device: torch.device  # where its logits are
+    context: int
+    eos_ids: frozenset[int]
+    memory_mb: int
+    sampling: SamplingDefaults
+    chat: ChatFormat
+    vocab_size: int  # the logits' width: what a logit_bias token id must stay under
+    replay: Replay | None = None
+    convert_to: Path | None = None  # where to save the dequantized weights, if not done yet
+    from_cache: bool = False
+
+    @property
+    def engine(self) -> Engine:
+        return self.runtime.capabilities.engine
+
+    @property
+    def parallel(self) -> int:
+        return self.runtime.capabilities.parallel
+
+    def new_batch(self) -> Batch:
+        return self.runtime.new_batch(self)

@@ -1,0 +1,65 @@
+"""The transformers engine: a causal LM in torch, its sequences decoded by engine/batch.DecodeBatch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+from neuron.engine.batch import DecodeBatch
+from neuron.engine.runtime import Capabilities
+
+if TYPE_CHECKING:
+    from neuron.engine.runtime import LoadedModel
+
+_MB = 2**20
+
+
+class TransformersRuntime:
+    """A transformers model, on one device or spread over several. Used only on its device's
+    worker thread (reading its weights to save them is safe elsewhere)."""
+
+    def __init__(self, model: PreTrainedModel, *, max_batch: int) -> None:
+        self._model: PreTrainedModel | None = model
+        # Decoding several sequences at once needs a cache whose rows can be padded and stacked.
+        self._capabilities = Capabilities("transformers", max_batch if _paddable_cache(model) else 1)
+        self._weights_mb = _weights_mb(model)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    @property
+    def weights_mb(self) -> int:
+        return self._weights_mb
+
+    @property
+    def closed(self) -> bool:
+        return self._model is None
+
+    @property
+    def model(self) -> PreTrainedModel:
+        if self._model is None:  # a job outlived its model's unload: it ends here
+            raise RuntimeError("the model was unloaded")
+        return self._model
+
+    def new_batch(self, model: LoadedModel) -> DecodeBatch:
+        return DecodeBatch(model, self)
+
+    def close(self) -> None:
+        # Dropping the one reference frees the weights (the caller collects and empties caches).
+        self._model = None
+
+
+def _paddable_cache(model: PreTrainedModel) -> bool:
+    """Plain growing caches can be padded and stacked into one batch; sliding-window or hybrid ones
+    cannot, so such a model decodes one sequence at a time."""
+    cache = DynamicCache(config=model.config)
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _weights_mb(model: PreTrainedModel) -> int:
+    total = sum(t.numel() * t.element_size() for t in model.parameters())
+    total += sum(t.numel() * t.element_size() for t in model.buffers())
+    return -(-total // _MB)
