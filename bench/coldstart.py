@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from bench.stack import wait_for
-from cortex import natsserver
+from cortex.devstack import natsserver
 from cortex.protocol.catalogue import DEFAULT_MODEL
 
 ENGINES = ["transformers", *(["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from cortex.natsserver import free_port
+from cortex.devstack.natsserver import free_port
 
 PROMPT = [{"role": "user", "content": "Write a long, detailed story about a dragon who learns to bake bread."}]
 RESULTS = Path(__file__).parent / "results"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from cortex import natsserver
+from cortex.devstack import natsserver
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:

@@ -28,7 +28,7 @@ import httpx
 
 from bench.loadgen import DirectClient, HttpConnection, Timing, chat_body, closed_loop, content_tokens
 from bench.stack import Stack, stack, wait_for
-from cortex import natsserver
+from cortex.devstack import natsserver
 from cortex.protocol.messages import ChatMessage, InferenceJob, SamplingParams
 from cortex.protocol.subjects import Subjects
 

@@ -24,7 +24,7 @@ import httpx
 import nats
 import pytest
 
-from cortex import natsserver
+from cortex.devstack import natsserver
 from cortex.protocol.messages import ModelSpec
 from cortex.protocol.subjects import PINS_BUCKET, Subjects
 

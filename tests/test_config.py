@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from cortex import config as cortex_config
+from cortex.config import gateway as cortex_config
+from cortex.config.loading import ConfigError
 from cortex.protocol.catalogue import Catalogue
-from cortex.protocol.config import ConfigError
 from neuron import config as neuron_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from cortex import config as cortex_config
-from cortex import natsserver
+from cortex.config import gateway as cortex_config
+from cortex.devstack import natsserver
 from neuron import config as neuron_config
 from neuron.systemd import notify
 from tests.conftest import Proc, nats_request

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from cortex.natsserver import free_port
+from cortex.devstack.natsserver import free_port
 from tests.conftest import wait_until
 
 

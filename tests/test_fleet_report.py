@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from cortex.placement.report import Sighting, build_report
+from cortex.fleet_report.report import Sighting, build_report
+from cortex.fleet_report.text import memory_bar, render
 from cortex.protocol.messages import DeviceInfo, Heartbeat, ModelState, ModelStatus
-from cortex.status_view import memory_bar, render
 
 
 def model(model_id: str = "org/m", state: ModelState = ModelState.ready, **fields: object) -> ModelStatus:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from cortex import natsserver
+from cortex.devstack import natsserver
 from tests.conftest import pin_on_missing_node
 
 MODEL = "test/tiny-llama"

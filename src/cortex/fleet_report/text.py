@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from cortex.placement.report import DeviceReport, FleetReport, ModelReport, NodeReport
+from cortex.fleet_report.report import DeviceReport, FleetReport, ModelReport, NodeReport
 
 BAR_WIDTH = 20
 _NAME_WIDTH = 28

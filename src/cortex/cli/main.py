@@ -1,5 +1,5 @@
 """`cortex` command line: up (dev stack), serve (gateway), schemas (wire format), the admin
-commands (models, load, unload, pin, unpin; see admin_cli), status, and key (API keys)."""
+commands (models, load, unload, pin, unpin; see cli.admin), status, and key (API keys)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ import signal
 import sys
 from pathlib import Path
 
-from cortex import admin_cli, key_cli, status_cli
-from cortex.natsserver import NatsServerError
+from cortex.cli import admin, keys, status
+from cortex.config.addresses import is_loopback, split_host_port
+from cortex.config.loading import ConfigError
+from cortex.devstack.natsserver import NatsServerError
 from cortex.protocol.catalogue import DEFAULT_MODEL, CatalogueError
-from cortex.protocol.config import ConfigError, is_loopback, split_host_port
 from cortex.telemetry import logs
 
 
 def _up(args: argparse.Namespace) -> int:
-    from cortex.devstack import DevOptions, default_state_dir, run
+    from cortex.devstack.stack import DevOptions, default_state_dir, run
 
     logs.configure("INFO" if args.verbose else "WARNING", "text", "cortex")
     opts = DevOptions(
@@ -41,10 +42,10 @@ def _up(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cortex import config
+    from cortex.config import gateway as gateway_config
     from cortex.gateway.app import build_app
 
-    settings = config.load(
+    settings = gateway_config.load(
         args.config,
         models_config=args.models_config,
         log_format=args.log_format,
@@ -116,9 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     schemas.add_argument("--check", action="store_true", help="exit 1 if the files differ from the code")
     schemas.set_defaults(func=_schemas)
 
-    admin_cli.add_commands(sub)
-    status_cli.add_commands(sub)
-    key_cli.add_commands(sub)
+    admin.add_commands(sub)
+    status.add_commands(sub)
+    keys.add_commands(sub)
 
     args = parser.parse_args(argv)
     try:

@@ -11,7 +11,7 @@ import json
 import re
 import secrets
 
-from cortex.config import KEY_NAME_PATTERN, key_sha256
+from cortex.config.gateway import KEY_NAME_PATTERN, key_sha256
 
 # Recognisable in a leaked file or a secret scanner's rules.
 KEY_PREFIX = "ck-"

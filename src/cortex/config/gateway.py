@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cortex.protocol.config import NatsSettings, load_settings
+from cortex.config.loading import load_settings
+from cortex.config.nats_settings import NatsSettings
 from cortex.telemetry.logs import LogFormat
 
 

@@ -15,17 +15,16 @@ import sys
 import time
 from pathlib import Path
 
-from nats.aio.client import Client
-from nats.js.kv import KeyValue
-
-from cortex.placement.report import FleetReport, build_report
+from cortex.config.nats_settings import NatsSettings
+from cortex.fleet_report import bucket_values
+from cortex.fleet_report.report import FleetReport, build_report
+from cortex.fleet_report.text import render
 from cortex.protocol.catalogue import Catalogue
-from cortex.protocol.config import NatsSettings
 from cortex.protocol.errors import CortexError
 from cortex.protocol.subjects import NODES_BUCKET, PINS_BUCKET
-from cortex.status_view import render
-from cortex.transport import fleet_read
-from cortex.transport.nats import connect
+from cortex.transport.connection import Connection, connect
+from cortex.transport.kv import Bucket, existing_bucket
+from cortex.transport.watch import snapshot
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 HEALTHY, UNHEALTHY, UNREACHABLE = 0, 1, 2
@@ -63,9 +62,9 @@ def _settings(args: argparse.Namespace) -> tuple[NatsSettings, Catalogue | None]
     catalogue = None
     nats = NatsSettings(servers=[DEFAULT_NATS])
     if args.config is not None:
-        from cortex import config
+        from cortex.config import gateway as gateway_config
 
-        settings = config.load(args.config)
+        settings = gateway_config.load(args.config)
         nats = settings.nats
         if settings.models_config is not None:
             catalogue = Catalogue.load(settings.models_config)
@@ -102,7 +101,7 @@ async def _status(args: argparse.Namespace, nats: NatsSettings, catalogue: Catal
             await asyncio.sleep(max(args.watch, 0.2))
     finally:
         with contextlib.suppress(Exception):
-            await nc.close()
+            await nc.aclose()
 
 
 def _unreachable(exc: CortexError, where: str) -> None:
@@ -132,17 +131,17 @@ def _show(report: FleetReport, args: argparse.Namespace, tty: bool) -> None:
 class _Reader:
     """Reads both buckets on one connection; a bucket not there yet is looked up again next time."""
 
-    def __init__(self, nc: Client, catalogue: Catalogue | None) -> None:
+    def __init__(self, nc: Connection, catalogue: Catalogue | None) -> None:
         self._nc = nc
         self._catalogue = catalogue
-        self._buckets: dict[str, KeyValue] = {}
+        self._buckets: dict[str, Bucket] = {}
 
     async def _values(self, bucket: str) -> dict[str, bytes] | None:
-        kv = self._buckets.get(bucket) or await fleet_read.existing_bucket(self._nc, bucket)
+        kv = self._buckets.get(bucket) or await existing_bucket(self._nc, bucket)
         if kv is None:
             return None
         self._buckets[bucket] = kv
-        return await fleet_read.snapshot(kv)
+        return await snapshot(kv)
 
     async def report(self) -> FleetReport:
         problems = []
@@ -152,7 +151,7 @@ class _Reader:
                 f"KV bucket {NODES_BUCKET} does not exist on this NATS server: no neuron has ever connected to it "
                 "(is --nats the fleet's server?)."
             )
-        pins = fleet_read.pins(await self._values(PINS_BUCKET) or {})
+        pins = bucket_values.pins(await self._values(PINS_BUCKET) or {})
         if self._catalogue is not None:
-            pins = fleet_read.with_catalogue_pins(pins, self._catalogue)
-        return build_report(fleet_read.sightings(nodes or {}), pins, problems=problems)
+            pins = bucket_values.with_catalogue_pins(pins, self._catalogue)
+        return build_report(bucket_values.sightings(nodes or {}), pins, problems=problems)

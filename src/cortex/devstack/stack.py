@@ -16,11 +16,12 @@ from pathlib import Path
 
 import uvicorn
 
-from cortex import natsserver
-from cortex.config import CortexSettings, GatewaySection
+from cortex.config.addresses import split_host_port
+from cortex.config.gateway import CortexSettings, GatewaySection
+from cortex.config.nats_settings import NatsSettings
+from cortex.devstack import natsserver
 from cortex.gateway.app import build_app
 from cortex.protocol.catalogue import Catalogue
-from cortex.protocol.config import NatsSettings, split_host_port
 
 
 @dataclass

@@ -1,59 +1,19 @@
-"""Read-only snapshots of the fleet's KV buckets, for `cortex status` and the gateway's /fleet page.
+"""The fleet's KV buckets, read by the caller, as the report's inputs: heartbeats aged, pins by node.
 
-Nothing here creates a bucket: a reader with the ops credentials may not be allowed to, and a
-bucket that does not exist yet means no neuron (or no pin) ever wrote to this NATS server.
+Pure: `cortex status` reads the buckets through cortex.transport, the gateway keeps its own copies
+(its FleetView and pins watch); both turn the raw values into a report's inputs here.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 
-import nats.js.errors
-from nats.aio.client import Client
-from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from cortex.placement.report import Sighting
+from cortex.fleet_report.report import Sighting
 from cortex.protocol.catalogue import Catalogue
-from cortex.protocol.errors import ErrorCode, TransportError
 from cortex.protocol.messages import Heartbeat, ModelSpec
 from cortex.protocol.subjects import model_id_from_key
-from cortex.transport.nats import map_nats_errors, watch_bucket
-
-_SNAPSHOT_TIMEOUT_S = 5.0
-
-
-async def existing_bucket(nc: Client, bucket: str) -> KeyValue | None:
-    """The bucket, or None when it does not exist."""
-    with map_nats_errors(f"opening KV bucket {bucket}"):
-        try:
-            return await nc.jetstream().key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
-            return None
-
-
-async def snapshot(kv: KeyValue) -> dict[str, bytes]:
-    """Every key's current value, read once (a watch stopped after its initial replay)."""
-    values: dict[str, bytes] = {}
-    try:
-        async with asyncio.timeout(_SNAPSHOT_TIMEOUT_S):
-            async with contextlib.aclosing(watch_bucket(kv)) as updates:
-                async for update in updates:
-                    if update is None:
-                        break
-                    key, value = update
-                    if value is None:
-                        values.pop(key, None)
-                    else:
-                        values[key] = value
-    except TimeoutError:
-        raise TransportError(
-            f"reading KV bucket {kv._name}: NATS did not answer within {_SNAPSHOT_TIMEOUT_S:g}s",
-            code=ErrorCode.timeout,
-        ) from None
-    return values
 
 
 def sightings(values: dict[str, bytes], now: float | None = None) -> list[Sighting]:
