@@ -424,21 +424,24 @@ class ServiceErrorBody(_Wire):
 # --- fleet events (<prefix>.events.<kind>) -----------------------------------------------------------
 
 
+EventKind = Literal[
+    "loading",
+    "loaded",
+    "load_failed",
+    "unloaded",
+    "evicted",
+    "pinned",
+    "unpinned",
+    "defrag",
+    "node_up",
+    "node_draining",
+    "node_down",
+    "job_lost",
+]
+
+
 class FleetEvent(_Wire):
-    kind: Literal[
-        "loading",
-        "loaded",
-        "load_failed",
-        "unloaded",
-        "evicted",
-        "pinned",
-        "unpinned",
-        "defrag",
-        "node_up",
-        "node_draining",
-        "node_down",
-        "job_lost",
-    ]
+    kind: EventKind
     node: str
     model: str | None = None
     job_id: str | None = Field(
