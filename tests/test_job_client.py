@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import nats
 import pytest
 
 from cortex.protocol.errors import TransportError
 from cortex.protocol.messages import Accepted, Delta, FleetEvent, InferenceJob
 from cortex.protocol.subjects import Subjects
-from cortex.transport.nats import JobClient
+from cortex.transport.connection import connect
+from cortex.transport.job_client import JobClient
 
 MINIMAL_JOB = '{"model": "test/x", "messages": [{"role": "user", "content": "Hello"}], "sampling": {"max_tokens": 4}}'
 
 
 async def test_job_lost_counts_only_from_the_node_running_the_job(nats_url: str) -> None:
     subjects = Subjects()
-    nc = await nats.connect(nats_url)
-    client = JobClient(nc, subjects)
+    connection = await connect([nats_url], "test gateway")
+    nc = connection.client
+    client = JobClient(connection, subjects)
     await client.start()
     job = InferenceJob.model_validate_json(MINIMAL_JOB)
     replies: list[str] = []
@@ -43,4 +44,4 @@ async def test_job_lost_counts_only_from_the_node_running_the_job(nats_url: str)
             await anext(events)
     finally:
         await client.aclose()
-        await nc.close()
+        await connection.aclose()

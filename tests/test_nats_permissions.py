@@ -30,10 +30,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
-from cortex import natsserver
-from cortex.protocol.config import NatsSettings
+from cortex.config.nats_settings import NatsSettings
+from cortex.devstack import natsserver
 from cortex.protocol.subjects import NODES_BUCKET, Subjects, model_key
-from cortex.transport.nats import nodes_bucket
+from cortex.transport.connection import connect
+from cortex.transport.kv import nodes_bucket
 from tests.conftest import Gateway, Proc, start_gateway, start_neuron, wait_until
 from tests.test_deploy import NATS_PASSWORDS, install_nats_configs, nats_password
 
@@ -188,7 +189,9 @@ async def test_subscribe_is_refused(server: str, user: str, subject: str, queue:
 
 async def test_a_node_writes_its_own_heartbeat(server: str) -> None:
     async with login(server, NODE) as node, login(server, "ops") as ops:
-        await nodes_bucket(node.nc)  # opens or creates it, as the neuron does
+        settings = NatsSettings(servers=[server], user=NODE, password=nats_password(NODE))
+        async with await connect(settings.servers, f"neuron {NODE}", **settings.connect_options()) as connection:
+            await nodes_bucket(connection)  # opens or creates it, as the neuron does
         ack = await node.nc.jetstream().publish(f"$KV.{NODES_BUCKET}.{NODE}", b'{"beat": 1}', timeout=5)
         assert ack.stream == f"KV_{NODES_BUCKET}"
         entry = await (await ops.nc.jetstream().key_value(NODES_BUCKET)).get(NODE)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from nats.aio.client import Client
 from pydantic import BaseModel, ValidationError
 
 from cortex.protocol.errors import CortexError, ErrorCode, JobFailed, Refused
 from cortex.protocol.messages import ServiceErrorBody, _Wire
 from cortex.protocol.subjects import Subjects
-from cortex.transport.nats import map_nats_errors
+from cortex.transport.connection import Connection
+from cortex.transport.errors import map_nats_errors
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -22,8 +22,8 @@ _ERROR_HEADER = "Nats-Service-Error-Code"
 
 
 class ControlClient:
-    def __init__(self, nc: Client, subjects: Subjects) -> None:
-        self._nc = nc
+    def __init__(self, connection: Connection, subjects: Subjects) -> None:
+        self._nc = connection.client
         self._subjects = subjects
 
     async def call(self, node: str, verb: str, body: _Wire, reply_type: type[R], *, timeout: float = 10.0) -> R:

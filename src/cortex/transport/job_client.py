@@ -1,0 +1,240 @@
+"""The gateway's half of the job protocol: submit a job, read its events in order, cancel it.
+
+Every job's events come back on one wildcard inbox subscription (`<inbox>.<token>`), in `seq`
+order from 0, ending at an empty message; `transport.job_replies` is the neuron's half.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from cortex.protocol.errors import ErrorCode, InvalidRequest, NoCapacity, TransportError
+from cortex.protocol.messages import (
+    JOB_EVENT,
+    Accepted,
+    CancelReply,
+    CancelRequest,
+    Done,
+    Failed,
+    FleetEvent,
+    InferenceJob,
+    JobEvent,
+)
+from cortex.protocol.subjects import Subjects
+from cortex.transport.connection import Connection
+from cortex.transport.errors import map_nats_errors
+
+_STATUS = "Status"
+_LIVENESS_CHECK_S = 1.0
+_NO_RESPONDERS = "503"
+
+
+class JobStream:
+    """The events of one submitted job, in order, ending at the empty end marker.
+
+    Iterating raises `NoCapacity` when nobody holds the subject (NATS no-responders),
+    `TransportError` when the neuron goes quiet for longer than the timeouts allow, and
+    yields `Failed` events as they come (the caller decides what they mean).
+    """
+
+    def __init__(
+        self,
+        client: JobClient,
+        job: InferenceJob,
+        token: str,
+        queue: asyncio.Queue[Msg | FleetEvent],
+        target: str | None,
+        accept_timeout: float,
+        idle_timeout: float,
+        node_alive: Callable[[str], bool],
+    ) -> None:
+        self.job = job
+        self.node: str | None = None
+        self.target = target  # the node it was addressed to, if any
+        self.finished = False
+        self._client = client
+        self.token = token
+        self._queue = queue
+        self._accept_timeout = accept_timeout
+        self._idle_timeout = idle_timeout
+        self._node_alive = node_alive
+        self._next_seq = 0
+
+    def __aiter__(self) -> AsyncIterator[JobEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[JobEvent]:
+        try:
+            while True:
+                msg = await self._next_message()
+                if isinstance(msg, FleetEvent):
+                    raise TransportError(
+                        f"node {msg.node} can no longer send job {self.job.job_id} its events "
+                        f"({msg.reason}: its NATS connection was replaced mid-job)",
+                        code=ErrorCode.node_lost,
+                    )
+                if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
+                    raise NoCapacity(f"no neuron is subscribed for model {self.job.model}")
+                if not msg.data:
+                    self.finished = True
+                    return
+                event = JOB_EVENT.validate_json(msg.data)
+                if event.seq != self._next_seq:
+                    raise TransportError(
+                        f"job {self.job.job_id}: event {event.seq} arrived, expected {self._next_seq}",
+                        code=ErrorCode.internal,
+                    )
+                self._next_seq += 1
+                if isinstance(event, Accepted):
+                    self.node = event.node
+                if isinstance(event, Done | Failed):
+                    self.finished = True
+                yield event
+        finally:
+            self._client._forget(self)
+
+    async def _next_message(self) -> Msg | FleetEvent:
+        """Waits for the next message, giving up early when the job's node leaves the fleet."""
+        if self.pending:  # the common case mid-stream: no timer needed
+            return self._queue.get_nowait()
+        timeout = self._accept_timeout if self.node is None else self._idle_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation that
+                # lands in the instant the event arrives, and the request then outlives its client.
+                async with asyncio.timeout(min(left, _LIVENESS_CHECK_S)):
+                    return await self._queue.get()
+            except TimeoutError:
+                node = self.node or self.target
+                if node is not None and not self._node_alive(node):
+                    raise TransportError(
+                        f"node {node} left the fleet while running job {self.job.job_id}", code=ErrorCode.node_lost
+                    ) from None
+                if left <= _LIVENESS_CHECK_S:
+                    where = f"node {self.node}" if self.node else "any neuron"
+                    raise TransportError(
+                        f"no answer from {where} for job {self.job.job_id} within {timeout:g}s",
+                        code=ErrorCode.timeout if self.node is None else ErrorCode.node_lost,
+                    ) from None
+
+    def lost(self, event: FleetEvent) -> None:
+        """Its node says it can no longer send this job's events: the next read fails."""
+        self._queue.put_nowait(event)
+
+    @property
+    def pending(self) -> bool:
+        """More of this job's messages have arrived and wait to be read."""
+        return not self._queue.empty()
+
+    async def cancel(self) -> bool:
+        """Ask the node to stop this job. Returns whether the node still had it."""
+        if self.finished:
+            return False
+        return await self._client.cancel(self.node or self.target, self.job.job_id)
+
+
+class JobClient:
+    """Submits jobs and demultiplexes their events from one wildcard inbox subscription.
+
+    One subscription for all jobs means no SUB/UNSUB round trip per request. A second one hears
+    `job_lost` fleet events: a node that may no longer answer a job (NATS permissions tie replies
+    to the connection a job came on) says so there, and the job fails now, not at idle_timeout.
+    """
+
+    def __init__(self, connection: Connection, subjects: Subjects) -> None:
+        self._nc = connection.client
+        self._subjects = subjects
+        self._prefix = self._nc.new_inbox()
+        self._queues: dict[str, asyncio.Queue[Msg | FleetEvent]] = {}
+        self._streams: dict[str, JobStream] = {}  # job id -> its latest stream, for job_lost events
+        self._sub: Subscription | None = None
+        self._lost_sub: Subscription | None = None
+        self._counter = 0
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_msg)
+        self._lost_sub = await self._nc.subscribe(self._subjects.job_lost("*"), cb=self._on_lost)
+
+    async def aclose(self) -> None:
+        for sub in (self._sub, self._lost_sub):
+            if sub is not None:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+        self._sub = self._lost_sub = None
+
+    async def _on_msg(self, msg: Msg) -> None:
+        token = msg.subject[len(self._prefix) + 1 :]
+        queue = self._queues.get(token)
+        if queue is not None:
+            queue.put_nowait(msg)
+
+    async def _on_lost(self, msg: Msg) -> None:
+        try:
+            event = FleetEvent.model_validate_json(msg.data)
+        except ValueError:
+            return
+        stream = self._streams.get(event.job_id or "")
+        # Only the node running the job may say it lost it: the subject's last token is the
+        # sender's node (NATS lets each node publish only its own), and the same job id may
+        # have been tried on another node first.
+        node = msg.subject.rsplit(".", 1)[-1]
+        if stream is not None and not stream.finished and node == event.node == (stream.node or stream.target):
+            stream.lost(event)
+
+    def _forget(self, stream: JobStream) -> None:
+        self._queues.pop(stream.token, None)
+        if self._streams.get(stream.job.job_id) is stream:
+            del self._streams[stream.job.job_id]
+
+    async def submit(
+        self,
+        job: InferenceJob,
+        node: str | None = None,
+        *,
+        accept_timeout: float = 5.0,
+        idle_timeout: float = 300.0,
+        node_alive: Callable[[str], bool] = lambda _: True,
+    ) -> JobStream:
+        subject = self._subjects.infer_node(job.model, node) if node else self._subjects.infer(job.model)
+        payload = job.to_bytes()
+        if len(payload) > self._nc.max_payload:
+            raise InvalidRequest(
+                f"the request is {len(payload)} bytes as a job; NATS max_payload is {self._nc.max_payload} bytes. "
+                "Shorten the conversation, or raise max_payload in nats.conf",
+                code=ErrorCode.payload_too_large,
+            )
+        self._counter += 1
+        token = str(self._counter)
+        queue: asyncio.Queue[Msg | FleetEvent] = asyncio.Queue()
+        self._queues[token] = queue
+        try:
+            with map_nats_errors(f"publishing job {job.job_id}"):
+                await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}")
+        except BaseException:
+            self._queues.pop(token, None)
+            raise
+        stream = JobStream(self, job, token, queue, node, accept_timeout, idle_timeout, node_alive)
+        self._streams[job.job_id] = stream
+        return stream
+
+    @property
+    def connected(self) -> bool:
+        return self._nc.is_connected
+
+    async def cancel(self, node: str | None, job_id: str) -> bool:
+        """Stops a job on its node; with no node known, asks every neuron. True if a node had it."""
+        body = CancelRequest(job_id=job_id).to_bytes()
+        with map_nats_errors(f"cancelling job {job_id} on {node or 'any node'}"):
+            if node is None:
+                await self._nc.publish(self._subjects.cancel_any(), body)
+                return False
+            reply = await self._nc.request(self._subjects.control(node, "cancel"), body, timeout=2.0)
+        return CancelReply.model_validate_json(reply.data).found
