@@ -1,7 +1,7 @@
-"""Takes jobs off NATS, hands them to the device worker, and streams the events back.
+"""Admits the jobs NATS brings, hands them to the device worker, and streams the events back.
 
-Every reply is: `accepted`, any number of `delta`, then one `done` or `error`, then an
-empty message (the end marker). `seq` counts them from 0 without gaps.
+`cortex.transport.job_replies` takes the jobs off NATS and numbers the replies; this module
+decides what to do with each job and turns the worker's outputs into events.
 """
 
 from __future__ import annotations
@@ -13,30 +13,23 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import nats.errors
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from pydantic import ValidationError
-
-from cortex.protocol.errors import ErrorCode
+from cortex.protocol.errors import ErrorCode, TransportError
 from cortex.protocol.messages import (
     Accepted,
-    CancelRequest,
     Delta,
     Done,
     Failed,
     InferenceJob,
-    JobEvent,
     JobStatus,
     ReasoningDelta,
     Timings,
     ToolCallDelta,
     Usage,
 )
-from cortex.protocol.subjects import JOB_QUEUE_GROUP, Subjects
+from cortex.protocol.subjects import Subjects
 from cortex.telemetry import logs
-from cortex.transport.nats import on_refused_publish
+from cortex.transport.connection import Connection
+from cortex.transport.job_replies import JobInbox, Reply
 from neuron.engine.outputs import Crashed, Finished, Reasoning, Text, ToolCallPart
 from neuron.engine.worker import JobHandle
 from neuron.metrics import NeuronMetrics
@@ -46,46 +39,19 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Reply:
-    """One job's reply inbox, numbering what it sends.
-
-    `notices`: where NATS says "no responders" (a 503 status) when an event finds nobody
-    subscribed to the reply subject any more: the gateway that asked is gone (killed, or
-    restarted), so the job is generating for nobody.
-    """
-
-    nc: Client
-    subject: str
-    job_id: str
-    notices: str = ""
-    seq: int = 0
-
-    async def send(self, event: JobEvent) -> None:
-        await self.nc.publish(self.subject, event.to_bytes(), reply=self.notices)
-        self.seq += 1
-
-    async def fail(self, code: ErrorCode, message: str, *, retryable: bool = False) -> None:
-        await self.send(Failed(job_id=self.job_id, seq=self.seq, code=code, message=message, retryable=retryable))
-        await self.end()
-
-    async def end(self) -> None:
-        await self.nc.publish(self.subject, b"")
-
-
-@dataclass
 class _Running:
     job: InferenceJob
     entry: ModelEntry
     handle: JobHandle
-    reply: str
     task: asyncio.Task[None] | None = None
-    refused: bool = False  # NATS refused its events: it has been cancelled
 
 
 class JobRelay:
+    """The `JobHandler` of the node's `JobInbox`: admission, and relaying a job's outputs."""
+
     def __init__(
         self,
-        nc: Client,
+        connection: Connection,
         node: str,
         subjects: Subjects,
         models: ModelTable,
@@ -95,48 +61,37 @@ class JobRelay:
         metrics: NeuronMetrics,
         publish_event: Callable[..., Awaitable[None]],
     ) -> None:
-        self._nc = nc
         self._metrics = metrics
         self._node = node
         self._subjects = subjects
         self._models = models
         self._capacity = max_batch + max_queue
         self._max_batch = max_batch
-        self._subs: dict[str, list[Subscription]] = {}
+        self._inbox = JobInbox(connection, node, subjects, self)
         self._jobs: dict[str, _Running] = {}
         # Cancels that arrived before their job (they travel on another subscription).
         self._early_cancels: dict[str, float] = {}
-        self._cancel_sub: Subscription | None = None
-        self._gone_sub: Subscription | None = None
-        self._gone_prefix = ""
-        self._notice_ids: dict[str, str] = {}  # the last token of a notices subject -> job id
-        self._notices = 0
         self._publish_event = publish_event
         self._telling: set[asyncio.Task[None]] = set()
         self.draining = False
 
     async def start(self) -> None:
-        self._cancel_sub = await self._nc.subscribe(self._subjects.cancel_any(), cb=self._on_broadcast_cancel)
-        # An inbox under the connection's prefix (`_INBOX.<node>` with deploy/nats): the node's user
-        # may read no other, and no other user may read it.
-        self._gone_prefix = self._nc.new_inbox()
-        self._gone_sub = await self._nc.subscribe(f"{self._gone_prefix}.*", cb=self._on_requester_gone)
-        on_refused_publish(self._nc, self._on_refused)
+        await self._inbox.start()
 
-    def _on_refused(self, subject: str) -> None:
+    def replies_refused(self, job_id: str, subject: str) -> None:
         """The server refused an event of a job: under deploy/nats's permissions a node may answer
         only requests delivered on its current connection, so after a reconnect (its NATS server
         died) the rest of the answers it had in hand would go nowhere. Stop generating them."""
-        for running in self._jobs.values():
-            if running.reply.lower() == subject.lower() and not running.refused:
-                running.refused = True
-                log.warning(
-                    "job %s: NATS refuses its events (%s; allowed replies do not outlive a reconnect); cancelling",
-                    running.job.job_id,
-                    subject,
-                )
-                running.handle.cancel()
-                self._tell_lost(running.job)
+        running = self._jobs.get(job_id)
+        if running is None:
+            return
+        log.warning(
+            "job %s: NATS refuses its events (%s; allowed replies do not outlive a reconnect); cancelling",
+            job_id,
+            subject,
+        )
+        running.handle.cancel()
+        self._tell_lost(running.job)
 
     def _tell_lost(self, job: InferenceJob) -> None:
         """Its requester waits on events it will never get; a `job_lost` event any gateway may hear."""
@@ -145,40 +100,22 @@ class JobRelay:
         self._telling.add(task)
         task.add_done_callback(self._telling.discard)
 
-    async def _on_requester_gone(self, msg: Msg) -> None:
-        if (msg.headers or {}).get("Status") != "503":
-            return
-        job_id = self._notice_ids.pop(msg.subject.rpartition(".")[2], None)  # once per job
-        running = self._jobs.get(job_id) if job_id else None
+    def requester_gone(self, job_id: str) -> None:
+        running = self._jobs.get(job_id)
         if running is not None:
             log.info("job %s: nobody reads its answer any more (its gateway is gone); cancelling", job_id)
             running.handle.cancel()
 
-    async def _on_broadcast_cancel(self, msg: Msg) -> None:
-        try:
-            self.cancel(CancelRequest.model_validate_json(msg.data).job_id)
-        except ValidationError:
-            log.warning("ignoring a malformed cancel on %s", msg.subject)
-
     # --- subscriptions, driven by the model table -------------------------------------------
 
     async def subscribe(self, model_id: str) -> None:
-        if model_id in self._subs:
-            return
-        self._subs[model_id] = [
-            await self._nc.subscribe(self._subjects.infer(model_id), queue=JOB_QUEUE_GROUP, cb=self._on_job),
-            await self._nc.subscribe(self._subjects.infer_node(model_id, self._node), cb=self._on_job),
-        ]
-        log.info("taking jobs for %s on %s", model_id, self._subjects.infer(model_id))
+        await self._inbox.subscribe(model_id)
 
     async def unsubscribe(self, model_id: str) -> None:
-        for sub in self._subs.pop(model_id, []):
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+        await self._inbox.unsubscribe(model_id)
 
     async def unsubscribe_all(self) -> None:
-        for model_id in list(self._subs):
-            await self.unsubscribe(model_id)
+        await self._inbox.unsubscribe_all()
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -231,25 +168,17 @@ class JobRelay:
                 running.handle.cancel()
             await asyncio.wait(pending, timeout=5.0)
 
-    async def _on_job(self, msg: Msg) -> None:
-        if not msg.reply:
-            log.warning("dropping a job on %s without a reply subject", msg.subject)
-            return
-        try:
-            job = InferenceJob.model_validate_json(msg.data)
-        except ValidationError as exc:
-            await _Reply(self._nc, msg.reply, "unknown").fail(ErrorCode.invalid_request, f"invalid job: {exc}")
-            return
+    async def take(self, job: InferenceJob, reply: Reply) -> None:
         # Every log line about this job, here and in the task relaying it (which copies this
         # context), carries both ids; reset after, as nats-py runs every callback in one task.
         tokens = logs.request_id.set(job.request_id), logs.job_id.set(job.job_id)
         try:
-            await self._take(job, _Reply(self._nc, msg.reply, job.job_id))
+            await self._take(job, reply)
         finally:
             logs.request_id.reset(tokens[0])
             logs.job_id.reset(tokens[1])
 
-    async def _take(self, job: InferenceJob, reply: _Reply) -> None:
+    async def _take(self, job: InferenceJob, reply: Reply) -> None:
         entry = self._models.ready(job.model)
         if self.draining:
             await reply.fail(ErrorCode.shutting_down, f"node {self._node} is shutting down", retryable=True)
@@ -266,21 +195,19 @@ class JobRelay:
         else:
             self._start(job, entry, reply)
 
-    def _start(self, job: InferenceJob, entry: ModelEntry, reply: _Reply) -> None:
+    def _start(self, job: InferenceJob, entry: ModelEntry, reply: Reply) -> None:
         assert entry.loaded is not None and entry.worker is not None
         queued = max(0, sum(self.in_flight(entry.spec.id)) - self._max_batch + 1)
         accepted = Accepted(
             job_id=job.job_id, seq=0, node=self._node, device=entry.worker.device.id, queue_position=queued
         )
-        running = _Running(job, entry, entry.worker.start_job(job, entry.loaded), reply.subject)
+        running = _Running(job, entry, entry.worker.start_job(job, entry.loaded))
         self._jobs[job.job_id] = running
-        self._notices += 1
-        self._notice_ids[str(self._notices)] = job.job_id
-        reply.notices = f"{self._gone_prefix}.{self._notices}"
+        self._inbox.watch(reply)
         entry.last_used = time.time()
         running.task = asyncio.create_task(self._relay(running, reply, accepted))
 
-    async def _relay(self, running: _Running, reply: _Reply, accepted: Accepted) -> None:
+    async def _relay(self, running: _Running, reply: Reply, accepted: Accepted) -> None:
         job = running.job
         log.info("job %s accepted: model=%s request=%s", job.job_id, job.model, job.request_id)
         try:
@@ -304,7 +231,7 @@ class JobRelay:
                     await reply.send(Failed(job_id=job.job_id, seq=reply.seq, code=out.code, message=out.message))
                     log.warning("job %s failed: %s", job.job_id, out.message)
             await reply.end()
-        except (nats.errors.Error, asyncio.CancelledError) as exc:
+        except (TransportError, asyncio.CancelledError) as exc:
             # NATS is gone, or the daemon is stopping: nobody will read the rest, so stop generating.
             log.warning("job %s: cannot relay its events (%r); cancelling", job.job_id, exc)
             running.handle.cancel()
@@ -313,10 +240,10 @@ class JobRelay:
         except Exception as exc:  # an event that cannot be built must still end the job, not hang it
             log.exception("job %s: relaying its events failed; cancelling", job.job_id)
             running.handle.cancel()
-            with contextlib.suppress(nats.errors.Error):
+            with contextlib.suppress(TransportError):
                 await reply.fail(ErrorCode.internal, f"the node could not relay the answer: {type(exc).__name__}")
         finally:
-            self._notice_ids.pop(reply.notices.rpartition(".")[2], None)
+            self._inbox.unwatch(reply)
             self._jobs.pop(job.job_id, None)
             running.entry.last_used = time.time()
 
