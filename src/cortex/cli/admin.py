@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -46,7 +47,7 @@ class Admin:
         return body
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--url", default=os.environ.get("CORTEX_URL", DEFAULT_URL), help="the gateway")
         p.add_argument("--admin-key", default=os.environ.get("CORTEX_ADMIN_KEY"), help="an [auth] admin key")
@@ -78,7 +79,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return args.action(Admin(args.url, args.admin_key), args)
+        action: Callable[[Admin, argparse.Namespace], int] = args.action
+        return action(Admin(args.url, args.admin_key), args)
     except AdminError as exc:
         print(f"cortex {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -42,7 +42,7 @@ def _new(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     key = sub.add_parser("key", help="make API keys")
     actions = key.add_subparsers(dest="action", required=True)
     new = actions.add_parser("new", help="print a new key and its [[auth.keys]] entry")

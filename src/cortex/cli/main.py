@@ -69,7 +69,8 @@ def _serve(args: argparse.Namespace) -> int:
         lifespan="on",
         # SIGTERM: stop accepting, let open streams finish for this long, then cut them (their
         # jobs are cancelled on the nodes as the responses close), then close NATS.
-        timeout_graceful_shutdown=settings.gateway.shutdown_timeout,
+        # uvicorn annotates it `int` but hands it to asyncio.timeout, which takes seconds as a float.
+        timeout_graceful_shutdown=settings.gateway.shutdown_timeout,  # type: ignore[arg-type]
     )
     return 0
 

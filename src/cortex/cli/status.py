@@ -31,7 +31,7 @@ HEALTHY, UNHEALTHY, UNREACHABLE = 0, 1, 2
 _CLEAR = "\033[H\033[2J"
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("status", help="fleet health from NATS: nodes, devices, models, load (no gateway needed)")
     # The nats CLI's own env vars, so one shell set-up serves both tools.
     p.add_argument("--nats", help=f"NATS server URL (default: NATS_URL, [nats] of --config, or {DEFAULT_NATS})")

@@ -37,7 +37,8 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def start(

@@ -21,6 +21,7 @@ from cortex.config.gateway import CortexSettings, GatewaySection
 from cortex.config.nats_settings import NatsSettings
 from cortex.devstack import natsserver
 from cortex.gateway.app import build_app
+from cortex.placement.fleet import FleetView
 from cortex.protocol.catalogue import Catalogue
 
 
@@ -90,9 +91,7 @@ async def run(opts: DevOptions) -> int:
                 return 1
             await asyncio.sleep(0.05)
         fleet = app.state.gateway.fleet
-        settled = asyncio.create_task(
-            fleet.wait_for(lambda f: spec.id in f.ready_models() or bool(f.failed_on(spec.id)), opts.load_timeout)
-        )
+        settled = asyncio.create_task(_settled(fleet, spec.id, opts.load_timeout))
         while not settled.done():
             if neuron_proc.poll() is not None:
                 settled.cancel()
@@ -114,7 +113,7 @@ async def run(opts: DevOptions) -> int:
         await serving
         return 0
     finally:
-        if server is not None and not server.should_exit:
+        if server is not None and serving is not None and not server.should_exit:
             server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(serving, 10)
@@ -128,6 +127,12 @@ async def run(opts: DevOptions) -> int:
         _say("stopping NATS")
         natsserver.stop(nats_proc)
         _say("stopped")
+
+
+async def _settled(fleet: FleetView, model_id: str, timeout: float) -> None:
+    """Until the model is ready or failed on some node; a timeout ends it too (the caller looks which)."""
+    with contextlib.suppress(TimeoutError):
+        await fleet.wait_for(lambda f: model_id in f.ready_models() or bool(f.failed_on(model_id)), timeout)
 
 
 QUESTION = "What is the capital of France? Answer in one sentence."

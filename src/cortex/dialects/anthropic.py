@@ -173,6 +173,10 @@ def to_messages(req: MessagesRequest | CountTokensRequest) -> list[ChatMessage]:
     return messages
 
 
+# Anthropic's tool_choice types as the job spells them (OpenAI's words).
+_TOOL_CHOICE: dict[str, ToolChoice] = {"auto": "auto", "any": "required", "none": "none"}
+
+
 def to_tools(req: MessagesRequest | CountTokensRequest) -> tuple[list[Tool] | None, ToolChoice, bool]:
     """The tools, the choice among them, and whether several calls may come in one turn."""
     tools = []
@@ -195,7 +199,7 @@ def to_tools(req: MessagesRequest | CountTokensRequest) -> tuple[list[Tool] | No
                 raise InvalidRequest("`tool_choice.name` is required when its type is tool")
             choice = NamedTool(name=req.tool_choice.name)
         else:
-            choice = {"auto": "auto", "any": "required", "none": "none"}[kind]  # type: ignore[assignment]
+            choice = _TOOL_CHOICE[kind]
     check_tools(tools, choice, "tool_choice")
     return tools or None, choice, parallel
 

@@ -195,14 +195,14 @@ def _node_problems(node: NodeReport, pinned: set[str]) -> list[str]:
                 f"{m.id} failed on node {node.name}: {m.error or 'no reason given'}; see the neuron's log there."
             )
     for model_id in sorted(pinned):
-        m = states.get(model_id)
-        if m is None:
+        held = states.get(model_id)
+        if held is None:
             found.append(
                 f"{model_id} is pinned on node {node.name} but not loaded there: check the neuron's log on {node.name}."
             )
-        elif m.state not in (ModelState.ready, ModelState.failed):  # failed is reported above
+        elif held.state not in (ModelState.ready, ModelState.failed):  # failed is reported above
             found.append(
-                f"{model_id} is pinned on node {node.name} but is {m.state.value} there, not ready: "
+                f"{model_id} is pinned on node {node.name} but is {held.state.value} there, not ready: "
                 "wait for it, or check the neuron's log."
             )
     return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from cortex.fleet_report.report import DeviceReport, FleetReport, ModelReport, NodeReport
 
@@ -10,6 +11,9 @@ BAR_WIDTH = 20
 _NAME_WIDTH = 28
 _COLORS = {"ready": 32, "up": 32, "healthy": 32, "loading": 33, "unloading": 33, "draining": 33}
 _BAD = 31
+
+# paint(text, key): `text` in the color of `key` (a state, a status, `healthy` or `bad`), or as it is.
+Paint = Callable[[str, str], str]
 
 
 def render(report: FleetReport, *, color: bool = False, at: float | None = None) -> str:
@@ -36,7 +40,7 @@ def memory_bar(used_mb: int, total_mb: int, width: int = BAR_WIDTH) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {_gb(used_mb)}/{_gb(total_mb)} GB"
 
 
-def _node(node: NodeReport, paint) -> list[str]:
+def _node(node: NodeReport, paint: Paint) -> list[str]:
     head = (
         f"{node.name}  {paint(node.status, node.status)}  v{node.version}  heartbeat {node.age_s:.1f}s ago  "
         f"up {_duration(node.uptime_s)}  {node.tokens_per_s:.1f} tok/s"
@@ -45,7 +49,8 @@ def _node(node: NodeReport, paint) -> list[str]:
     lines += [f"  {_device(d)}" for d in node.devices]
     if not node.models:
         return [*lines, "  (no model loaded)"]
-    rows = [("MODEL", "STATE", "DEVICE", "ENGINE", "MEMORY", "PARALLEL", "IN FLIGHT", "QUEUED", "TOK/S", "")]
+    header = ("MODEL", "STATE", "DEVICE", "ENGINE", "MEMORY", "PARALLEL", "IN FLIGHT", "QUEUED", "TOK/S", "")
+    rows: list[tuple[str, ...]] = [header]
     rows += [_model_row(m) for m in node.models]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
@@ -80,7 +85,7 @@ def _model_row(m: ModelReport) -> tuple[str, ...]:
     )
 
 
-def _painter(color: bool):
+def _painter(color: bool) -> Paint:
     def paint(text: str, key: str) -> str:
         if not color:
             return text

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -87,8 +87,8 @@ class FleetView:
             async with self._changed:
                 self._changed.notify_all()
 
-    async def wait_for(self, predicate, timeout: float) -> bool:
-        """Waits until `predicate(self)` holds after some heartbeat; False on timeout."""
+    async def wait_for(self, predicate: Callable[[FleetView], bool], timeout: float) -> bool:
+        """Waits until `predicate(self)` holds after some heartbeat: True; raises TimeoutError after `timeout`."""
         async with asyncio.timeout(timeout):
             async with self._changed:
                 await self._changed.wait_for(lambda: predicate(self))

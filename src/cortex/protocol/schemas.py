@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 
 from cortex.protocol import messages as m
 
 # file stem -> the model (or union) it documents
-SCHEMAS: dict[str, type[BaseModel] | TypeAdapter] = {
+SCHEMAS: dict[str, type[BaseModel] | TypeAdapter[Any]] = {
     "job": m.InferenceJob,
     "job-event": m.JOB_EVENT,
     "heartbeat": m.Heartbeat,

@@ -49,8 +49,8 @@ class TelemetryServer:
                         return
                     self._send(200, CONTENT_TYPE_LATEST, body)
                 elif path in ("/healthz", "/health"):
-                    ok, body = health()
-                    self._send(200 if ok else 503, "application/json", json.dumps(body).encode())
+                    ok, checks = health()
+                    self._send(200 if ok else 503, "application/json", json.dumps(checks).encode())
                 else:
                     self._send(404, "text/plain", b"not found: try /metrics or /healthz\n")
 
