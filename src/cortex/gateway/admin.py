@@ -15,24 +15,19 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from cortex.config.addresses import is_loopback
 from cortex.gateway.auth import keyring, presented_key
 from cortex.gateway.catalogue_view import model_entry
-from cortex.gateway.service import Gateway
+from cortex.gateway.service import Gateway, gateway_for
 from cortex.placement.fleet import FleetView
-from cortex.protocol.config import is_loopback
 from cortex.protocol.errors import CortexError, ErrorCode, InvalidRequest, ModelNotFound
 from cortex.protocol.messages import LoadRequest, ModelReply, ModelSpec, ModelState, UnloadRequest
 from cortex.protocol.subjects import NODE_NAME_PATTERN
 from cortex.telemetry import logs
-from cortex.transport.nats import map_nats_errors
 
 log = logging.getLogger(__name__)
 
 _PIN_SEEN_TIMEOUT_S = 10.0
-
-
-def _gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
 
 
 async def require_admin(request: Request) -> None:
@@ -102,8 +97,7 @@ def _node(gw: Gateway, node: str) -> None:
 
 @router.post("/load")
 async def load(body: LoadBody, request: Request) -> JSONResponse:
-    gw = _gateway(request)
-    assert gw.control is not None and gw.placer is not None
+    gw = gateway_for(request)
     spec = _spec(gw, body.model)
     if body.node is None:
         await gw.placer.place(spec.id)
@@ -120,8 +114,7 @@ async def load(body: LoadBody, request: Request) -> JSONResponse:
 
 @router.post("/unload")
 async def unload(body: UnloadBody, request: Request) -> JSONResponse:
-    gw = _gateway(request)
-    assert gw.control is not None
+    gw = gateway_for(request)
     model_id = gw.resolve_model(body.model)
     nodes = [n for n, _ in gw.fleet.statuses(model_id) if body.node in (None, n)]
     if not nodes:
@@ -135,12 +128,10 @@ async def unload(body: UnloadBody, request: Request) -> JSONResponse:
 
 @router.post("/pin")
 async def pin(body: PinBody, request: Request) -> JSONResponse:
-    gw = _gateway(request)
-    assert gw.pins is not None
+    gw = gateway_for(request)
     spec = _spec(gw, body.model)
     _node(gw, body.node)
-    with map_nats_errors(f"pinning {spec.id} on {body.node}"):
-        await gw.pins.put(gw.subjects.pin_key(body.node, spec.id), spec.to_bytes())
+    await gw.pins.pin(body.node, spec)
     log.info("admin: pinned %s on %s", spec.id, body.node)
     with contextlib.suppress(TimeoutError):  # the load itself may take longer; the pin stands
         await gw.fleet.wait_for(lambda f: _pinned_on(f, spec.id, body.node), _PIN_SEEN_TIMEOUT_S)
@@ -153,14 +144,12 @@ def _pinned_on(fleet: FleetView, model_id: str, node: str) -> bool:
 
 @router.post("/unpin")
 async def unpin(body: PinBody, request: Request) -> JSONResponse:
-    gw = _gateway(request)
-    assert gw.pins is not None
+    gw = gateway_for(request)
     spec = _spec(gw, body.model)
     if body.node in spec.pinned_on:
         raise InvalidRequest(
             f"{spec.id} is pinned on {body.node} by models.toml (`pinned_on`); remove it there and restart the neuron"
         )
-    with map_nats_errors(f"unpinning {spec.id} on {body.node}"):
-        await gw.pins.delete(gw.subjects.pin_key(body.node, spec.id))
+    await gw.pins.unpin(body.node, spec.id)
     log.info("admin: unpinned %s on %s", spec.id, body.node)
     return JSONResponse({"model": spec.id, "node": body.node, "pinned": False})

@@ -16,7 +16,7 @@ from fnmatch import fnmatchcase
 
 from fastapi import Request
 
-from cortex.config import AuthSection, key_sha256
+from cortex.config.gateway import AuthSection, key_sha256
 from cortex.gateway.errors import anthropic_path
 from cortex.protocol.errors import CortexError, ErrorCode
 from cortex.telemetry import logs
@@ -73,7 +73,8 @@ def _how(request: Request) -> str:
 
 
 def keyring(request: Request) -> Keyring:
-    return request.app.state.gateway.keyring
+    ring: Keyring = request.app.state.keyring  # build_app's: needed before, and without, any NATS work
+    return ring
 
 
 async def authenticate(request: Request) -> Caller:

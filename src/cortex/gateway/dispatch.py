@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 import anyio
 
@@ -19,31 +18,33 @@ from cortex.placement.fleet import FleetView, Holder
 from cortex.placement.policy import rank_holders
 from cortex.placement.usage import LocalUsage
 from cortex.protocol.errors import ErrorCode, JobFailed, NoCapacity, TransportError
-from cortex.protocol.messages import Accepted, Failed, InferenceJob
-from cortex.transport.nats import JobClient, JobStream
+from cortex.protocol.messages import Accepted, Failed, InferenceJob, JobEvent
+from cortex.transport.job_client import JobClient, JobStream
 
 log = logging.getLogger(__name__)
 
+Events = AsyncGenerator[JobEvent, None]
 
-async def _abandon(stream: JobStream, events: AsyncIterator[Any]) -> None:
+
+async def _abandon(stream: JobStream, events: Events) -> None:
     """Stops a job that will not be used, wherever it got to, and stops listening to it."""
     with contextlib.suppress(TransportError, NoCapacity):
         await stream.cancel()
-    await events.aclose()  # type: ignore[attr-defined]
+    await events.aclose()
 
 
 class OpenJob:
     """A job a node accepted and started. Iterate `events()`; always `aclose()`."""
 
-    def __init__(self, dispatcher: Dispatcher, stream: JobStream, events: AsyncIterator[Any], first: Any) -> None:
+    def __init__(self, stream: JobStream, events: Events, first: JobEvent, usage: LocalUsage) -> None:
         self.stream = stream
         self.node = stream.node or "?"
-        self._dispatcher = dispatcher
         self._events = events
-        self._first = first
+        self._first: JobEvent | None = first
+        self._usage = usage
         self._closed = False
 
-    async def events(self) -> AsyncIterator[Any]:
+    async def events(self) -> AsyncIterator[JobEvent]:
         if self._first is not None:
             first, self._first = self._first, None
             yield first
@@ -61,17 +62,26 @@ class OpenJob:
         if self._closed:
             return
         self._closed = True
-        self._dispatcher.usage.finished(self.node, self.stream.job.model)
-        await self._events.aclose()  # type: ignore[attr-defined]
+        self._usage.finished(self.node, self.stream.job.model)
+        await self._events.aclose()
 
 
 class Dispatcher:
-    def __init__(self, client: JobClient, fleet: FleetView, *, accept_timeout: float, idle_timeout: float) -> None:
+    """Picks the node for each job (this gateway's jobs in flight count: `usage`) and opens it there."""
+
+    def __init__(
+        self, client: JobClient, fleet: FleetView, usage: LocalUsage, *, accept_timeout: float, idle_timeout: float
+    ) -> None:
         self._client = client
         self._fleet = fleet
+        self._usage = usage
         self._accept_timeout = accept_timeout
         self._idle_timeout = idle_timeout
-        self.usage = LocalUsage()
+
+    def best_holder(self, model: str) -> str | None:
+        """The node a request for the model should go to now (least loaded first); None if none holds it."""
+        ranked = self._ranked(self._fleet.holders(model), model)
+        return ranked[0] if ranked else None
 
     async def open(self, job: InferenceJob) -> OpenJob:
         if not self._client.connected:
@@ -86,7 +96,7 @@ class Dispatcher:
                 idle_timeout=self._idle_timeout,
                 node_alive=self._fleet.alive,
             )
-            events = aiter(stream)
+            events: Events = aiter(stream)
             try:
                 first = await self._first_output(events)
             except (NoCapacity, TransportError) as exc:
@@ -94,7 +104,7 @@ class Dispatcher:
                 await _abandon(stream, events)
                 continue
             except JobFailed as exc:
-                await events.aclose()  # type: ignore[attr-defined]
+                await events.aclose()
                 if not exc.retryable:
                     raise
                 busy += exc.code is ErrorCode.busy
@@ -105,8 +115,8 @@ class Dispatcher:
                 with anyio.CancelScope(shield=True):
                     await _abandon(stream, events)
                 raise
-            self.usage.started(stream.node or "?", job.model)
-            return OpenJob(self, stream, events, first)
+            self._usage.started(stream.node or "?", job.model)
+            return OpenJob(stream, events, first, self._usage)
         if busy:
             raise NoCapacity(
                 f"every node serving {job.model} is at capacity; retry shortly", code=ErrorCode.busy, retryable=True
@@ -118,15 +128,18 @@ class Dispatcher:
             "or load it with `nats req cortex.node.<node>.load`"
         )
 
+    def _ranked(self, holders: list[Holder], model: str) -> list[str]:
+        return rank_holders(holders, self._usage.in_flight(model))
+
     def _candidates(self, model: str, holders: list[Holder]) -> Iterator[str | None]:
         """The holders, least loaded first; then, once, any that appeared while those were tried (a
         job whose node died before its first token goes to a node that has loaded the model since)."""
-        ranked = rank_holders(holders, self.usage.in_flight(model))
+        ranked = self._ranked(holders, model)
         # With no holder in view (a gateway that just started, say), the queue group may still have one.
         yield from ranked or [None]
-        yield from (n for n in rank_holders(self._fleet.holders(model), self.usage.in_flight(model)) if n not in ranked)
+        yield from (n for n in self._ranked(self._fleet.holders(model), model) if n not in ranked)
 
-    async def _first_output(self, events: AsyncIterator[Any]) -> Any:
+    async def _first_output(self, events: Events) -> JobEvent:
         """Reads `accepted` and the event after it; a failure among them raises JobFailed."""
         first = await anext(events)
         if isinstance(first, Failed):

@@ -13,10 +13,10 @@ from importlib import resources
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from cortex.gateway.service import Gateway
+from cortex.fleet_report import bucket_values
+from cortex.fleet_report.report import FleetReport, Sighting, build_report
+from cortex.gateway.service import Gateway, gateway_for
 from cortex.placement.fleet import FleetView
-from cortex.placement.report import FleetReport, Sighting, build_report
-from cortex.transport import fleet_read
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ router = APIRouter()
 
 @router.get("/fleet.json")
 async def fleet_json(request: Request) -> JSONResponse:
-    report = await fleet_report(request.app.state.gateway)
+    report = await fleet_report(gateway_for(request))
     return JSONResponse(report.model_dump(mode="json"), headers={"Cache-Control": "no-store"})
 
 
@@ -35,7 +35,7 @@ async def fleet_page() -> HTMLResponse:
 
 
 async def fleet_report(gw: Gateway) -> FleetReport:
-    pinned = fleet_read.with_catalogue_pins(fleet_read.pins(gw.pin_values), gw.catalogue)
+    pinned = bucket_values.with_catalogue_pins(bucket_values.pins(gw.pins.values), gw.catalogue)
     problems = [] if gw.connected else ["The gateway has lost its NATS connection: this view may be out of date."]
     return build_report(_sightings(gw.fleet), pinned, problems=problems)
 

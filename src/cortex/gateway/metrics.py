@@ -1,6 +1,6 @@
 """The gateway's Prometheus metrics, on their own registry and port (`metrics_listen`).
 
-Per request: counted and timed where the request ends (streaming.Outcome). Fleet: read from
+Per request: counted and timed once, where the request ends (exchange.Exchange). Fleet: read from
 the heartbeats in the FleetView at scrape time, so they are as fresh as the last heartbeat.
 Label values are bounded: `model` is always a catalogue id or a model some node reports
 (routes resolve the client's name first), never raw client input.
@@ -8,7 +8,7 @@ Label values are bounded: `model` is always a catalogue id or a model some node 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -95,8 +95,11 @@ class GatewayMetrics:
             "cortex_evictions", "Models this gateway evicted, by strategy.", ["reason"], registry=r
         )
 
-    def watch_fleet(self, fleet: FleetView) -> None:
-        self.registry.register(FleetCollector(fleet))
+    def watch_fleet(self, fleet: FleetView) -> Callable[[], None]:
+        """Reports the fleet's gauges from `fleet` at each scrape; returns a function that stops it."""
+        collector = FleetCollector(fleet)
+        self.registry.register(collector)
+        return lambda: self.registry.unregister(collector)
 
 
 class FleetCollector(Collector):

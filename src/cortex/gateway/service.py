@@ -1,4 +1,10 @@
-"""Gateway: the long-lived state behind the HTTP app. NATS, the fleet view, the dispatcher."""
+"""The Gateway: what every request needs, connected and running. `build_gateway` makes it whole.
+
+`build_gateway` connects to NATS, opens the buckets, starts the watches and builds each
+collaborator once, in order, on one AsyncExitStack; a step that fails closes what the steps
+before it opened. The Gateway it returns has no field that is None and needs no `start()`;
+`aclose()` (safe twice) closes it all in reverse order.
+"""
 
 from __future__ import annotations
 
@@ -7,137 +13,87 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Coroutine
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any, Self
 
-from nats.aio.client import Client
-from nats.js.kv import KeyValue
+from starlette.requests import Request
 
-from cortex.config import CortexSettings
-from cortex.gateway.auth import Keyring
+from cortex.config.addresses import split_host_port
+from cortex.config.gateway import CortexSettings
 from cortex.gateway.dispatch import Dispatcher
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.placer import Placer
 from cortex.placement.fleet import FleetView
 from cortex.placement.lease import Leases
+from cortex.placement.pins import Pins
+from cortex.placement.usage import LocalUsage
 from cortex.protocol.catalogue import Catalogue
-from cortex.protocol.config import split_host_port
-from cortex.protocol.errors import ModelNotFound
+from cortex.protocol.errors import CortexError, ModelNotFound
 from cortex.protocol.subjects import NODES_BUCKET, PINS_BUCKET, PLACEMENT_BUCKET, Subjects
 from cortex.telemetry.http import TelemetryServer
+from cortex.transport.connection import Connection, connect
 from cortex.transport.control import ControlClient
-from cortex.transport.nats import (
-    JobClient,
-    connect,
-    keep_watching,
-    nodes_bucket,
-    pins_bucket,
-    placement_bucket,
-    reopen_on_reconnect,
-    watch_bucket,
-)
+from cortex.transport.job_client import JobClient
+from cortex.transport.kv import nodes_bucket, placement_bucket, reopen_on_reconnect
+from cortex.transport.watch import keep_watching, watch_bucket
 
 log = logging.getLogger(__name__)
 
+_FIRST_SYNC_S = 2.0  # how long a start waits for the fleet's first snapshot before serving anyway
+
 
 class Gateway:
-    def __init__(self, settings: CortexSettings, catalogue: Catalogue) -> None:
+    """The gateway's long-lived state. Made only by `build_gateway`; closed by `aclose()`."""
+
+    def __init__(
+        self,
+        *,
+        settings: CortexSettings,
+        catalogue: Catalogue,
+        name: str,
+        connection: Connection,
+        fleet: FleetView,
+        metrics: GatewayMetrics,
+        usage: LocalUsage,
+        dispatcher: Dispatcher,
+        placer: Placer,
+        control: ControlClient,
+        pins: Pins,
+        stack: AsyncExitStack,
+    ) -> None:
         self.settings = settings
         self.catalogue = catalogue
-        self.keyring = Keyring(settings.auth)
-        self.subjects = Subjects(settings.nats.prefix)
-        self.fleet = FleetView()
-        self.metrics = GatewayMetrics()
-        self.metrics.watch_fleet(self.fleet)
-        self.name = f"{socket.gethostname()}-{os.getpid()}"
-        self.nc: Client | None = None
-        self.dispatcher: Dispatcher | None = None
-        self.placer: Placer | None = None
-        self.control: ControlClient | None = None
-        self.pins: KeyValue | None = None
-        self.pin_values: dict[str, bytes] = {}  # KV cortex_pins as it is now, kept by a watch
-        self._client: JobClient | None = None
-        self._watches: list[asyncio.Task[None]] = []
-        self._stop_reopening: Callable[[], None] = lambda: None
-        self._telemetry: TelemetryServer | None = None
-
-    async def start(self) -> None:
-        nats = self.settings.nats
-        # fail_fast: while NATS is away, requests get a 503 at once, cold starts included.
-        self.nc = await connect(nats.servers, "cortex gateway", fail_fast=True, **nats.connect_options())
-        await nodes_bucket(self.nc, replicas=nats.kv_replicas)  # fail the start here, not in the watch
-        self._watches.append(asyncio.create_task(keep_watching(self._follow_nodes, NODES_BUCKET)))
-        self._client = JobClient(self.nc, self.subjects)
-        await self._client.start()
-        gw = self.settings.gateway
-        self.dispatcher = Dispatcher(
-            self._client, self.fleet, accept_timeout=gw.accept_timeout, idle_timeout=gw.idle_timeout
-        )
-        self.control = ControlClient(self.nc, self.subjects)
-        self.pins = await pins_bucket(self.nc, replicas=nats.kv_replicas)
-        self._watches.append(asyncio.create_task(keep_watching(self._mirror_pins, PINS_BUCKET)))
-        leases = Leases(await placement_bucket(self.nc, replicas=nats.kv_replicas), self.name, ttl=gw.load_timeout + 30)
-        # A server that came back empty has no placement bucket; the watches reopen theirs themselves.
-        nc, replicas = self.nc, nats.kv_replicas
-        self._stop_reopening = reopen_on_reconnect(
-            nc, lambda: placement_bucket(nc, replicas=replicas), PLACEMENT_BUCKET
-        )
-        self.placer = Placer(
-            fleet=self.fleet,
-            control=self.control,
-            leases=leases,
-            catalogue=self.catalogue,
-            metrics=self.metrics,
-            usage=self.dispatcher.usage,
-            strategy=self.settings.eviction.strategy,
-            load_timeout=gw.load_timeout,
-            unload_timeout=self.settings.eviction.unload_timeout,
-        )
-        if gw.metrics_listen:
-            telemetry = TelemetryServer(*split_host_port(gw.metrics_listen), self.metrics.registry, self.health)
-            self._telemetry = telemetry if telemetry.start() else None
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(2.0):
-                await self.fleet.synced.wait()
-        log.info("gateway connected to %s; fleet: %s", nats.servers, self.fleet.ready_models() or "no models yet")
-
-    async def _follow_nodes(self) -> None:
-        # Opened (created, if gone) on every (re)start: a NATS server may have come back empty.
-        assert self.nc is not None
-        kv = await nodes_bucket(self.nc, replicas=self.settings.nats.kv_replicas)
-        await self.fleet.follow(watch_bucket(kv))
-
-    async def _mirror_pins(self) -> None:
-        assert self.nc is not None
-        self.pins = kv = await pins_bucket(self.nc, replicas=self.settings.nats.kv_replicas)
-        values: dict[str, bytes] = {}
-        async for update in watch_bucket(kv):
-            if update is None:
-                self.pin_values = values  # a (re)started watch has replayed every key: swap in whole
-            elif update[1] is None:
-                values.pop(update[0], None)
-            else:
-                values[update[0]] = update[1]
+        self.name = name
+        self.connection = connection
+        self.fleet = fleet
+        self.metrics = metrics
+        self.usage = usage  # this gateway's jobs in flight: the dispatcher writes it, the placer reads it
+        self.dispatcher = dispatcher
+        self.placer = placer
+        self.control = control
+        self.pins = pins
+        self._stack = stack
+        self._closed = False
 
     async def aclose(self) -> None:
-        self._stop_reopening()
-        for task in self._watches:
-            task.cancel()
-        await asyncio.gather(*self._watches, return_exceptions=True)
-        self._watches = []
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.drain()
-            self.nc = None
-        if self._telemetry is not None:
-            self._telemetry.stop()
-            self._telemetry = None
+        if self._closed:
+            return
+        self._closed = True
+        await self._stack.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
 
     @property
     def connected(self) -> bool:
-        return self.nc is not None and self.nc.is_connected
+        return not self._closed and self.connection.is_connected
 
     def health(self) -> tuple[bool, dict[str, object]]:
         """Also read by the telemetry thread: plain reads only."""
@@ -156,3 +112,110 @@ class Gateway:
         if name in self.fleet.known_models():
             return name
         raise ModelNotFound(f"the model `{name}` does not exist; GET /v1/models lists the models served here")
+
+
+def gateway_for(request: Request) -> Gateway:
+    """The running Gateway behind the app that took `request` (its lifespan put it there)."""
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+async def build_gateway(settings: CortexSettings, catalogue: Catalogue, metrics: GatewayMetrics) -> Gateway:
+    """Connects and builds a running Gateway; raises CortexError (having closed what it opened)
+    when NATS cannot be reached or a bucket cannot be opened."""
+    stack = AsyncExitStack()
+    try:
+        return await _build(stack, settings, catalogue, metrics)
+    except BaseException:
+        await stack.aclose()
+        raise
+
+
+async def _build(
+    stack: AsyncExitStack, settings: CortexSettings, catalogue: Catalogue, metrics: GatewayMetrics
+) -> Gateway:
+    nats, gw = settings.nats, settings.gateway
+    subjects = Subjects(nats.prefix)
+    name = f"{socket.gethostname()}-{os.getpid()}"
+    # fail_fast: while NATS is away, requests get a 503 at once, cold starts included.
+    connection = await connect(nats.servers, "cortex gateway", fail_fast=True, **nats.connect_options())
+    stack.push_async_callback(_drain, connection)
+
+    fleet = FleetView()
+    stack.callback(metrics.watch_fleet(fleet))
+    await nodes_bucket(connection, replicas=nats.kv_replicas)  # fail the start here, not in the watch
+
+    async def follow_nodes() -> None:
+        # Opened (created, if gone) on every (re)start: a NATS server may have come back empty.
+        await fleet.follow(watch_bucket(await nodes_bucket(connection, replicas=nats.kv_replicas)))
+
+    _run(stack, keep_watching(follow_nodes, NODES_BUCKET))
+
+    client = JobClient(connection, subjects)
+    await client.start()
+    stack.push_async_callback(client.aclose)
+    usage = LocalUsage()
+    dispatcher = Dispatcher(client, fleet, usage, accept_timeout=gw.accept_timeout, idle_timeout=gw.idle_timeout)
+    control = ControlClient(connection, subjects)
+
+    pins = await Pins.open(connection, subjects, replicas=nats.kv_replicas)
+    _run(stack, keep_watching(pins.follow, PINS_BUCKET))
+
+    leases = Leases(await placement_bucket(connection, replicas=nats.kv_replicas), name, ttl=gw.load_timeout + 30)
+    # A server that came back empty has no placement bucket; the watches reopen theirs themselves.
+    stack.callback(
+        reopen_on_reconnect(
+            connection, lambda: placement_bucket(connection, replicas=nats.kv_replicas), PLACEMENT_BUCKET
+        )
+    )
+    placer = Placer(
+        fleet=fleet,
+        control=control,
+        leases=leases,
+        catalogue=catalogue,
+        metrics=metrics,
+        usage=usage,
+        strategy=settings.eviction.strategy,
+        load_timeout=gw.load_timeout,
+        unload_timeout=settings.eviction.unload_timeout,
+    )
+    gateway = Gateway(
+        settings=settings,
+        catalogue=catalogue,
+        name=name,
+        connection=connection,
+        fleet=fleet,
+        metrics=metrics,
+        usage=usage,
+        dispatcher=dispatcher,
+        placer=placer,
+        control=control,
+        pins=pins,
+        stack=stack,
+    )
+    if gw.metrics_listen:
+        telemetry = TelemetryServer(*split_host_port(gw.metrics_listen), metrics.registry, gateway.health)
+        if telemetry.start():
+            stack.callback(telemetry.stop)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_FIRST_SYNC_S):
+            await fleet.synced.wait()
+    log.info("gateway connected to %s; fleet: %s", nats.servers, fleet.ready_models() or "no models yet")
+    return gateway
+
+
+def _run(stack: AsyncExitStack, work: Coroutine[Any, Any, None]) -> None:
+    """Runs `work` in a task until the stack closes."""
+    task = asyncio.create_task(work)
+
+    async def stop() -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    stack.push_async_callback(stop)
+
+
+async def _drain(connection: Connection) -> None:
+    # The gateway is closing either way; a drain that fails (NATS gone) had nothing left to deliver.
+    with contextlib.suppress(CortexError):
+        await connection.drain()

@@ -10,43 +10,34 @@ from __future__ import annotations
 import contextlib
 import math
 
-import nats.errors
-import nats.js.errors
-from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+from cortex.protocol.errors import CortexError
 from cortex.protocol.messages import PlacementLease
 from cortex.protocol.subjects import model_key
-from cortex.transport.nats import map_nats_errors
+from cortex.transport.kv import Bucket
 
 
 class Leases:
-    def __init__(self, kv: KeyValue, owner: str, ttl: float) -> None:
+    def __init__(self, kv: Bucket, owner: str, ttl: float) -> None:
         self._kv = kv
         self._owner = owner
         self._ttl = max(1, math.ceil(ttl))
 
     async def acquire(self, model: str, node: str) -> bool:
         lease = PlacementLease(model=model, node=node, gateway=self._owner)
-        with map_nats_errors(f"taking the placement lease for {model}"):
-            try:
-                await self._kv.create(model_key(model), lease.to_bytes(), msg_ttl=self._ttl)
-            except nats.js.errors.KeyWrongLastSequenceError:
-                return False
-        return True
+        return await self._kv.create(
+            model_key(model), lease.to_bytes(), ttl=self._ttl, what=f"taking the placement lease for {model}"
+        )
 
     async def holder(self, model: str) -> PlacementLease | None:
-        with map_nats_errors(f"reading the placement lease for {model}"):
-            try:
-                entry = await self._kv.get(model_key(model))
-            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                return None
-        if not entry.value:
+        value = await self._kv.get(model_key(model), what=f"reading the placement lease for {model}")
+        if not value:
             return None
         with contextlib.suppress(ValidationError):
-            return PlacementLease.model_validate_json(entry.value)
+            return PlacementLease.model_validate_json(value)
         return None
 
     async def release(self, model: str) -> None:
-        with contextlib.suppress(nats.errors.Error, TimeoutError):
+        with contextlib.suppress(CortexError, TimeoutError):
             await self._kv.delete(model_key(model))
