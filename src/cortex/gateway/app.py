@@ -1,4 +1,9 @@
-"""build_app(): the FastAPI application; its lifespan owns the Gateway."""
+"""build_app(): the FastAPI application; its lifespan builds, serves and closes the Gateway.
+
+What a request needs before any NATS work (who may call: the keyring; how requests are
+counted: the metrics and the Exchange middleware) is made here, so the app answers 401/403 the
+same with or without a running gateway.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from cortex import __version__
-from cortex.config import CortexSettings
+from cortex.config.gateway import CortexSettings
 from cortex.gateway import admin, errors, fleet_page, routes
-from cortex.gateway.service import Gateway
+from cortex.gateway.auth import Keyring
+from cortex.gateway.exchange import ExchangeMiddleware
+from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.service import build_gateway
 from cortex.protocol.catalogue import Catalogue
 from cortex.protocol.errors import CortexError
 
@@ -19,23 +27,23 @@ log = logging.getLogger(__name__)
 
 
 def build_app(settings: CortexSettings, catalogue: Catalogue | None = None) -> FastAPI:
-    gateway = Gateway(settings, catalogue or Catalogue.load(settings.models_config))
+    models = catalogue or Catalogue.load(settings.models_config)
+    metrics = GatewayMetrics()
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            await gateway.start()
+            gateway = await build_gateway(settings, models, metrics)
         except CortexError as exc:
             log.error("gateway cannot start: %s", exc.message)
-            await gateway.aclose()
             raise
-        try:
+        async with gateway:
+            app.state.gateway = gateway
             yield
-        finally:
-            await gateway.aclose()
 
     app = FastAPI(title="cortex", version=__version__, lifespan=lifespan)
-    app.state.gateway = gateway
+    app.state.keyring = Keyring(settings.auth)
+    app.add_middleware(ExchangeMiddleware, metrics=metrics)
     errors.install(app)
     app.include_router(routes.router)
     app.include_router(routes.v1)

@@ -1,5 +1,6 @@
 """Errors at the HTTP boundary: every failure leaves in the envelope of the dialect that was called
-(OpenAI's, or Anthropic's under /v1/messages), with the status that fits its code."""
+(OpenAI's, or Anthropic's under /v1/messages), with the status that fits its code. Each handler
+tells the request's Exchange it refused, and the Exchange counts it (once, with the rest)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cortex.dialects import anthropic, openai
 from cortex.dialects.common import http_status
+from cortex.gateway.exchange import exchange
 from cortex.protocol.errors import CortexError, Refused
 
 log = logging.getLogger(__name__)
@@ -22,33 +24,26 @@ def anthropic_path(request: Request) -> bool:
     return request.url.path.startswith("/v1/messages")
 
 
-def _id_header(request: Request) -> dict[str, str]:
-    """The request id, on errors too: the one the route assigned, else the client's own."""
-    rid = getattr(request.state, "request_id", None) or request.headers.get("x-request-id", "")[:128]
-    return {"x-request-id": rid} if rid and rid.isprintable() else {}
-
-
-def _count(request: Request, code: str) -> None:
-    """Errors before a request's model is known; later ones are counted with their model (Outcome)."""
-    gateway = getattr(request.app.state, "gateway", None)
-    if gateway is not None and not getattr(request.state, "counted", False):
-        gateway.metrics.errors.labels("", code).inc()
-
-
 def _plain(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
     """An error raised before any job: in the caller's dialect."""
-    _count(request, "invalid_request" if status in (400, 422) else f"http_{status}")
+    exchange(request).refused(status, "invalid_request" if status in (400, 422) else f"http_{status}")
+    return _envelope(request, status, message, param)
+
+
+def _envelope(
+    request: Request, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     if anthropic_path(request):
         body = anthropic.error_body(message, anthropic.error_type(status))
     else:
         body = openai.error_body(message, openai.error_type(status), None, param)
-    return JSONResponse(body, status_code=status, headers=_id_header(request))
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def error_response(request: Request, exc: CortexError) -> JSONResponse:
-    _count(request, exc.code.value)
     status = http_status(exc.code)
-    headers = _id_header(request)
+    exchange(request).refused(status, exc.code.value)
+    headers: dict[str, str] = {}
     if status in (429, 503):
         headers["Retry-After"] = "1"
     if isinstance(exc, Refused):
@@ -94,5 +89,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette answers this outside the middleware, which has counted the request already
+        # (a 500) and cannot add the id header to this response: it goes on here.
         log.exception("unhandled error")
-        return _plain(request, 500, f"internal error: {type(exc).__name__}")
+        headers = {"x-request-id": exchange(request).request_id}
+        return _envelope(request, 500, f"internal error: {type(exc).__name__}", headers=headers)

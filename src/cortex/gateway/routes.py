@@ -14,22 +14,19 @@ from pydantic_core import from_json
 from cortex.dialects import anthropic, openai
 from cortex.gateway import auth
 from cortex.gateway.catalogue_view import model_entry
-from cortex.gateway.service import Gateway
+from cortex.gateway.exchange import exchange
+from cortex.gateway.service import Gateway, gateway_for
 from cortex.gateway.streaming import (
     AnswerWriter,
     ClientGone,
-    ColdStart,
-    Outcome,
     ServedJob,
     ServedStreamResponse,
     collect,
-    stream_events,
+    stream_answer,
     unless_disconnected,
 )
-from cortex.placement.policy import rank_holders
-from cortex.protocol.errors import CortexError, ErrorCode, InvalidRequest, ModelNotFound, NoCapacity, TransportError
+from cortex.protocol.errors import ErrorCode, InvalidRequest, ModelNotFound, NoCapacity, TransportError
 from cortex.protocol.messages import CountReply, CountRequest, InferenceJob
-from cortex.telemetry import logs
 
 router = APIRouter()
 # Every /v1 route needs an API key once any is configured; the check comes before the body's.
@@ -68,10 +65,6 @@ _ANTHROPIC_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
-
-
 async def _check_unicode(request: Request) -> None:
     """Refuses a body whose JSON escapes a lone surrogate: Python's JSON parser lets it through, but no
     text holding one can be encoded again, so the job could never be sent. The regex keeps the exact
@@ -99,16 +92,9 @@ def _model(request: Request, gw: Gateway, name: str) -> str:
     return model_id
 
 
-def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    request.state.request_id = given[:128] if given.isprintable() and given else uuid.uuid4().hex
-    logs.request_id.set(request.state.request_id)
-    return request.state.request_id
-
-
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    gw = _gateway(request)
+    gw = gateway_for(request)
     body = {
         "status": "ok" if gw.connected else "nats_disconnected",
         "nodes": len(gw.fleet.nodes()),
@@ -119,7 +105,7 @@ async def health(request: Request) -> JSONResponse:
 
 @v1.get("/models")
 async def list_models(request: Request) -> JSONResponse:
-    gw = _gateway(request)
+    gw = gateway_for(request)
     ids = sorted({s.id for s in gw.catalogue.models} | gw.fleet.known_models())
     ids = [m for m in ids if auth.may_use(request, gw.model_names(m))]
     return JSONResponse({"object": "list", "data": [model_entry(gw, m) for m in ids]})
@@ -127,17 +113,16 @@ async def list_models(request: Request) -> JSONResponse:
 
 @v1.get("/models/{model:path}")
 async def get_model(model: str, request: Request) -> JSONResponse:
-    gw = _gateway(request)
+    gw = gateway_for(request)
     return JSONResponse(model_entry(gw, _model(request, gw, model)))
 
 
 @v1.post("/chat/completions", responses=_OPENAI_ERRORS)
 async def chat_completions(body: openai.ChatCompletionRequest, request: Request) -> Response:
     await _check_unicode(request)
-    gw = _gateway(request)
-    request_id = _request_id(request)
+    gw = gateway_for(request)
     model_id = _model(request, gw, body.model)
-    job = openai.to_job(body, model_id, job_id=uuid.uuid4().hex, request_id=request_id)
+    job = openai.to_job(body, model_id, job_id=uuid.uuid4().hex, request_id=exchange(request).request_id)
     writer = openai.ChunkWriter(f"chatcmpl-{job.job_id}", model_id, _include_usage(body.stream_options))
     return await _serve(request, gw, job, "openai.chat", writer, body.stream)
 
@@ -145,10 +130,9 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
 @v1.post("/completions", responses=_OPENAI_ERRORS)
 async def completions(body: openai.CompletionRequest, request: Request) -> Response:
     await _check_unicode(request)
-    gw = _gateway(request)
-    request_id = _request_id(request)
+    gw = gateway_for(request)
     model_id = _model(request, gw, body.model)
-    job = openai.completion_to_job(body, model_id, job_id=uuid.uuid4().hex, request_id=request_id)
+    job = openai.completion_to_job(body, model_id, job_id=uuid.uuid4().hex, request_id=exchange(request).request_id)
     echo = job.prompt if body.echo else None
     writer = openai.TextWriter(f"cmpl-{job.job_id}", model_id, _include_usage(body.stream_options), echo)
     return await _serve(request, gw, job, "openai.completions", writer, body.stream)
@@ -157,10 +141,9 @@ async def completions(body: openai.CompletionRequest, request: Request) -> Respo
 @v1.post("/messages", responses=_ANTHROPIC_ERRORS)
 async def messages(body: anthropic.MessagesRequest, request: Request) -> Response:
     await _check_unicode(request)
-    gw = _gateway(request)
-    request_id = _request_id(request)
+    gw = gateway_for(request)
     model_id = _model(request, gw, body.model)
-    job = anthropic.to_job(body, model_id, job_id=uuid.uuid4().hex, request_id=request_id)
+    job = anthropic.to_job(body, model_id, job_id=uuid.uuid4().hex, request_id=exchange(request).request_id)
     writer = anthropic.MessageWriter(anthropic.message_id(), model_id)
     return await _serve(request, gw, job, "anthropic.messages", writer, body.stream)
 
@@ -168,8 +151,7 @@ async def messages(body: anthropic.MessagesRequest, request: Request) -> Respons
 @v1.post("/messages/count_tokens", responses=_ANTHROPIC_ERRORS)
 async def count_tokens(body: anthropic.CountTokensRequest, request: Request) -> JSONResponse:
     await _check_unicode(request)
-    gw = _gateway(request)
-    assert gw.placer is not None and gw.control is not None and gw.dispatcher is not None
+    gw = gateway_for(request)
     model_id = _model(request, gw, body.model)
     messages = anthropic.to_messages(body)
     tools, _, _ = anthropic.to_tools(body)
@@ -177,17 +159,17 @@ async def count_tokens(body: anthropic.CountTokensRequest, request: Request) -> 
     _check_size(gw, len(count.to_bytes()), "count request")  # before a model is loaded for it
     # The tokenizer and chat template live with the model, on a node that holds it.
     await unless_disconnected(request, gw.placer.place(model_id))
-    holders = rank_holders(gw.fleet.holders(model_id), gw.dispatcher.usage.in_flight(model_id))
-    if not holders:
+    node = gw.dispatcher.best_holder(model_id)
+    if node is None:
         raise NoCapacity(f"{model_id} is not loaded on any node right now; retry")
-    reply = await gw.control.call(holders[0], "count", count, CountReply)
-    return JSONResponse({"input_tokens": reply.input_tokens}, headers={"x-request-id": _request_id(request)})
+    reply = await gw.control.call(node, "count", count, CountReply)
+    return JSONResponse({"input_tokens": reply.input_tokens})
 
 
 def _check_size(gw: Gateway, size: int, what: str) -> None:
     """Refuses, before publishing, a message NATS would refuse anyway, naming the limit (jobs are checked
     the same way where they are published)."""
-    limit = gw.nc.max_payload if gw.nc is not None else 0
+    limit = gw.connection.max_payload
     if limit and size > limit:
         raise InvalidRequest(
             f"the request is {size} bytes as a {what}; NATS max_payload is {limit} bytes. "
@@ -203,44 +185,28 @@ def _include_usage(options: openai.StreamOptions | None) -> bool:
 async def _serve(
     request: Request, gw: Gateway, job: InferenceJob, api: str, writer: AnswerWriter, stream: bool
 ) -> Response:
-    """Places the model if need be, runs the job, and answers: a stream, or one body."""
-    assert gw.dispatcher is not None and gw.placer is not None
-    dispatcher, request_id = gw.dispatcher, job.request_id
-    outcome = Outcome(model=job.model, api=api, request_id=request_id, key=auth.caller(request).name)
-    request.state.counted = True  # from here the outcome counts errors, not the error handlers
-    headers = {"x-request-id": request_id}
-    stream_headers = {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    """Places the model if need be, runs the job, and answers: a stream, or one body.
+
+    A stream whose model is served now opens its job first, so that a refusal is still an HTTP
+    status; a cold one answers 200 at once and keeps the connection while the model loads."""
+    outcome = exchange(request).serve(job.model, api, auth.caller(request).name)
+    served = ServedJob(job, gw.dispatcher, outcome, gw.metrics)
     try:
         if not gw.connected:  # before a cold load could start a stream that can only fail
             raise TransportError("the gateway has lost its NATS connection; retry shortly")
-        pending = await gw.placer.prepare(job.model)
-        if pending is not None and stream:
-            cold = ColdStart(outcome, gw.metrics)
-            content = cold.stream(
-                pending,
-                lambda: dispatcher.open(job),
-                writer,
-                gw.settings.gateway.keepalive_interval,
-            )
-            return ServedStreamResponse(cold, content, media_type="text/event-stream", headers=stream_headers)
-        if pending is not None:
-            await unless_disconnected(request, asyncio.shield(pending))
-        opened = await unless_disconnected(request, dispatcher.open(job))
-    except CortexError as exc:
-        outcome.failed(exc.code)
-        outcome.record(gw.metrics, "none")
-        raise
-    except ClientGone:
-        outcome.client_left()
-        outcome.record(gw.metrics, "none")
-        return Response(status_code=499)
-    served = ServedJob(opened, outcome, gw.metrics)
-    if stream:
-        return ServedStreamResponse(
-            served, stream_events(served, writer), media_type="text/event-stream", headers=stream_headers
-        )
-    try:
+        loading = await gw.placer.prepare(job.model)
+        if stream:
+            if loading is None:
+                await unless_disconnected(request, served.open())
+            content = stream_answer(served, writer, loading, gw.settings.gateway.keepalive_interval)
+            return ServedStreamResponse(served, content, media_type="text/event-stream", headers=_STREAM_HEADERS)
+        if loading is not None:
+            await unless_disconnected(request, asyncio.shield(loading))
         answer, done = await unless_disconnected(request, collect(served))
     except ClientGone:
+        await served.finish()  # the client left: so says the outcome, and nothing is left running
         return Response(status_code=499)
-    return JSONResponse(writer.response(answer, done), headers=headers)
+    return JSONResponse(writer.response(answer, done))
+
+
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
