@@ -23,7 +23,8 @@ from nats.aio.msg import Msg
 from cortex import __version__
 from cortex.protocol.messages import DeviceInfo, Heartbeat, InferenceJob, ModelState, ModelStatus
 from cortex.protocol.subjects import JOB_QUEUE_GROUP, NODES_BUCKET, Subjects, model_key
-from cortex.transport.nats import nodes_bucket
+from cortex.transport.connection import connect
+from cortex.transport.kv import nodes_bucket
 
 TOKEN = "tok "
 
@@ -83,9 +84,10 @@ class SyntheticEngine:
 
 
 async def serve(nats_url: str, node: str, model: str, interval: float, stop: asyncio.Event) -> None:
-    nc = await nats.connect(nats_url, name=f"synthetic {node}")
+    connection = await connect([nats_url], f"synthetic {node}")
+    nc = connection.client
     try:
-        kv = await nodes_bucket(nc)
+        kv = await nodes_bucket(connection)
         engine = SyntheticEngine(nc, node, model, interval)
         subjects = Subjects()
         await nc.subscribe(subjects.infer(model), queue=JOB_QUEUE_GROUP, cb=engine.on_job)
@@ -97,7 +99,7 @@ async def serve(nats_url: str, node: str, model: str, interval: float, stop: asy
                 await asyncio.wait_for(stop.wait(), 1.0)
         await kv.delete(node)
     finally:
-        await nc.close()
+        await connection.aclose()
 
 
 def main() -> None:
