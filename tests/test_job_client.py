@@ -17,8 +17,7 @@ async def test_job_lost_counts_only_from_the_node_running_the_job(nats_url: str)
     subjects = Subjects()
     connection = await connect([nats_url], "test gateway")
     nc = connection.client
-    client = JobClient(connection, subjects)
-    await client.start()
+    client = await JobClient.open(connection, subjects)
     job = InferenceJob.model_validate_json(MINIMAL_JOB)
     replies: list[str] = []
 

@@ -155,20 +155,25 @@ class JobClient:
         self._prefix = self._nc.new_inbox()
         self._queues: dict[str, asyncio.Queue[Msg | FleetEvent]] = {}
         self._streams: dict[str, JobStream] = {}  # job id -> its latest stream, for job_lost events
-        self._sub: Subscription | None = None
-        self._lost_sub: Subscription | None = None
+        self._subs: list[Subscription] = []  # the inbox and job_lost: from `open` until `aclose`
         self._counter = 0
 
-    async def start(self) -> None:
-        self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_msg)
-        self._lost_sub = await self._nc.subscribe(self._subjects.job_lost("*"), cb=self._on_lost)
+    @classmethod
+    async def open(cls, connection: Connection, subjects: Subjects) -> JobClient:
+        """A client already listening on its inbox and for `job_lost`."""
+        client = cls(connection, subjects)
+        client._subs = [
+            await client._nc.subscribe(f"{client._prefix}.*", cb=client._on_msg),
+            await client._nc.subscribe(subjects.job_lost("*"), cb=client._on_lost),
+        ]
+        return client
 
     async def aclose(self) -> None:
-        for sub in (self._sub, self._lost_sub):
-            if sub is not None:
-                with contextlib.suppress(nats.errors.Error):
-                    await sub.unsubscribe()
-        self._sub = self._lost_sub = None
+        """Stops listening. Safe to call twice."""
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
     async def _on_msg(self, msg: Msg) -> None:
         token = msg.subject[len(self._prefix) + 1 :]

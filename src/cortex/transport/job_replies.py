@@ -96,8 +96,6 @@ class JobInbox:
         self._subjects = subjects
         self._handler = handler
         self._subs: dict[str, list[Subscription]] = {}
-        self._cancel_sub: Subscription | None = None
-        self._gone_sub: Subscription | None = None
         # An inbox under the connection's prefix (`_INBOX.<node>` with deploy/nats): the node's user
         # may read no other, and no other user may read it.
         self._gone_prefix = self._nc.new_inbox()
@@ -106,9 +104,10 @@ class JobInbox:
         self._notices = 0
 
     async def start(self) -> None:
-        self._cancel_sub = await self._nc.subscribe(self._subjects.cancel_any(), cb=self._on_broadcast_cancel)
-        self._gone_sub = await self._nc.subscribe(f"{self._gone_prefix}.*", cb=self._on_requester_gone)
-        self._connection.on_refused_publish(self._on_refused)  # for the connection's lifetime
+        """Listens for broadcast cancels, gone requesters and refused replies, for the connection's lifetime."""
+        await self._nc.subscribe(self._subjects.cancel_any(), cb=self._on_broadcast_cancel)
+        await self._nc.subscribe(f"{self._gone_prefix}.*", cb=self._on_requester_gone)
+        self._connection.on_refused_publish(self._on_refused)
 
     # --- replies being sent -----------------------------------------------------------------
 
