@@ -136,7 +136,10 @@ class Dispatcher:
         job whose node died before its first token goes to a node that has loaded the model since)."""
         ranked = self._ranked(holders, model)
         # With no holder in view (a gateway that just started, say), the queue group may still have one.
-        yield from ranked or [None]
+        if ranked:
+            yield from ranked
+        else:
+            yield None
         yield from (n for n in self._ranked(self._fleet.holders(model), model) if n not in ranked)
 
     async def _first_output(self, events: Events) -> JobEvent:

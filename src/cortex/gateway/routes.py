@@ -49,7 +49,7 @@ _ERROR_STATUSES = {
     503: "no capacity, or NATS unreachable",
 }
 # With `"stream": true` the 200 is a server-sent event stream rather than one JSON body.
-_STREAMED = {
+_STREAMED: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The answer: one JSON body, or with `stream: true` server-sent events",
         "content": {"text/event-stream": {"schema": {}}},
