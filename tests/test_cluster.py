@@ -27,8 +27,8 @@ import httpx
 import nats
 import pytest
 
-from cortex import natsserver
-from cortex.protocol.config import NatsSettings
+from cortex.config.nats_settings import NatsSettings
+from cortex.devstack import natsserver
 from cortex.protocol.subjects import NODES_BUCKET, PINS_BUCKET, PLACEMENT_BUCKET, model_key
 from tests.conftest import HEARTBEAT_S, Proc, wait_until
 from tests.test_deploy import NATS_PASSWORDS, install_nats_configs, make_tls, nats_password

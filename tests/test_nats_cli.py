@@ -22,7 +22,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from cortex import natsserver
+from cortex.devstack import natsserver
 from tests.conftest import HEARTBEAT_S, Proc, wait_until
 
 TINY = "test/tiny-llama"

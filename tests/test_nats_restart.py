@@ -24,7 +24,7 @@ import nats.js.errors
 import openai
 import pytest
 
-from cortex import natsserver
+from cortex.devstack import natsserver
 from cortex.protocol.subjects import NODES_BUCKET, PINS_BUCKET, PLACEMENT_BUCKET
 from tests.conftest import Gateway, Proc, start_gateway, start_neuron, wait_until
 
