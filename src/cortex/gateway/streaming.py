@@ -88,6 +88,18 @@ class ServedJob:
             self._metrics.in_flight.inc()
         return self._opened
 
+    async def open_once_loaded(self, loading: asyncio.Task[None], every: float) -> AsyncIterator[None]:
+        """Opens the job once its model's load (`loading`) has finished; yields every `every` seconds
+        while it waits. A failed load, or a job no node takes, raises CortexError (recorded)."""
+        try:
+            while not (await asyncio.wait({loading}, timeout=every))[0]:
+                yield
+            loading.result()
+            await self.open()
+        except CortexError as exc:
+            self.outcome.failed(exc.code)
+            raise
+
     @property
     def pending(self) -> bool:
         """More of the job's events have arrived and wait to be read."""
@@ -183,12 +195,9 @@ async def stream_answer(
     """
     if loading is not None:
         try:
-            while not (await asyncio.wait({loading}, timeout=keepalive))[0]:
+            async for _ in served.open_once_loaded(loading, keepalive):
                 yield writer.keepalive()
-            loading.result()
-            await served.open()
         except CortexError as exc:
-            served.outcome.failed(exc.code)
             log.warning("cold start of %s failed: %s", served.outcome.model, exc.message)
             for chunk in writer.fail(exc):
                 yield chunk
