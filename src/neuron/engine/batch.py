@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from neuron.engine.generation import Generation
 from neuron.engine.runtime import LoadedModel
@@ -51,6 +52,16 @@ def _similar_lengths(prompts: list[tuple[Generation, list[int]]]) -> list[list[t
         else:
             groups.append([prompt])
     return groups
+
+
+def _filled(cache: DynamicCache) -> list[tuple[DynamicLayer, torch.Tensor, torch.Tensor]]:
+    """Each layer of a batch's cache, with its keys and values. Only a cache of plain growing layers
+    (see TransformersRuntime) ever holds more than one row, so only such a one is merged or sliced."""
+    filled = []
+    for layer in cache.layers:
+        assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+        filled.append((layer, layer.keys, layer.values))
+    return filled
 
 
 def each_row(gens: list[Generation], action: Callable[[Generation, int], None]) -> None:
@@ -124,17 +135,18 @@ class DecodeBatch:
             # Every new tensor is built before any is assigned: a failure (out of memory, say) leaves
             # the batch as it was.
             length = max(self._mask.shape[1], mask.shape[1])
+            layers = _filled(self._cache)
             merged = [
                 (
-                    torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)]),
-                    torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)]),
+                    torch.cat([_left_pad(my_keys, length), _left_pad(their_keys, length)]),
+                    torch.cat([_left_pad(my_values, length), _left_pad(their_values, length)]),
                 )
-                for mine, theirs in zip(self._cache.layers, cache.layers, strict=True)
+                for (_, my_keys, my_values), (_, their_keys, their_values) in zip(layers, _filled(cache), strict=True)
             ]
             joined = torch.cat(
                 [F.pad(self._mask, (length - self._mask.shape[1], 0)), F.pad(mask, (length - mask.shape[1], 0))]
             )
-            for layer, (keys, values) in zip(self._cache.layers, merged, strict=True):
+            for (layer, _, _), (keys, values) in zip(layers, merged, strict=True):
                 layer.keys, layer.values = keys, values
             self._mask, self.rows = joined, [*self.rows, *gens]
         self._keep([not gen.finished for gen in self.rows])
@@ -177,18 +189,18 @@ class DecodeBatch:
             return
         assert self._cache is not None and self._mask is not None
         kept = [i for i, k in enumerate(keep) if k]
+        layers = _filled(self._cache)
         # One index per device: a model spread over several GPUs keeps each layer's cache where it is.
         index: dict[torch.device, torch.Tensor] = {}
-        for t in (self._mask, *(layer.keys for layer in self._cache.layers)):
+        for t in (self._mask, *(keys for _, keys, _ in layers)):
             if t.device not in index:
                 index[t.device] = torch.tensor(kept, device=t.device)
         mask = self._mask[index[self._mask.device]]
         # Columns that are padding in every row left with the rows that went: drop them.
         start = int((mask.sum(dim=0) > 0).nonzero()[0])
         sliced = [
-            (layer.keys[index[layer.keys.device], :, start:], layer.values[index[layer.keys.device], :, start:])
-            for layer in self._cache.layers
+            (keys[index[keys.device], :, start:], values[index[keys.device], :, start:]) for _, keys, values in layers
         ]
-        for layer, (keys, values) in zip(self._cache.layers, sliced, strict=True):
+        for (layer, _, _), (keys, values) in zip(layers, sliced, strict=True):
             layer.keys, layer.values = keys, values
         self.rows, self._mask = rows, mask[:, start:]

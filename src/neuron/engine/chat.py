@@ -120,7 +120,7 @@ class ChatFormat:
         if continue_final and messages[-1].role != "assistant":
             continue_final = False
         try:
-            return self._tok.apply_chat_template(
+            text: str = self._tok.apply_chat_template(  # tokenize=False: the rendered text
                 turns,
                 tools=schemas,
                 add_generation_prompt=not continue_final,
@@ -130,6 +130,7 @@ class ChatFormat:
             )
         except Exception as exc:  # jinja's TemplateError, or a template's own raise_exception()
             raise PromptRejected(f"the model's chat template refused the conversation: {exc}") from exc
+        return text
 
     def count(self, messages: list[ChatMessage], tools: list[Tool] | None) -> int:
         """The prompt's length in tokens, as a job with these messages and tools would send it (a last

@@ -17,8 +17,8 @@ from cortex.protocol.errors import ErrorCode
 from cortex.protocol.messages import InferenceJob, TokenLogprob, TopLogprob
 from neuron.engine.chat import PromptRejected, Rendered
 from neuron.engine.detokenize import IncrementalDetokenizer
-from neuron.engine.outputs import Crashed, Finished, Output, Reasoning, Text, ToolCallPart
-from neuron.engine.parsing.output import Call, Content, Parsed, PlainText, Thought
+from neuron.engine.outputs import Crashed, Finished, FinishReason, Output, Reasoning, Text, ToolCallPart
+from neuron.engine.parsing.output import Call, Content, Parsed, Parser, PlainText, Thought
 from neuron.engine.replay import ReplaySampler
 from neuron.engine.runtime import LoadedModel
 from neuron.engine.sampling import BadLogitBias, Sampler
@@ -52,7 +52,7 @@ class Generation:
         self._last = 0
         self._emitted_tokens = 0
         self._logprobs: list[TokenLogprob] = []
-        self._parser = PlainText()
+        self._parser: Parser = PlainText()
 
     @property
     def prompt_tokens(self) -> int:
@@ -183,7 +183,7 @@ class Generation:
                 self._logprobs = []
                 self._sink(ToolCallPart(piece.index, piece.id, piece.name, piece.arguments, tokens))
 
-    def _finish(self, reason: str, stop: str | None) -> None:
+    def _finish(self, reason: FinishReason, stop: str | None) -> None:
         now = time.perf_counter()
         first = self._first_at or now
         self.finished = True
@@ -191,7 +191,7 @@ class Generation:
             reason = "tool_calls"
         self._sink(
             Finished(
-                finish_reason=reason,  # type: ignore[arg-type]
+                finish_reason=reason,
                 stop_sequence=stop,
                 prompt_tokens=self._prompt_len,
                 completion_tokens=self.generated,

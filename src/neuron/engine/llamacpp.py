@@ -44,15 +44,15 @@ def _route_logs() -> None:
     if _log_callback is not None:
         return
     llama_cpp = _llama()
-
-    @llama_cpp.llama_log_callback
-    def callback(level: int, text: bytes, _: ctypes.c_void_p) -> None:
-        if level in (3, 4) and text.strip():  # GGML_LOG_LEVEL_WARN, _ERROR
-            level = logging.WARNING if level == 3 else logging.ERROR
-            log.log(level, "llama.cpp: %s", text.decode(errors="replace").strip())
-
+    callback = llama_cpp.llama_log_callback(_log_line)
     _log_callback = callback  # kept alive: llama.cpp holds a pointer to it
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def _log_line(level: int, text: bytes, _: ctypes.c_void_p) -> None:
+    if level in (3, 4) and text.strip():  # GGML_LOG_LEVEL_WARN, _ERROR
+        level = logging.WARNING if level == 3 else logging.ERROR
+        log.log(level, "llama.cpp: %s", text.decode(errors="replace").strip())
 
 
 def decode_threads() -> int:
@@ -73,7 +73,8 @@ class LlamaCppRuntime:
         _route_logs()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
-        self._model = _internals.LlamaModel(path_model=path, params=params, verbose=False)
+        # llama-cpp-python's own objects (an optional extra, typed or not depending on its version).
+        self._model: Any = _internals.LlamaModel(path_model=path, params=params, verbose=False)
         try:
             ctx = llama_cpp.llama_context_default_params()
             ctx.n_ctx = context * sequences
@@ -82,13 +83,13 @@ class LlamaCppRuntime:
             ctx.n_batch = min(PREFILL_TOKENS, ctx.n_ctx)
             ctx.n_ubatch = min(512, ctx.n_batch)
             ctx.n_threads = ctx.n_threads_batch = threads
-            self._ctx = _internals.LlamaContext(model=self._model, params=ctx, verbose=False)
+            self._ctx: Any = _internals.LlamaContext(model=self._model, params=ctx, verbose=False)
         except Exception:
             self._model.close()
             raise
-        self.n_vocab = self._model.n_vocab()
+        self.n_vocab: int = self._model.n_vocab()
         self.n_batch = int(ctx.n_batch)
-        self.weights_bytes = self._model.size()
+        self.weights_bytes: int = self._model.size()
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._free = list(range(sequences))
         self._capabilities = Capabilities("llama.cpp", sequences)
@@ -178,10 +179,11 @@ class LlamaBatch:
                 chunk = entries[start : start + self._llama.n_batch]
                 self._llama.decode([entry[:4] for entry in chunk])
                 ends = {id(gen): i for i, (*_, last, gen) in enumerate(chunk) if last}
-                each_row(
-                    [gen for gen, _ in started if id(gen) in ends],
-                    lambda gen, _, ends=ends: gen.first(self._llama.logits(ends[id(gen)])),
-                )
+
+                def first(gen: Generation, _: int, ends: dict[int, int] = ends) -> None:
+                    gen.first(self._llama.logits(ends[id(gen)]))
+
+                each_row([gen for gen, _ in started if id(gen) in ends], first)
         except Exception as exc:
             log.exception("the prefill of %d jobs of %s failed", len(started), self.model.spec.id)
             for gen, _ in started:

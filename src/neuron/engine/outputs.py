@@ -31,9 +31,12 @@ class ToolCallPart:
     tokens: int
 
 
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+
+
 @dataclass(frozen=True, slots=True)
 class Finished:
-    finish_reason: Literal["stop", "length", "tool_calls", "cancelled"]
+    finish_reason: FinishReason
     stop_sequence: str | None
     prompt_tokens: int
     completion_tokens: int

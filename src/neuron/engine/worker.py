@@ -212,7 +212,7 @@ class DeviceWorker:
         self._guard(gen, gen.check)
 
     @staticmethod
-    def _guard(gen: Generation, action: Callable[[], None]) -> bool:
+    def _guard(gen: Generation, action: Callable[[], object]) -> bool:
         try:
             action()
             return True

@@ -36,6 +36,7 @@ class SourceUnavailable(Exception):
 
 
 def refuse(kind: str, spec: ModelSpec, detail: str, suggestion: str | None = None) -> SourceRefused:
+    # `kind` is one of Refusal's kinds (every caller names one), checked by pydantic as the Refusal is built.
     return SourceRefused(Refusal(kind=kind, model=spec.id, detail=detail, suggestion=suggestion))  # type: ignore[arg-type]
 
 
@@ -198,12 +199,12 @@ def read_gguf_header(path: Path) -> tuple[dict[str, Any], int]:
 
         def skip(kind: int, at: int) -> int:
             if kind == 8:
-                return at + 8 + struct.unpack_from("<Q", data, at)[0]
+                return at + 8 + int(struct.unpack_from("<Q", data, at)[0])
             if kind == 9:
                 inner, count = struct.unpack_from("<IQ", data, at)
                 at += 12
                 if inner in _GGUF_SCALARS:
-                    return at + count * struct.calcsize(_GGUF_SCALARS[inner])
+                    return at + int(count) * struct.calcsize(_GGUF_SCALARS[inner])
                 for _ in range(count):
                     at = skip(inner, at)
                 return at
@@ -255,7 +256,7 @@ def config_parameters(config: dict[str, Any]) -> int | None:
     kv_width = width * (config.get("num_key_value_heads") or heads) // heads
     per_layer = 2 * width * width + 2 * width * kv_width + 3 * width * ffn
     embeddings = vocab * width * (1 if config.get("tie_word_embeddings", True) else 2)
-    return layers * per_layer + embeddings
+    return int(layers * per_layer + embeddings)
 
 
 def _list_hub(ref: str, spec: ModelSpec, cache_dir: Path | None, offline: bool) -> Listing:

@@ -122,7 +122,8 @@ def _load_transformers(
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
-        model.to(device)
+        # transformers types its `to` (torch's, through functools.wraps) as if unbound: self is missing.
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     if quantization is not None:
         release_cached_memory(device)  # the float copies quantization went through

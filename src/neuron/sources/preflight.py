@@ -112,8 +112,8 @@ def plan(spec: ModelSpec, listing: Listing, *, device_kind: str, device_count: i
         )
     try:
         engine = choose(spec.engine, gguf=gguf_file is not None, device_kind=device_kind, where=listing.where)
-        if in_place:  # dense weights: `choose` has refused llama.cpp already
-            check_in_place_quant(spec.quant, device_kind)  # type: ignore[arg-type]
+        if in_place and spec.quant is not None:  # dense weights: `choose` has refused llama.cpp already
+            check_in_place_quant(spec.quant, device_kind)
     except EngineRefused as exc:
         raise refuse(exc.kind, spec, exc.detail, exc.suggestion) from None
     if spec.devices > 1 and gguf_file is not None:
@@ -192,10 +192,11 @@ def _size(spec: ModelSpec, listing: Listing, gguf_file: str | None) -> tuple[int
 def _quantized_bytes(parameters: int, config: dict[str, object], element: int, bits: float) -> int:
     """Linear layers at `bits` a weight; the embeddings (and an untied output head), which
     bitsandbytes leaves alone, at the dtype's width."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    vocab, width = text.get("vocab_size"), text.get("hidden_size")  # type: ignore[union-attr]
+    nested = config.get("text_config")
+    text: dict[str, object] = nested if isinstance(nested, dict) else config
+    vocab, width = text.get("vocab_size"), text.get("hidden_size")
     embeddings = vocab * width if isinstance(vocab, int) and isinstance(width, int) else 0
-    if embeddings and not text.get("tie_word_embeddings", True):  # type: ignore[union-attr]
+    if embeddings and not text.get("tie_word_embeddings", True):
         embeddings *= 2
     embeddings = min(embeddings, parameters)
     return int(embeddings * element + (parameters - embeddings) * bits / 8)
@@ -231,9 +232,10 @@ def pick_gguf(spec: ModelSpec, listing: Listing) -> str:
             f"{listing.where} holds {len(names)} .gguf files and no `quant` picks one",
             f"set quant to one of: {', '.join(available) or ', '.join(names)}",
         )
-    wanted = spec.quant.upper()
+    quant = spec.quant
+    wanted = quant.upper()
     exact = [n for n, t in tokens.items() if t == wanted]
-    matches = exact or [n for n in names if spec.quant.lower() in n.lower()]
+    matches = exact or [n for n in names if quant.lower() in n.lower()]
     if len({tokens[n] or n for n in matches}) == 1:
         return matches[0]
     if matches:
@@ -243,7 +245,7 @@ def pick_gguf(spec: ModelSpec, listing: Listing) -> str:
             f"quant {spec.quant!r} matches several files: {', '.join(matches)}",
             f"set quant to one of: {', '.join(sorted({tokens[n] or n for n in matches}))}",
         )
-    nearest = min(available, key=lambda t: _distance(t.lower(), spec.quant.lower()), default=None)
+    nearest = min(available, key=lambda t: _distance(t.lower(), quant.lower()), default=None)
     raise refuse(
         "quant_not_found",
         spec,

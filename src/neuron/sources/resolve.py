@@ -88,14 +88,14 @@ def _progress_bar(report: Callable[[int, int], None]) -> type:
     """A tqdm class for snapshot_download that reports (bytes done, bytes total) instead of drawing."""
     from tqdm.auto import tqdm
 
-    class Reporter(tqdm):  # type: ignore[misc]
+    class Reporter(tqdm):  # type: ignore[misc]  # tqdm has no types: this subclasses Any
         def __init__(self, *args: object, **kwargs: object) -> None:
             kwargs["disable"] = False
             kwargs["file"] = io.StringIO()
             super().__init__(*args, **kwargs)
 
         def update(self, n: float | None = 1) -> bool | None:
-            shown = super().update(n)
+            shown: bool | None = super().update(n)
             if self.unit == "B" and self.total:
                 report(int(self.n), int(self.total))
             return shown

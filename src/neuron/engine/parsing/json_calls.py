@@ -81,7 +81,8 @@ class _Value:
     def text(self) -> str:
         """A string's decoded content (keys, names, arguments sent as a JSON string)."""
         try:
-            return json.loads(self.raw)
+            text: str = json.loads(self.raw)  # the scanner saw a string here
+            return text
         except json.JSONDecodeError as exc:
             raise NotJson(f"bad string {self.raw!r}") from exc
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-from neuron.engine.parsing.json_calls import CallArguments, CallEnd, CallScanner, CallStart, NotJson
+from neuron.engine.parsing.json_calls import CallArguments, CallEnd, CallPiece, CallScanner, CallStart, NotJson
 from neuron.engine.parsing.syntax import THINK_CLOSE, THINK_OPEN, ToolSyntax
 
 
@@ -224,7 +224,7 @@ class OutputParser:
             out.append(Content(self._opener + self._body))
         return ""
 
-    def _pieces(self, pieces: list, out: list[Parsed]) -> None:
+    def _pieces(self, pieces: list[CallPiece], out: list[Parsed]) -> None:
         assert self._syntax is not None
         for piece in pieces:
             if self.ended:  # the one call allowed is complete; what follows is not reported

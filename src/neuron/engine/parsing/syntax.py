@@ -88,7 +88,7 @@ def detect(chat_template: str | None) -> ToolSyntax | None:
 
 
 def template_renders_tools(chat_template: str | None) -> bool:
-    return bool(chat_template) and "tools" in chat_template
+    return chat_template is not None and "tools" in chat_template
 
 
 def hermes_system_prompt(tools: list[dict[str, Any]]) -> str:
