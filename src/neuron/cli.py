@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from cortex.config.loading import ConfigError
 from cortex.protocol.catalogue import CatalogueError
-from cortex.protocol.config import ConfigError
 from cortex.protocol.errors import CortexError
 from cortex.telemetry import logs
 from neuron import config

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cortex.protocol.config import NatsSettings, load_settings
+from cortex.config.loading import load_settings
+from cortex.config.nats_settings import NatsSettings
 from cortex.protocol.subjects import NODE_NAME_PATTERN
 from cortex.telemetry.logs import LogFormat
 

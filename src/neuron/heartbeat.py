@@ -16,14 +16,10 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
-import nats.errors
-import nats.js.errors
-from nats.aio.client import Client
-from nats.js.kv import KeyValue
-
-from cortex.protocol.errors import TransportError
+from cortex.protocol.errors import CortexError, TransportError
 from cortex.protocol.messages import Heartbeat
 from cortex.protocol.subjects import NODES_BUCKET
+from cortex.transport.kv import Bucket, BucketMissing
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +34,13 @@ def ttl_seconds(interval: float) -> int:
 class Heartbeater:
     def __init__(
         self,
-        nc: Client,
-        kv: KeyValue,
+        kv: Bucket,
         node: str,
         interval: float,
         snapshot: Callable[[], Heartbeat],
-        reopen: Callable[[], Awaitable[KeyValue]] | None = None,
+        reopen: Callable[[], Awaitable[Bucket]] | None = None,
     ):
         """`reopen` opens the bucket, creating it if it is gone (a NATS server restarted empty)."""
-        self._js = nc.jetstream()
         self._kv = kv
         self._node = node
         self._interval = interval
@@ -63,17 +57,16 @@ class Heartbeater:
     async def beat(self) -> None:
         async with self._lock:
             payload = self._snapshot().to_bytes()
-            subject = f"$KV.{NODES_BUCKET}.{self._node}"
             try:
-                await self._js.publish(subject, payload, msg_ttl=self._ttl)
-            except nats.js.errors.NoStreamResponseError:
+                await self._kv.put(self._node, payload, ttl=self._ttl)
+            except BucketMissing:
                 # No stream took it: the bucket is gone (or JetStream is still starting; then
                 # opening fails too, and the next beat, a quarter second on, tries again).
                 if self._reopen is None:
                     raise
                 self._kv = await self._reopen()
                 log.info("heartbeat bucket %s opened again", NODES_BUCKET)
-                await self._js.publish(subject, payload, msg_ttl=self._ttl)
+                await self._kv.put(self._node, payload, ttl=self._ttl)
 
     async def run(self) -> None:
         failing_since: float | None = None
@@ -85,7 +78,7 @@ class Heartbeater:
                 if failing_since is not None:
                     log.info("heartbeats reach NATS again after %.1fs", time.monotonic() - failing_since)
                     failing_since = None
-            except (TimeoutError, nats.errors.Error, TransportError) as exc:
+            except (TimeoutError, TransportError) as exc:
                 now = time.monotonic()
                 if failing_since is None or now - warned_at >= _WARN_EVERY_S:
                     log.warning("heartbeat failed: %s", exc)
@@ -99,5 +92,5 @@ class Heartbeater:
 
     async def remove(self) -> None:
         async with self._lock:
-            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+            with contextlib.suppress(CortexError, asyncio.TimeoutError):
                 await self._kv.delete(self._node)

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from cortex.protocol.errors import ErrorCode, TransportError
@@ -32,6 +31,7 @@ from cortex.transport.connection import Connection
 from cortex.transport.job_replies import JobInbox, Reply
 from neuron.engine.outputs import Crashed, Finished, Reasoning, Text, ToolCallPart
 from neuron.engine.worker import JobHandle
+from neuron.events import EventPublisher
 from neuron.metrics import NeuronMetrics
 from neuron.models import ModelEntry, ModelTable
 
@@ -59,7 +59,7 @@ class JobRelay:
         max_batch: int,
         max_queue: int,
         metrics: NeuronMetrics,
-        publish_event: Callable[..., Awaitable[None]],
+        events: EventPublisher,
     ) -> None:
         self._metrics = metrics
         self._node = node
@@ -71,12 +71,23 @@ class JobRelay:
         self._jobs: dict[str, _Running] = {}
         # Cancels that arrived before their job (they travel on another subscription).
         self._early_cancels: dict[str, float] = {}
-        self._publish_event = publish_event
+        self._events = events
         self._telling: set[asyncio.Task[None]] = set()
-        self.draining = False
+        self._draining = False
 
     async def start(self) -> None:
         await self._inbox.start()
+
+    @property
+    def draining(self) -> bool:
+        """The node is stopping: no new job is taken, nor a new model's subscription."""
+        return self._draining
+
+    async def start_draining(self) -> None:
+        """Takes no new jobs from now on: every model's subscription goes, and a job that still
+        arrives is refused as `shutting_down`. Those in flight go on (see `drain`)."""
+        self._draining = True
+        await self._inbox.unsubscribe_all()
 
     def replies_refused(self, job_id: str, subject: str) -> None:
         """The server refused an event of a job: under deploy/nats's permissions a node may answer
@@ -95,7 +106,7 @@ class JobRelay:
 
     def _tell_lost(self, job: InferenceJob) -> None:
         """Its requester waits on events it will never get; a `job_lost` event any gateway may hear."""
-        lost = self._publish_event("job_lost", model=job.model, reason="reply_refused", job_id=job.job_id)
+        lost = self._events.publish("job_lost", model=job.model, reason="reply_refused", job_id=job.job_id)
         task = asyncio.create_task(lost)
         self._telling.add(task)
         task.add_done_callback(self._telling.discard)
@@ -113,9 +124,6 @@ class JobRelay:
 
     async def unsubscribe(self, model_id: str) -> None:
         await self._inbox.unsubscribe(model_id)
-
-    async def unsubscribe_all(self) -> None:
-        await self._inbox.unsubscribe_all()
 
     # --- jobs -----------------------------------------------------------------------------
 

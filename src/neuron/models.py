@@ -13,11 +13,12 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
-from cortex.protocol.messages import ModelSpec, ModelState, ModelStatus, Refusal, UnloadReason
+from cortex.protocol.messages import EventKind, ModelSpec, ModelState, ModelStatus, Refusal, UnloadReason
 from cortex.protocol.subjects import model_key
 from neuron.devices.discovery import refresh
 from neuron.engine.backends import Engine
@@ -38,7 +39,9 @@ class TableHooks(Protocol):
     async def model_leaving(self, spec: ModelSpec) -> None:
         """Before its weights are freed: stop taking jobs, end those in flight."""
 
-    async def model_changed(self, kind: str, model: str | None, detail: str | None, reason: str | None = None) -> None:
+    async def model_changed(
+        self, kind: EventKind, model: str | None, detail: str | None, reason: str | None = None
+    ) -> None:
         """After a change of state (of a model, or of a device for `defrag`): tell the fleet."""
 
 
@@ -57,7 +60,7 @@ class ModelEntry:
     error: str | None = None
     refusal: Refusal | None = None
     last_used: float | None = None
-    phase: str | None = "download"
+    phase: Literal["download", "load"] | None = "download"
     progress: float | None = None
     since: float = field(default_factory=time.time)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -93,7 +96,7 @@ class ModelEntry:
             last_used=self.last_used,
             pinned=pinned,
             priority=self.spec.priority,
-            phase=self.phase if loading else None,  # type: ignore[arg-type]
+            phase=self.phase if loading else None,
             progress=self.progress if loading else None,
             error=self.error,
             refusal=self.refusal,
@@ -206,8 +209,8 @@ class ModelTable:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _spawn(self, work: object) -> None:
-        task = asyncio.create_task(work)  # type: ignore[arg-type]
+    def _spawn(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -6,15 +6,10 @@ Failures answer with a micro error (`Nats-Service-Error-Code`) and a ServiceErro
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from nats.aio.client import Client
-from nats.micro import add_service
-from nats.micro.request import Request
-from nats.micro.service import Service
 from pydantic import BaseModel, ValidationError
 
 from cortex.protocol.errors import ErrorCode
@@ -32,15 +27,12 @@ from cortex.protocol.messages import (
     UnloadRequest,
 )
 from cortex.protocol.subjects import CONTROL_SERVICE, Subjects
+from cortex.transport.connection import Connection
+from cortex.transport.micro import Endpoint, MicroService, ServiceError, ServiceRequest, add_service
 from neuron import __version__
+from neuron.control.errors import VerbError
 
 log = logging.getLogger(__name__)
-
-
-class ControlError(Exception):
-    def __init__(self, status: int, code: ErrorCode, message: str, refusal: Refusal | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.refusal = status, code, message, refusal
 
 
 class Controller(Protocol):
@@ -51,20 +43,7 @@ class Controller(Protocol):
     async def count(self, request: CountRequest) -> CountReply: ...
 
 
-async def start_control(nc: Client, node: str, subjects: Subjects, controller: Controller) -> Service:
-    service = await add_service(
-        nc,
-        name=CONTROL_SERVICE,
-        version=__version__,
-        description=f"cortex neuron on node {node}",
-        metadata={"node": node},
-        # nats-py sends `"data": null` for each endpoint's stats without a handler; natscli validates
-        # `nats micro stats` / `info` replies against the micro schema, where `data` must be an object.
-        stats_handler=lambda _: {},
-    )
-    group = service.add_group(name=subjects.control_group(node))
-    errors = _ErrorCounts(service)
-
+async def start_control(nc: Connection, node: str, subjects: Subjects, controller: Controller) -> MicroService:
     async def load(body: LoadRequest) -> BaseModel:
         return ModelReply(model=await controller.load(body))
 
@@ -80,77 +59,42 @@ async def start_control(nc: Client, node: str, subjects: Subjects, controller: C
     async def count(body: CountRequest) -> BaseModel:
         return await controller.count(body)
 
-    # Loads and unloads may take minutes; each runs in its own task so one does not hold up the next.
-    await group.add_endpoint(name="load", handler=_in_task(_endpoint(LoadRequest, load, errors)))
-    await group.add_endpoint(name="unload", handler=_in_task(_endpoint(UnloadRequest, unload, errors)))
-    await group.add_endpoint(name="status", handler=_endpoint(None, status, errors))
-    await group.add_endpoint(name="cancel", handler=_endpoint(CancelRequest, cancel, errors))
-    await group.add_endpoint(name="count", handler=_endpoint(CountRequest, count, errors))
-    return service
-
-
-_running: set[asyncio.Task[None]] = set()
-
-
-class _ErrorCounts:
-    """Counts error replies in the endpoint stats that `nats micro stats` / `info` show.
-
-    nats-py's micro counts an error only when a handler raises, and then answers with an empty body;
-    ours answer errors themselves, with a ServiceErrorBody, so they count them here, as nats.go's micro
-    does for every error reply. nats-py has no public handle on an endpoint's stats, hence the private
-    fields.
-    """
-
-    def __init__(self, service: Service) -> None:
-        self._service = service
-
-    def add(self, subject: str, status: int, message: str) -> None:
-        try:
-            for endpoint in self._service._endpoints:
-                if endpoint._subject == subject:
-                    endpoint._num_errors += 1
-                    endpoint._last_error = f"{status}:{message}"
-        except AttributeError:  # a nats-py that renamed them: the stats undercount, the reply still goes out
-            log.debug("cannot count an error in the micro stats of %s", subject)
-
-
-def _in_task(handler: Callable[[Request], Awaitable[None]]) -> Callable[[Request], Awaitable[None]]:
-    async def spawn(request: Request) -> None:
-        task = asyncio.create_task(handler(request))
-        _running.add(task)
-        task.add_done_callback(_running.discard)
-
-    return spawn
+    return await add_service(
+        nc,
+        name=CONTROL_SERVICE,
+        version=__version__,
+        description=f"cortex neuron on node {node}",
+        metadata={"node": node},
+        group=subjects.control_group(node),
+        endpoints=[
+            # Loads and unloads may take minutes; each runs in its own task so one does not hold up the next.
+            Endpoint("load", _endpoint(LoadRequest, load), in_task=True),
+            Endpoint("unload", _endpoint(UnloadRequest, unload), in_task=True),
+            Endpoint("status", _endpoint(None, status)),
+            Endpoint("cancel", _endpoint(CancelRequest, cancel)),
+            Endpoint("count", _endpoint(CountRequest, count)),
+        ],
+    )
 
 
 def _endpoint(
-    body_type: type[BaseModel] | None, handle: Callable[..., Awaitable[BaseModel]], errors: _ErrorCounts
-) -> Callable[[Request], Awaitable[None]]:
-    async def handler(request: Request) -> None:
+    body_type: type[BaseModel] | None, handle: Callable[..., Awaitable[BaseModel]]
+) -> Callable[[ServiceRequest], Awaitable[bytes]]:
+    async def handler(request: ServiceRequest) -> bytes:
         try:
             body = body_type.model_validate_json(request.data or b"{}") if body_type else None
             reply = await handle(body)
         except ValidationError as exc:
-            await _error(request, errors, 400, ErrorCode.invalid_request, f"invalid request: {exc}")
-        except ControlError as exc:
-            await _error(request, errors, exc.status, exc.code, exc.message, exc.refusal)
+            raise _error(400, ErrorCode.invalid_request, f"invalid request: {exc}") from exc
+        except VerbError as exc:
+            raise _error(exc.status, exc.code, exc.message, exc.refusal) from exc
         except Exception as exc:  # the caller waits for an answer: give it one, and keep serving
             log.exception("%s failed", request.subject)
-            await _error(request, errors, 500, ErrorCode.internal, f"{type(exc).__name__}: {exc}")
-        else:
-            await request.respond(reply.model_dump_json(exclude_none=True).encode())
+            raise _error(500, ErrorCode.internal, f"{type(exc).__name__}: {exc}") from exc
+        return reply.model_dump_json(exclude_none=True).encode()
 
     return handler
 
 
-async def _error(
-    request: Request,
-    errors: _ErrorCounts,
-    status: int,
-    code: ErrorCode,
-    message: str,
-    refusal: Refusal | None = None,
-) -> None:
-    errors.add(request.subject, status, message)
-    body = ServiceErrorBody(code=code, message=message, refusal=refusal).to_bytes()
-    await request.respond_error(str(status), message, data=body)
+def _error(status: int, code: ErrorCode, message: str, refusal: Refusal | None = None) -> ServiceError:
+    return ServiceError(status, message, ServiceErrorBody(code=code, message=message, refusal=refusal).to_bytes())
