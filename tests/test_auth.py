@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from cortex.key_cli import entry, new_key
+from cortex.cli.keys import entry, new_key
 from tests.conftest import Gateway, start_gateway
 from tests.test_observability import scrape, value
 
@@ -191,7 +191,7 @@ def test_an_empty_bearer_header_falls_back_to_x_api_key() -> None:
 def test_with_api_keys_but_no_admin_key_admin_is_closed_even_on_loopback() -> None:
     from fastapi.testclient import TestClient
 
-    from cortex.config import ApiKey, AuthSection, CortexSettings
+    from cortex.config.gateway import ApiKey, AuthSection, CortexSettings
     from cortex.gateway.app import build_app
 
     settings = CortexSettings(auth=AuthSection(keys=[ApiKey(name="a", key=TINY_KEY)]))

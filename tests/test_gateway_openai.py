@@ -138,7 +138,7 @@ def test_one_model_by_alias(openai_client) -> None:
 def test_admin_api_is_refused_to_remote_clients_when_no_admin_key_is_set() -> None:
     from fastapi.testclient import TestClient
 
-    from cortex.config import CortexSettings
+    from cortex.config.gateway import CortexSettings
     from cortex.gateway.app import build_app
 
     client = TestClient(build_app(CortexSettings()))  # no lifespan: the check comes before any NATS work

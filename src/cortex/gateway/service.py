@@ -151,8 +151,7 @@ async def _build(
 
     _run(stack, keep_watching(follow_nodes, NODES_BUCKET))
 
-    client = JobClient(connection, subjects)
-    await client.start()
+    client = await JobClient.open(connection, subjects)
     stack.push_async_callback(client.aclose)
     usage = LocalUsage()
     dispatcher = Dispatcher(client, fleet, usage, accept_timeout=gw.accept_timeout, idle_timeout=gw.idle_timeout)
