@@ -68,8 +68,7 @@ def _app(metrics: GatewayMetrics) -> FastAPI:
 
     @app.get("/left")
     async def left(request: Request) -> PlainTextResponse:
-        exchange(request).serve("m", "openai.chat", "")
-        exchange(request).client_left()
+        exchange(request).serve("m", "openai.chat", "").client_left()
         return PlainTextResponse("", status_code=499)
 
     @app.get("/boom")

@@ -1,10 +1,10 @@
 """One HTTP request's owner: its id, its log context, and the one record of how it ended.
 
 `ExchangeMiddleware` gives every request an `Exchange` before any route runs and records it
-once, after the response has gone (or the app failed before answering). Routes and error
-handlers only say what happened: an inference route that it serves a model (`serve`, which
-returns the `Outcome` its job fills in), an error handler that it refused (`refused`), a route
-that its client left (`client_left`). Nothing else counts a request.
+once, after the response has gone (or the app failed before answering). The others only say
+what happened: an inference route that it serves a model (`serve`, which returns the `Outcome`
+its job fills in: streaming.ServedJob, up to the client leaving), an error handler that it was
+refused (`refused`). Nothing else counts a request.
 
 What is counted: an inference request, however it ended, in `cortex_requests_total` and the
 request log line (with its errors under its model); any other request only when it failed,
@@ -113,10 +113,6 @@ class Exchange:
             self.outcome.status, self.outcome.code = str(status), code
         else:
             self._refused_code = code
-
-    def client_left(self) -> None:
-        if self.outcome is not None:
-            self.outcome.client_left()
 
     def record(self, metrics: GatewayMetrics) -> None:
         if self._recorded:
