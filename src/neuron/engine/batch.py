@@ -12,23 +12,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from neuron.engine.generation import Generation
 from neuron.engine.runtime import LoadedModel
 
-if TYPE_CHECKING:  # it makes these batches
-    from neuron.engine.transformers_runtime import TransformersRuntime
-
 log = logging.getLogger(__name__)
 # The most prompt tokens (padding included) one prefill pass takes: its activations must fit
 # beside the weights, and every decoding row waits for it.
 PREFILL_TOKENS = 4096
+
+
+class Weights(Protocol):
+    """What a DecodeBatch runs its passes on (a TransformersRuntime, which makes the batches)."""
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The model; raises once the weights are freed."""
+        ...
 
 
 def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -78,7 +84,7 @@ def each_row(gens: list[Generation], action: Callable[[Generation, int], None]) 
 class DecodeBatch:
     """The running sequences of one transformers model (the `Batch` of engine/runtime.py)."""
 
-    def __init__(self, model: LoadedModel, runtime: TransformersRuntime) -> None:
+    def __init__(self, model: LoadedModel, runtime: Weights) -> None:
         self.model = model
         self._runtime = runtime
         self.rows: list[Generation] = []

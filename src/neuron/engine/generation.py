@@ -1,8 +1,10 @@
 """One job's generation, on the device's worker thread: its prompt, its sampling, and what each
 token it gets becomes (text, reasoning, tool calls, stop sequences, the end).
 
-The forward passes are the decode batch's (engine/batch.py): it feeds the prompt with others',
-then one token a step, and hands each row its logits (`first`, then `advance`).
+The forward passes are a `Batch`'s (engine/batch.py on transformers, engine/llamacpp.py on
+llama.cpp): it feeds the prompt with others', then one token a step, and hands each row its
+logits (`first`, then `advance`). A generation reads its model through `JobModel`, which
+engine/runtime.LoadedModel is, so this module needs nothing of the engines.
 """
 
 from __future__ import annotations
@@ -10,22 +12,92 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
 from cortex.protocol.errors import ErrorCode
-from cortex.protocol.messages import InferenceJob, TokenLogprob, TopLogprob
-from neuron.engine.chat import PromptRejected, Rendered
+from cortex.protocol.messages import InferenceJob, ModelSpec, TokenLogprob, TopLogprob
+from neuron.engine.chat import ChatFormat, PromptRejected, Rendered
 from neuron.engine.detokenize import IncrementalDetokenizer
 from neuron.engine.outputs import Crashed, Finished, FinishReason, Output, Reasoning, Text, ToolCallPart
 from neuron.engine.parsing.output import Call, Content, Parsed, Parser, PlainText, Thought
-from neuron.engine.replay import ReplaySampler
-from neuron.engine.runtime import LoadedModel
-from neuron.engine.sampling import BadLogitBias, Sampler
+from neuron.engine.replay import Replay, ReplaySampler
+from neuron.engine.sampling import BadLogitBias, Sampler, SamplingDefaults
 from neuron.engine.stops import StopMatcher
 
 
-def encode_prompt(job: InferenceJob, model: LoadedModel) -> Rendered:
+class JobModel(Protocol):
+    """What a generation reads of its loaded model (engine/runtime.LoadedModel)."""
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    @property
+    def tokenizer(self) -> Any: ...  # a transformers tokenizer
+
+    @property
+    def device(self) -> torch.device: ...  # where its logits are
+
+    @property
+    def context(self) -> int: ...
+
+    @property
+    def eos_ids(self) -> frozenset[int]: ...
+
+    @property
+    def sampling(self) -> SamplingDefaults: ...
+
+    @property
+    def chat(self) -> ChatFormat: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def replay(self) -> Replay | None: ...
+
+    def new_batch(self) -> Batch:
+        """An empty batch of this model's sequences, on its engine."""
+        ...
+
+
+class Batch(Protocol):
+    """The running sequences of one loaded model; used only on its device's worker thread.
+
+    A batch prefills new sequences (each gets its first token), then steps: one token for every
+    row still going. Rows that finish leave at once; a row's own failure ends that row only.
+    """
+
+    @property
+    def model(self) -> JobModel: ...
+
+    @property
+    def rows(self) -> list[Generation]: ...
+
+    @property
+    def batchable(self) -> bool:
+        """Whether sequences that arrive together are prefilled together."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def can_join(self, gen: Generation) -> bool: ...
+
+    def prefill(self, gens: list[Generation]) -> None:
+        """Feeds the new prompts and gives each its first token; a failed prompt ends its own job."""
+        ...
+
+    def step(self) -> None:
+        """One token for every row still going; rows that finish leave."""
+        ...
+
+    def fail(self, exc: BaseException) -> None:
+        """The batch's forward pass failed: every row ends with the error."""
+        ...
+
+
+def encode_prompt(job: InferenceJob, model: JobModel) -> Rendered:
     rendered = model.chat.render(job)
     if len(rendered.ids) >= model.context:
         raise PromptRejected(
@@ -36,7 +108,7 @@ def encode_prompt(job: InferenceJob, model: LoadedModel) -> Rendered:
 
 
 class Generation:
-    def __init__(self, job: InferenceJob, model: LoadedModel, sink: Callable[[Output], None]) -> None:
+    def __init__(self, job: InferenceJob, model: JobModel, sink: Callable[[Output], None]) -> None:
         self.job = job
         self.model = model
         self.generated = 0

@@ -1,5 +1,5 @@
-"""The engine seam: a loaded model, the `Runtime` that runs its forward passes, and the `Batch`
-of its sequences decoding together.
+"""The engine seam: a loaded model and the `Runtime` that runs its forward passes, making the
+`Batch`es (engine/generation.py) of its sequences decoding together.
 
 Everything about a job that is not a forward pass (chat template, tokenizer, sampling,
 detokenization, stops, tool-call parsing) is the shared Generation's, so both engines answer
@@ -14,18 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from cortex.protocol.messages import ModelSpec
 from neuron.engine.backends import Engine
 from neuron.engine.chat import ChatFormat
+from neuron.engine.generation import Batch
 from neuron.engine.replay import Replay
 from neuron.engine.sampling import SamplingDefaults
-
-if TYPE_CHECKING:
-    from neuron.engine.generation import Generation
 
 
 @dataclass(frozen=True)
@@ -34,41 +32,6 @@ class Capabilities:
 
     engine: Engine  # its name, as the catalogue and the heartbeat spell it
     parallel: int  # sequences it decodes at once (1: each job decodes alone)
-
-
-class Batch(Protocol):
-    """The running sequences of one loaded model; used only on its device's worker thread.
-
-    A batch prefills new sequences (each gets its first token), then steps: one token for every
-    row still going. Rows that finish leave at once; a row's own failure ends that row only.
-    """
-
-    @property
-    def model(self) -> LoadedModel: ...
-
-    @property
-    def rows(self) -> list[Generation]: ...
-
-    @property
-    def batchable(self) -> bool:
-        """Whether sequences that arrive together are prefilled together."""
-        ...
-
-    def __len__(self) -> int: ...
-
-    def can_join(self, gen: Generation) -> bool: ...
-
-    def prefill(self, gens: list[Generation]) -> None:
-        """Feeds the new prompts and gives each its first token; a failed prompt ends its own job."""
-        ...
-
-    def step(self) -> None:
-        """One token for every row still going; rows that finish leave."""
-        ...
-
-    def fail(self, exc: BaseException) -> None:
-        """The batch's forward pass failed: every row ends with the error."""
-        ...
 
 
 class Runtime(Protocol):

@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 import torch
 
 from cortex.protocol.messages import DeviceInfo, InferenceJob
-from neuron.engine.generation import Generation
+from neuron.engine.generation import Batch, Generation
 from neuron.engine.outputs import Crashed, Finished, Output
-from neuron.engine.runtime import Batch, LoadedModel
+from neuron.engine.runtime import LoadedModel
 from neuron.metrics import NeuronMetrics
 
 log = logging.getLogger(__name__)
