@@ -8,8 +8,21 @@ import json
 import nats
 import pytest
 
-from cortex.protocol.messages import JOB_EVENT, Accepted, ChatMessage, Delta, Done, InferenceJob, SamplingParams
+from cortex.protocol.errors import ErrorCode
+from cortex.protocol.messages import (
+    JOB_EVENT,
+    Accepted,
+    ChatMessage,
+    Delta,
+    Done,
+    InferenceJob,
+    Refusal,
+    SamplingParams,
+)
 from cortex.protocol.subjects import Subjects, model_key
+from cortex.transport.connection import connect
+from neuron.control import errors
+from neuron.events import EventPublisher
 from tests.conftest import nats_request
 
 TINY = "test/tiny-llama"
@@ -161,3 +174,35 @@ async def test_a_cancel_that_arrives_before_its_job_still_applies(nats_url, neur
         await nc.close()
     event = JOB_EVENT.validate_json(reply.data)
     assert (event.type, event.code) == ("error", "cancelled")
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "status"),
+    [
+        (errors.InvalidVerb("bad"), ErrorCode.invalid_request, 400),
+        (errors.Conflict("pinned"), ErrorCode.invalid_request, 409),
+        (errors.ModelNotFound("gone"), ErrorCode.model_not_found, 404),
+        (errors.ModelNotLoaded("gone"), ErrorCode.model_not_loaded, 404),
+        (errors.ShuttingDown("bye"), ErrorCode.shutting_down, 503),
+        (
+            errors.PreflightRefused("no", Refusal(kind="source_empty", model="m", detail="no")),
+            ErrorCode.preflight_failed,
+            422,
+        ),
+        (errors.LoadFailed("failed"), ErrorCode.load_failed, 422),
+        (errors.SourceUnreachable("hub down"), ErrorCode.load_failed, 503),
+        (errors.VerbError("?"), ErrorCode.internal, 500),
+    ],
+)
+def test_a_failed_verb_answers_the_code_and_status_its_kind_has_on_the_wire(
+    error: errors.VerbError, code: ErrorCode, status: int
+) -> None:
+    assert (error.code, error.status) == (code, status)
+    assert (error.refusal is not None) == isinstance(error, errors.PreflightRefused)
+
+
+async def test_an_event_nats_will_not_take_is_logged_not_raised(nats_url, caplog) -> None:
+    connection = await connect([nats_url], "events-test")
+    await connection.aclose()
+    await EventPublisher(connection, Subjects(), "n1").publish("unloaded", model="m")
+    assert "could not tell the fleet unloaded of m" in caplog.text
