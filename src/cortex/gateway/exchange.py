@@ -1,10 +1,10 @@
 """One HTTP request's owner: its id, its log context, and the one record of how it ended.
 
 `ExchangeMiddleware` gives every request an `Exchange` before any route runs and records it
-once, after the response has gone (or the app failed before answering). The others only say
-what happened: an inference route that it serves a model (`serve`, which returns the `Outcome`
-its job fills in: streaming.ServedJob, up to the client leaving), an error handler that it was
-refused (`refused`). Nothing else counts a request.
+once, as the response's last bytes go out (or when the app failed, or the client left, first).
+The others only say what happened: an inference route that it serves a model (`serve`, which
+returns the `Outcome` its job fills in: streaming.ServedJob, up to the client leaving), an
+error handler that it was refused (`refused`). Nothing else counts a request.
 
 What is counted: an inference request, however it ended, in `cortex_requests_total` and the
 request log line (with its errors under its model); any other request only when it failed,
@@ -138,7 +138,7 @@ def _request_id(scope: Scope) -> str:
 
 class ExchangeMiddleware:
     """Makes each HTTP request's Exchange, stamps its id on the log lines written while serving it
-    and on the response, and records it once the response has gone.
+    and on the response, and records it once, as the response ends.
 
     Pure ASGI (not BaseHTTPMiddleware): streamed responses and the disconnect watch in
     `streaming.unless_disconnected` see the server's own `receive`. An exception no handler took
@@ -168,6 +168,9 @@ class ExchangeMiddleware:
                 headers = MutableHeaders(scope=message)
                 if _ID_HEADER not in headers:
                     headers.append(_ID_HEADER, current.request_id)
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Before the client can see the end: a scrape right after it finds the request counted.
+                current.record(self._metrics)
             await send(message)
 
         try:
@@ -177,4 +180,4 @@ class ExchangeMiddleware:
                 current.refused(500, "http_500")
             raise
         finally:
-            current.record(self._metrics)
+            current.record(self._metrics)  # if the end was never sent: the client left, or the app failed
