@@ -192,31 +192,36 @@ async def stream_answer(
 
     Events that have already arrived go out in one write: under load that is what lets one
     gateway relay tens of thousands of tokens a second; idle, every event goes out at once.
+    The job is finished here as the answer ends (its node's usage released, for the next
+    request's routing), and by the response too, if the client left before it began.
     """
-    if loading is not None:
-        try:
-            async for _ in served.open_once_loaded(loading, keepalive):
-                yield writer.keepalive()
-        except CortexError as exc:
-            log.warning("cold start of %s failed: %s", served.outcome.model, exc.message)
-            for chunk in writer.fail(exc):
-                yield chunk
-            return
-    ready: list[bytes] = []
-    if start := writer.start():
-        yield b"".join(start)
     try:
-        async for event in served.events():
-            ready += writer.finish(event) if isinstance(event, Done) else _piece(writer, event)
-            if ready and (len(ready) >= _MOST_PER_WRITE or not served.pending):
-                yield b"".join(ready)
-                ready = []
-                await asyncio.sleep(0)  # let the other streams write too
-    except CortexError as exc:
-        log.warning("stream of job %s broke: %s", served.job.job_id, exc.message)
-        ready += writer.fail(exc)
-    if ready:
-        yield b"".join(ready)
+        if loading is not None:
+            try:
+                async for _ in served.open_once_loaded(loading, keepalive):
+                    yield writer.keepalive()
+            except CortexError as exc:
+                log.warning("cold start of %s failed: %s", served.outcome.model, exc.message)
+                for chunk in writer.fail(exc):
+                    yield chunk
+                return
+        ready: list[bytes] = []
+        if start := writer.start():
+            yield b"".join(start)
+        try:
+            async for event in served.events():
+                ready += writer.finish(event) if isinstance(event, Done) else _piece(writer, event)
+                if ready and (len(ready) >= _MOST_PER_WRITE or not served.pending):
+                    yield b"".join(ready)
+                    ready = []
+                    await asyncio.sleep(0)  # let the other streams write too
+        except CortexError as exc:
+            log.warning("stream of job %s broke: %s", served.job.job_id, exc.message)
+            ready += writer.fail(exc)
+        if ready:
+            yield b"".join(ready)
+    finally:
+        await served.finish()  # as soon as the answer is whole: before its last bytes go out
 
 
 async def collect(served: ServedJob) -> tuple[Answer, Done]:
