@@ -1,7 +1,9 @@
 """What this gateway has sent each node since its last heartbeat: jobs in flight and last use.
 
 Heartbeats lag by up to an interval; routing and eviction must not act on a model's use
-from before the request this gateway sent a moment ago.
+from before the request this gateway sent a moment ago. One per gateway, made by
+`build_gateway`: the dispatcher writes it (a job opened, a job closed) and ranks holders by it,
+the placer plans with heartbeats merged with it.
 """
 
 from __future__ import annotations
