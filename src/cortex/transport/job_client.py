@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -66,10 +66,10 @@ class JobStream:
         self._node_alive = node_alive
         self._next_seq = 0
 
-    def __aiter__(self) -> AsyncIterator[JobEvent]:
+    def __aiter__(self) -> AsyncGenerator[JobEvent, None]:
         return self._events()
 
-    async def _events(self) -> AsyncIterator[JobEvent]:
+    async def _events(self) -> AsyncGenerator[JobEvent, None]:
         try:
             while True:
                 msg = await self._next_message()
