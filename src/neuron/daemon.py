@@ -60,7 +60,7 @@ async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Ev
             stack.callback(worker.stop)
         pins = Pins(settings.node, catalogue)
         node = Node(settings, nc, workers, kv, pins=pins, metrics=metrics)
-        keeper = Keeper(node, settings.node, pins)
+        keeper = Keeper(node, node.models, settings.node, pins)
         if settings.metrics_listen:
             telemetry = TelemetryServer(*split_host_port(settings.metrics_listen), metrics.registry, node.view.health)
             if telemetry.start():

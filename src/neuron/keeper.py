@@ -30,10 +30,7 @@ _REAP_EVERY_S = 1.0
 
 
 class KeptModels(Protocol):
-    """What the keeper needs of its node (neuron.node.Node)."""
-
-    @property
-    def models(self) -> ModelTable: ...
+    """What the keeper needs of its node (neuron.node.Node) beside the model table it reads."""
 
     async def start_load(self, spec: ModelSpec) -> ModelEntry:
         """Preflight, fit, load; raises SourceRefused or LoadError."""
@@ -51,8 +48,9 @@ class KeptModels(Protocol):
 
 
 class Keeper:
-    def __init__(self, node: KeptModels, name: str, pins: Pins) -> None:
+    def __init__(self, node: KeptModels, models: ModelTable, name: str, pins: Pins) -> None:
         self._node = node
+        self._models = models
         self._name = name
         self._pins = pins
 
@@ -62,7 +60,7 @@ class Keeper:
             await self._node.start_load(spec)
         except SourceRefused as exc:
             log.error("cannot load %s (%s): %s", spec.id, why, exc.refusal.log_fields())
-            self._node.models.refused(spec, exc.refusal)
+            self._models.refused(spec, exc.refusal)
             await self._node.model_changed("load_failed", spec.id, exc.refusal.detail, exc.refusal.kind)
         except LoadError as exc:
             log.error("cannot load %s (%s): %s", spec.id, why, exc)
@@ -101,7 +99,7 @@ class Keeper:
         while True:
             await asyncio.sleep(_REAP_EVERY_S)
             now = time.time()
-            for entry in self._node.models.entries():
+            for entry in self._models.entries():
                 keep = entry.spec.keep_alive
                 if keep is None or entry.state is not ModelState.ready or self._pins.pinned(entry.spec.id):
                     continue
@@ -109,7 +107,7 @@ class Keeper:
                     continue
                 detail = f"idle for {now - (entry.last_used or now):.0f}s, keep_alive {keep:g}s"
                 try:
-                    await self._node.models.unload(entry.spec.id, "keep_alive", detail)
+                    await self._models.unload(entry.spec.id, "keep_alive", detail)
                 except LoadError:
                     pass  # already on its way out
                 except Exception:

@@ -105,6 +105,9 @@ class LlamaCppRuntime:
     def new_batch(self, model: LoadedModel) -> LlamaBatch:
         return LlamaBatch(model, self)
 
+    def float_weights(self) -> None:
+        return None  # llama.cpp runs the file's own quantized weights: nothing dequantized to save
+
     def take_sequence(self) -> int:
         if not self._free:
             raise RuntimeError("every llama.cpp sequence slot is taken; the worker admitted too many jobs")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -24,6 +24,9 @@ from neuron.engine.chat import ChatFormat
 from neuron.engine.generation import Batch
 from neuron.engine.replay import Replay
 from neuron.engine.sampling import SamplingDefaults
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,12 @@ class Runtime(Protocol):
         """Frees the weights; safe to call twice. A batch still holding them fails its next pass."""
         ...
 
+    def float_weights(self) -> PreTrainedModel | None:
+        """The live model as plain float weights that can be saved as a model folder, where this
+        runtime holds it so (transformers, after dequantizing a GGUF file); None otherwise or once
+        closed. Only read: safe off the device thread."""
+        ...
+
 
 @dataclass
 class LoadedModel:
@@ -69,10 +78,6 @@ class LoadedModel:
     replay: Replay | None = None
     convert_to: Path | None = None  # where to save the dequantized weights, if not done yet
     from_cache: bool = False
-
-    @property
-    def engine(self) -> Engine:
-        return self.runtime.capabilities.engine
 
     @property
     def parallel(self) -> int:

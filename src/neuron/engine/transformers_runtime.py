@@ -35,10 +35,6 @@ class TransformersRuntime:
         return self._weights_mb
 
     @property
-    def closed(self) -> bool:
-        return self._model is None
-
-    @property
     def model(self) -> PreTrainedModel:
         if self._model is None:  # a job outlived its model's unload: it ends here
             raise RuntimeError("the model was unloaded")
@@ -46,6 +42,9 @@ class TransformersRuntime:
 
     def new_batch(self, model: LoadedModel) -> DecodeBatch:
         return DecodeBatch(model, self)
+
+    def float_weights(self) -> PreTrainedModel | None:
+        return self._model
 
     def close(self) -> None:
         # Dropping the one reference frees the weights (the caller collects and empties caches).

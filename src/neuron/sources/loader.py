@@ -238,11 +238,9 @@ def save_converted(loaded: LoadedModel) -> Path | None:
     """
     from safetensors.torch import save_model
 
-    target, runtime = loaded.convert_to, loaded.runtime
-    # Only transformers dequantizes a GGUF file, so only its runtime has weights to save.
-    if target is None or not isinstance(runtime, TransformersRuntime) or runtime.closed:
+    target, model = loaded.convert_to, loaded.runtime.float_weights()
+    if target is None or model is None:
         return None
-    model = runtime.model
     if (target / "config.json").exists():
         return target  # another process saved it meanwhile
 
