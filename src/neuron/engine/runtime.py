@@ -80,6 +80,10 @@ class LoadedModel:
     from_cache: bool = False
 
     @property
+    def engine(self) -> Engine:
+        return self.runtime.capabilities.engine
+
+    @property
     def parallel(self) -> int:
         return self.runtime.capabilities.parallel
 
