@@ -208,8 +208,14 @@ def _run(stack: AsyncExitStack, work: Coroutine[Any, Any, None]) -> None:
     task = asyncio.create_task(work)
 
     async def stop() -> None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        # Cancelled until it ends: a watch (re)opening its bucket waits in nats-py's
+        # asyncio.wait_for, which on Python 3.11 drops a cancellation that lands as the reply
+        # arrives, and the watch would then run on with nobody to stop it.
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("%s ended with %r", task.get_name(), task.exception())
 
     stack.push_async_callback(stop)
 
