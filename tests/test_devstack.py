@@ -62,7 +62,7 @@ def test_up_exits_with_the_reason_when_the_model_cannot_load(tmp_path: Path, mod
     proc, _, log, nats_port = _up(tmp_path, broken, "test/broken")
     started = time.monotonic()
     try:
-        assert proc.wait(60) == 1
+        assert proc.wait(60) == 1, log.read_text()  # the log says which way it went
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
