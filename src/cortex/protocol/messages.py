@@ -63,6 +63,7 @@ class Tool(_Wire):
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool = Field(False, description="Calls to it are decoded constrained to `parameters`.")
 
 
 class NamedTool(_Wire):
@@ -70,6 +71,16 @@ class NamedTool(_Wire):
 
 
 ToolChoice = Literal["auto", "none", "required"] | NamedTool
+
+
+class OutputFormat(_Wire):
+    """The answer's text (not its reasoning, not tool calls) is decoded constrained to JSON."""
+
+    type: Literal["json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = Field(
+        None, description="With type json_schema: the JSON Schema the answer must match."
+    )
+    name: str | None = Field(None, description="The schema's name, as the client gave it (for error messages).")
 
 
 class SamplingParams(_Wire):
@@ -102,7 +113,10 @@ class InferenceJob(_Wire):
     prompt: str | None = Field(None, description="Raw prompt, sent to the model without a chat template.")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     tools: list[Tool] | None = Field(None, description="Rendered with the model's chat template; calls are parsed.")
-    tool_choice: ToolChoice = Field("auto", description="`required` or a named tool forces a call.")
+    tool_choice: ToolChoice = Field(
+        "auto", description="`required` or a named tool forces a call, decoded constrained to its `parameters`."
+    )
+    output_format: OutputFormat | None = Field(None, description="Constrain the answer's text to JSON.")
     parallel_tool_calls: bool = Field(True, description="False: the answer ends after its first call.")
     reasoning: bool | None = Field(
         None, description="Ask the chat template to think (or not); the model's default if unset."
