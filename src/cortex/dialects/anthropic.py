@@ -1,10 +1,15 @@
 """Anthropic Messages (`/v1/messages`) <-> InferenceJob. Pure functions and builders, no I/O.
 
-Served: `system` as a string or text blocks; `text`, `tool_use`, `tool_result` and (dropped from
-the history, as Anthropic's own models do) `thinking` blocks; `tools` with `input_schema`;
-`tool_choice`; `thinking`; `max_tokens` (required); `stop_sequences`; `temperature`, `top_p`,
-`top_k`; `metadata`; an assistant turn last, which the model continues (a prefill). Images,
-documents and Anthropic's server tools are refused by name.
+Served: `system` as a string or text blocks, and `system` turns inside `messages` (Claude Code's
+mid-conversation system messages); `text`, `tool_use`, `tool_result` and (dropped from the history,
+as Anthropic's own models do) `thinking` blocks; `tools` with `input_schema`, and deferred tools
+(`defer_loading`), left out of the prompt until a `tool_reference` block names them;
+`tool_choice`; `thinking` (`adaptive` leaves the model's default); `output_config` (`effort`, and
+`format`: JSON by constrained decoding); `context_management` with `clear_thinking_*` edits (past
+thinking is never replayed, so they hold already); `max_tokens` (required); `stop_sequences`;
+`temperature`, `top_p`, `top_k`; `metadata`; `cache_control` anywhere (a hint); an assistant turn
+last, which the model continues (a prefill). Images, documents, Anthropic's server tools and
+context edits that would need the prompt's token count (`clear_tool_uses_*`) are refused by name.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from cortex.protocol.messages import (
     Done,
     InferenceJob,
     NamedTool,
+    OutputFormat,
     SamplingParams,
     Tool,
     ToolCall,
@@ -57,7 +63,7 @@ class Block(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: str | list[Block]
 
 
@@ -72,6 +78,9 @@ class ToolDef(BaseModel):
     description: str | None = None
     input_schema: dict[str, Any] | None = None
     type: str | None = None
+    strict: bool = False
+    # Not in the prompt until a tool_reference block (a tool search's result) names it.
+    defer_loading: bool = False
 
 
 class ToolChoiceIn(BaseModel):
@@ -85,6 +94,29 @@ class ThinkingIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: int | None = Field(None, ge=1024)
+    display: Literal["summarized", "omitted"] | None = None  # the thinking blocks' text is the model's own
+
+
+class ContextEdit(BaseModel):
+    model_config = ConfigDict(extra="allow")  # each edit type has its own settings
+    type: str
+
+
+class ContextManagement(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    edits: list[ContextEdit] = Field(default_factory=list)
+
+
+class OutputFormatIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    effort: Literal["low", "medium", "high", "max"] | None = None
+    format: OutputFormatIn | None = None
 
 
 class _Conversation(BaseModel):
@@ -96,6 +128,8 @@ class _Conversation(BaseModel):
     tools: list[ToolDef] | None = None
     tool_choice: ToolChoiceIn | None = None
     thinking: ThinkingIn | None = None
+    context_management: ContextManagement | None = None
+    output_config: OutputConfig | None = None
 
 
 class MessagesRequest(_Conversation):
@@ -115,8 +149,28 @@ class CountTokensRequest(_Conversation):
 
 def _tool_result(block: Block, where: str) -> str:
     content = block.content if block.content is not None else ""
+    if isinstance(content, list):  # a tool search answers with tool_reference blocks
+        content = [
+            Part(type="text", text=f"Tool {_reference(part)} is loaded.") if _reference(part) else part
+            for part in content
+        ]
     text = join_text(content, f"{where}.content", "block")
     return f"Error: {text}" if block.is_error else text
+
+
+def _reference(part: Part) -> str | None:
+    """The tool a `tool_reference` block names (a deferred tool that a tool search loaded)."""
+    name = getattr(part, "tool_name", None) if part.type == "tool_reference" else None
+    return name if isinstance(name, str) else None
+
+
+def _referenced(req: MessagesRequest | CountTokensRequest) -> set[str]:
+    names = set()
+    for m in req.messages:
+        for block in m.content if isinstance(m.content, list) else []:
+            if block.type == "tool_result" and isinstance(block.content, list):
+                names.update(n for part in block.content if (n := _reference(part)))
+    return names
 
 
 def _user_turns(blocks: list[Block], where: str) -> list[ChatMessage]:
@@ -158,13 +212,29 @@ def _assistant_turn(blocks: list[Block], where: str) -> ChatMessage:
     return ChatMessage(role="assistant", content="".join(texts), tool_calls=calls or None)
 
 
+def _check_context_management(req: MessagesRequest | CountTokensRequest) -> None:
+    for i, edit in enumerate(req.context_management.edits if req.context_management else []):
+        if edit.type.startswith("clear_thinking_"):
+            continue  # past thinking blocks never reach the prompt: the edit holds already
+        raise InvalidRequest(
+            f"`context_management.edits[{i}]` is {edit.type!r}, which this server does not apply: it clears "
+            "parts of the history by the prompt's token count, which only the node knows; leave the edit out "
+            "and trim the history in the client (clear_thinking_* edits are accepted)"
+        )
+
+
 def to_messages(req: MessagesRequest | CountTokensRequest) -> list[ChatMessage]:
+    """The conversation; a system turn inside `messages` stays where it is (the node renders it as a
+    system turn where the chat template allows one there, else merges it into the next user turn)."""
+    _check_context_management(req)
     messages = []
     if req.system:
         messages.append(ChatMessage(role="system", content=join_text(req.system, "system", "block")))
     for i, m in enumerate(req.messages):
         where = f"messages[{i}].content"
-        if isinstance(m.content, str):
+        if m.role == "system":
+            messages.append(ChatMessage(role="system", content=join_text(m.content, where, "block")))
+        elif isinstance(m.content, str):
             messages.append(ChatMessage(role=m.role, content=m.content))
         elif m.role == "user":
             messages.extend(_user_turns(m.content, where))
@@ -180,7 +250,10 @@ _TOOL_CHOICE: dict[str, ToolChoice] = {"auto": "auto", "any": "required", "none"
 def to_tools(req: MessagesRequest | CountTokensRequest) -> tuple[list[Tool] | None, ToolChoice, bool]:
     """The tools, the choice among them, and whether several calls may come in one turn."""
     tools = []
+    referenced = _referenced(req)
     for i, t in enumerate(req.tools or []):
+        if t.defer_loading and t.name not in referenced:
+            continue
         if t.type not in (None, "custom"):
             raise InvalidRequest(
                 f"`tools[{i}]` is Anthropic's server tool {t.type!r}, which this server does not run; "
@@ -188,7 +261,7 @@ def to_tools(req: MessagesRequest | CountTokensRequest) -> tuple[list[Tool] | No
             )
         if t.input_schema is None:
             raise InvalidRequest(f"`tools[{i}].input_schema` is required")
-        tools.append(Tool(name=t.name, description=t.description, parameters=t.input_schema))
+        tools.append(Tool(name=t.name, description=t.description, parameters=t.input_schema, strict=t.strict))
     choice: ToolChoice = "auto"
     parallel = True
     if req.tool_choice is not None:
@@ -216,9 +289,12 @@ def to_job(req: MessagesRequest, model_id: str, *, job_id: str, request_id: str)
     if prefill and messages[-1].tool_calls:
         raise InvalidRequest("the final assistant turn holds tool_use blocks; send their tool_result in a user turn")
     tools, choice, parallel = to_tools(req)
-    thinking = None if req.thinking is None or req.thinking.type == "adaptive" else req.thinking.type == "enabled"
     if req.thinking and req.thinking.budget_tokens and req.thinking.budget_tokens >= req.max_tokens:
         raise InvalidRequest("`thinking.budget_tokens` must be less than `max_tokens`")
+    config = req.output_config or OutputConfig()
+    output_format = None
+    if config.format is not None:
+        output_format = OutputFormat(type="json_schema", json_schema=config.format.schema_)
     return InferenceJob(
         job_id=job_id,
         request_id=request_id,
@@ -228,9 +304,21 @@ def to_job(req: MessagesRequest, model_id: str, *, job_id: str, request_id: str)
         tools=tools,
         tool_choice=choice,
         parallel_tool_calls=parallel,
-        reasoning=thinking,
+        reasoning=_reasoning(req.thinking, config.effort),
         continue_final=prefill,
+        output_format=output_format,
     )
+
+
+# `output_config.effort` on the model's thinking switch: low turns it off, high and max on, medium
+# (and no effort) leave the model's default. An explicit `thinking` enabled/disabled wins.
+_EFFORT: dict[str, bool] = {"low": False, "high": True, "max": True}
+
+
+def _reasoning(thinking: ThinkingIn | None, effort: str | None) -> bool | None:
+    if thinking is not None and thinking.type != "adaptive":
+        return thinking.type == "enabled"
+    return _EFFORT.get(effort or "")
 
 
 # --- responses -------------------------------------------------------------------------------------

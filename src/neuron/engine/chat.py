@@ -120,6 +120,22 @@ class ChatFormat:
         if continue_final and messages[-1].role != "assistant":
             continue_final = False
         try:
+            return self._apply(turns, schemas, continue_final, kwargs)
+        except PromptRejected:
+            merged = _merge_late_system_turns(turns)
+            if merged == turns:
+                raise
+            # Many templates take a system turn only first: the late ones join a user turn instead.
+            return self._apply(merged, schemas, continue_final, kwargs)
+
+    def _apply(
+        self,
+        turns: list[dict[str, Any]],
+        schemas: list[dict[str, Any]] | None,
+        continue_final: bool,
+        kwargs: dict[str, Any],
+    ) -> str:
+        try:
             text: str = self._tok.apply_chat_template(  # tokenize=False: the rendered text
                 turns,
                 tools=schemas,
@@ -182,6 +198,31 @@ def _dropped_special_ids(tokenizer: Any, markers: list[str]) -> frozenset[int] |
     vocab = tokenizer.get_vocab()
     keep = {vocab[m] for m in markers if m in vocab and vocab[m] in special}
     return frozenset(special - keep) if keep else None
+
+
+def _merge_late_system_turns(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """System turns after the first turn, for a template that refuses them there: each joins the user
+    turn just before it (appended), else the user turn just after it (prepended), else it becomes a
+    user turn of its own; its text is kept as it is."""
+    out: list[dict[str, Any]] = []
+    carried: list[str] = []  # late system text waiting for the next user turn
+    for i, turn in enumerate(turns):
+        late_system = turn["role"] == "system" and i > 0
+        if late_system and out and out[-1]["role"] == "user" and not carried:
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{turn['content']}"}
+        elif late_system:
+            carried.append(turn["content"])
+        elif turn["role"] == "user" and carried:
+            out.append({**turn, "content": "\n\n".join([*carried, turn["content"]])})
+            carried = []
+        else:
+            if carried:
+                out.append({"role": "user", "content": "\n\n".join(carried)})
+                carried = []
+            out.append(turn)
+    if carried:
+        out.append({"role": "user", "content": "\n\n".join(carried)})
+    return out
 
 
 def _hermes_turns(turns: list[dict[str, Any]], schemas: list[dict[str, Any]] | None) -> list[dict[str, Any]]:

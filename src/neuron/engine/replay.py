@@ -35,8 +35,10 @@ class Replay:
         return cls(_RECORDINGS.validate_python(json.loads(Path(path).read_text())), tokenizer, eos_id)
 
     def tokens(self, job: InferenceJob) -> list[int]:
-        """The recorded answer for this conversation (chosen by its last message's role), then EOS."""
-        last = job.messages[-1].role if job.messages else "user"
+        """The recorded answer for this conversation (chosen by the role of its last message that is not
+        a system turn: Claude Code puts one after the user's), then EOS."""
+        turns = [m.role for m in job.messages or [] if m.role != "system"]
+        last = turns[-1] if turns else "user"
         for recording in self._recordings:
             if recording.when_last in (last, "any"):
                 return [*self._tok(recording.output, add_special_tokens=False)["input_ids"], self._eos]
