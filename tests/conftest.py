@@ -137,8 +137,6 @@ def recorded(family: str, calls: int | None = None, starts: str = "") -> str:
 def replay_models(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, tuple[Path, Path]]:
     """Tiny models that speak a real model's chat template and replay its recorded outputs:
     id -> (model folder, recordings file). The tool and reasoning paths run end to end on them."""
-    from transformers import AutoTokenizer
-
     root = tmp_path_factory.mktemp("replay")
     plans = {
         # Qwen2.5 (Hermes format): text and one call, then an answer once the tool's result is in.
@@ -147,20 +145,56 @@ def replay_models(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
         # Qwen3: reasoning in <think>, then the answer.
         "test/thinker": ("qwen3", [("any", recorded("qwen3", calls=0, starts="<think>"))]),
     }
-    out = {}
-    for model_id, (template, recordings) in plans.items():
-        folder = root / model_id.replace("/", "_")
-        folder.mkdir()
-        for name in ("config.json", "model.safetensors", "generation_config.json"):
-            if (tiny_model_dir / name).exists():
-                (folder / name).symlink_to(tiny_model_dir / name)
-        tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-        tok.chat_template = (CHAT_DATA / f"{template}.jinja").read_text()
-        tok.save_pretrained(folder)
-        script = folder.with_suffix(".json")
-        script.write_text(json.dumps([{"when_last": when, "output": text} for when, text in recordings]))
-        out[model_id] = (folder, script)
-    return out
+    return {
+        model_id: _replay_model(root, tiny_model_dir, model_id, template, recordings)
+        for model_id, (template, recordings) in plans.items()
+    }
+
+
+def _replay_model(root: Path, model_dir: Path, model_id: str, template: str, recordings: list[tuple[str, str]]):
+    """A copy of `model_dir` (weights linked) that speaks `template` and replays `recordings`."""
+    from transformers import AutoTokenizer
+
+    folder = root / model_id.replace("/", "_")
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        if (model_dir / name).exists():
+            (folder / name).symlink_to(model_dir / name)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.chat_template = (CHAT_DATA / f"{template}.jinja").read_text()
+    tok.save_pretrained(folder)
+    script = folder.with_suffix(".json")
+    script.write_text(json.dumps([{"when_last": when, "output": text} for when, text in recordings]))
+    return folder, script
+
+
+@pytest.fixture(scope="session")
+def agent_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the agent CLIs' scripted tool calls write (the recordings name absolute paths in it)."""
+    return tmp_path_factory.mktemp("agent-work")
+
+
+def hermes_call(name: str, arguments: dict) -> str:
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
+
+
+@pytest.fixture(scope="session")
+def agent_models(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer, agent_workdir: Path
+) -> dict[str, tuple[Path, Path]]:
+    """Models for the agent CLIs' end-to-end tests: a tiny random Llama with a 32k context (room for
+    Claude Code's ~20k-token prompt) speaking Qwen2.5's template, whose turns are scripted: a tool
+    call first, then, once its result is in, a final answer."""
+    root = tmp_path_factory.mktemp("agents")
+    model_dir = _random_llama(root / "long-llama", tokenizer, hidden=64, layers=2, heads=4, context=32768)
+    write = hermes_call("Write", {"file_path": str(agent_workdir / "claude.txt"), "content": "written by claude\n"})
+    plans = {
+        "test/agent-claude": [("user", write), ("tool", "I wrote claude.txt.")],
+    }
+    return {
+        model_id: _replay_model(root, model_dir, model_id, "qwen2.5", recordings)
+        for model_id, recordings in plans.items()
+    }
 
 
 @pytest.fixture(scope="session")
@@ -169,11 +203,12 @@ def models_toml(
     tiny_model_dir: Path,
     dense_model_dir: Path,
     replay_models: dict[str, tuple[Path, Path]],
+    agent_models: dict[str, tuple[Path, Path]],
 ) -> Path:
     path = tmp_path_factory.mktemp("config") / "models.toml"
     replays = "".join(
         f'\n[[models]]\nid = "{model_id}"\nsource = "file:{folder}"\nreplay = "{script}"\n'
-        for model_id, (folder, script) in replay_models.items()
+        for model_id, (folder, script) in {**replay_models, **agent_models}.items()
     )
     path.write_text(
         replays
