@@ -216,7 +216,7 @@ def _stream(writer) -> list[bytes]:
         if isinstance(piece, Delta):
             chunks += writer.text(piece)
         elif isinstance(piece, ReasoningDelta):
-            chunks += writer.reasoning(piece.text)
+            chunks += writer.reasoning(piece)
         else:
             chunks += writer.tool_call(piece)
     return chunks + writer.finish(DONE)

@@ -22,6 +22,11 @@ class GatewaySection(BaseModel):
     idle_timeout: float = Field(120.0, gt=0, description="Seconds a running job may stay silent.")
     load_timeout: float = Field(600.0, gt=0, description="Seconds a request waits for its model's cold load.")
     keepalive_interval: float = Field(5.0, gt=0, description="Seconds between SSE comments while a stream waits.")
+    responses_ttl: float = Field(
+        30 * 86400.0,
+        gt=0,
+        description="Seconds a stored /v1/responses response is kept (the KV bucket's max age, set when created).",
+    )
     shutdown_timeout: float = Field(
         30.0, ge=0, description="On SIGTERM, seconds open requests may finish; then they are cut, their jobs cancelled."
     )

@@ -39,6 +39,7 @@ from cortex.protocol.messages import (
     InferenceJob,
     NamedTool,
     OutputFormat,
+    ReasoningDelta,
     SamplingParams,
     Tool,
     ToolCall,
@@ -165,7 +166,7 @@ def _reference(part: Part) -> str | None:
 
 
 def _referenced(req: MessagesRequest | CountTokensRequest) -> set[str]:
-    names = set()
+    names: set[str] = set()
     for m in req.messages:
         for block in m.content if isinstance(m.content, list) else []:
             if block.type == "tool_result" and isinstance(block.content, list):
@@ -233,7 +234,8 @@ def to_messages(req: MessagesRequest | CountTokensRequest) -> list[ChatMessage]:
     for i, m in enumerate(req.messages):
         where = f"messages[{i}].content"
         if m.role == "system":
-            messages.append(ChatMessage(role="system", content=join_text(m.content, where, "block")))
+            blocks = m.content if isinstance(m.content, str) else [Part(type=b.type, text=b.text) for b in m.content]
+            messages.append(ChatMessage(role="system", content=join_text(blocks, where, "block")))
         elif isinstance(m.content, str):
             messages.append(ChatMessage(role=m.role, content=m.content))
         elif m.role == "user":
@@ -406,9 +408,9 @@ class MessageWriter:
         chunks = self._open({"type": "text", "text": ""}) if self._block != "text" else []
         return [*chunks, self._delta({"type": "text_delta", "text": delta.text})]
 
-    def reasoning(self, text: str) -> list[bytes]:
+    def reasoning(self, delta: ReasoningDelta) -> list[bytes]:
         chunks = self._open({"type": "thinking", "thinking": "", "signature": ""}) if self._block != "thinking" else []
-        return [*chunks, self._delta({"type": "thinking_delta", "thinking": text})]
+        return [*chunks, self._delta({"type": "thinking_delta", "thinking": delta.text})]
 
     def tool_call(self, delta: ToolCallDelta) -> list[bytes]:
         chunks = []

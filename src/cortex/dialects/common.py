@@ -15,6 +15,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.invalid_request: 400,
     ErrorCode.payload_too_large: 413,
     ErrorCode.model_not_found: 404,
+    ErrorCode.response_not_found: 404,
     ErrorCode.preflight_failed: 422,
     ErrorCode.insufficient_capacity: 503,
     ErrorCode.load_failed: 502,
@@ -96,6 +97,7 @@ class Answer:
     reasoning: str = ""
     calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    reasoning_tokens: int = 0
 
     def add(self, event: Delta | ReasoningDelta | ToolCallDelta) -> None:
         if isinstance(event, Delta):
@@ -104,6 +106,7 @@ class Answer:
                 self.logprobs = (self.logprobs or []) + event.logprobs
         elif isinstance(event, ReasoningDelta):
             self.reasoning += event.text
+            self.reasoning_tokens += event.tokens
         else:
             while len(self.calls) <= event.index:
                 call_id = event.id or f"call_{len(self.calls)}"

@@ -30,6 +30,7 @@ from cortex.protocol.messages import (
     Done,
     InferenceJob,
     NamedTool,
+    ReasoningDelta,
     SamplingParams,
     TokenLogprob,
     Tool,
@@ -335,8 +336,8 @@ class ChunkWriter:
             return [head + json.dumps(delta.text, ensure_ascii=False).encode() + tail]
         return [self._delta({"content": delta.text}, logprobs=_logprobs(delta.logprobs))]
 
-    def reasoning(self, text: str) -> list[bytes]:
-        return [self._delta({"reasoning_content": text})]
+    def reasoning(self, delta: ReasoningDelta) -> list[bytes]:
+        return [self._delta({"reasoning_content": delta.text})]
 
     def tool_call(self, delta: ToolCallDelta) -> list[bytes]:
         call: dict[str, Any] = {"index": delta.index}

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic_core import from_json
 
-from cortex.dialects import anthropic, openai
+from cortex.dialects import anthropic, openai, responses
 from cortex.gateway import auth
 from cortex.gateway.catalogue_view import model_entry
 from cortex.gateway.exchange import exchange
@@ -25,9 +27,10 @@ from cortex.gateway.streaming import (
     stream_answer,
     unless_disconnected,
 )
-from cortex.protocol.errors import ErrorCode, InvalidRequest, ModelNotFound, NoCapacity, TransportError
-from cortex.protocol.messages import CountReply, CountRequest, InferenceJob
+from cortex.protocol.errors import CortexError, ErrorCode, InvalidRequest, ModelNotFound, NoCapacity, TransportError
+from cortex.protocol.messages import CountReply, CountRequest, InferenceJob, StoredResponse
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 # Every /v1 route needs an API key once any is configured; the check comes before the body's.
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth.authenticate)])
@@ -148,6 +151,76 @@ async def messages(body: anthropic.MessagesRequest, request: Request) -> Respons
     return await _serve(request, gw, job, "anthropic.messages", writer, body.stream)
 
 
+@v1.post("/responses", responses=_OPENAI_ERRORS)
+async def create_response(body: responses.ResponsesRequest, request: Request) -> Response:
+    await _check_unicode(request)
+    gw = gateway_for(request)
+    model_id = _model(request, gw, body.model)
+    history = await gw.responses.history(body.previous_response_id) if body.previous_response_id else []
+    job = responses.to_job(body, model_id, history, job_id=uuid.uuid4().hex, request_id=exchange(request).request_id)
+    writer = responses.ResponseWriter(body, responses.response_id(), model_id)
+    keep = _keeper(gw, body, writer) if body.store else None
+    return await _serve(request, gw, job, "openai.responses", writer, body.stream, keep)
+
+
+def _keeper(gw: Gateway, body: responses.ResponsesRequest, writer: responses.ResponseWriter) -> Keep:
+    """Stores the response once it is whole (before its last event goes out, so that a client that
+    continues from it at once finds it). A store that fails is logged: the answer stands."""
+    kept = False
+
+    async def keep() -> None:
+        nonlocal kept
+        if kept or writer.final is None or writer.answer is None:
+            return
+        kept = True
+        stored = StoredResponse(
+            id=writer.id,
+            previous_response_id=body.previous_response_id,
+            messages=[*responses.to_messages(body.input), *responses.answer_messages(writer.answer)],
+            input_items=responses.input_items(body.input),
+            response=writer.final,
+        )
+        try:
+            await gw.responses.put(stored)
+        except CortexError as exc:
+            log.warning("response %s was answered but not stored: %s", writer.id, exc.message)
+
+    return keep
+
+
+async def _stored(gw: Gateway, request: Request, response_id: str) -> StoredResponse:
+    stored = await gw.responses.get(response_id)
+    _model(request, gw, str(stored.response.get("model", "")))  # the caller's key may use its model
+    return stored
+
+
+@v1.get("/responses/{response_id}", responses=_OPENAI_ERRORS)
+async def get_response(response_id: str, request: Request) -> JSONResponse:
+    stored = await _stored(gateway_for(request), request, response_id)
+    return JSONResponse(stored.response)
+
+
+@v1.delete("/responses/{response_id}", responses=_OPENAI_ERRORS)
+async def delete_response(response_id: str, request: Request) -> JSONResponse:
+    gw = gateway_for(request)
+    await _stored(gw, request, response_id)
+    await gw.responses.delete(response_id)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+@v1.get("/responses/{response_id}/input_items", responses=_OPENAI_ERRORS)
+async def list_input_items(response_id: str, request: Request) -> JSONResponse:
+    items = (await _stored(gateway_for(request), request, response_id)).input_items
+    body = {
+        "object": "list",
+        "data": items,
+        "first_id": items[0]["id"] if items else None,
+        "last_id": items[-1]["id"] if items else None,
+        "has_more": False,
+    }
+    return JSONResponse(body)
+
+
 @v1.post("/messages/count_tokens", responses=_ANTHROPIC_ERRORS)
 async def count_tokens(body: anthropic.CountTokensRequest, request: Request) -> JSONResponse:
     await _check_unicode(request)
@@ -182,10 +255,20 @@ def _include_usage(options: openai.StreamOptions | None) -> bool:
     return bool(options and options.include_usage)
 
 
+Keep = Callable[[], Awaitable[None]]
+
+
 async def _serve(
-    request: Request, gw: Gateway, job: InferenceJob, api: str, writer: AnswerWriter, stream: bool
+    request: Request,
+    gw: Gateway,
+    job: InferenceJob,
+    api: str,
+    writer: AnswerWriter,
+    stream: bool,
+    keep: Keep | None = None,
 ) -> Response:
-    """Places the model if need be, runs the job, and answers: a stream, or one body.
+    """Places the model if need be, runs the job, and answers: a stream, or one body. `keep` runs
+    once the answer is whole (the Responses API's store).
 
     A stream whose model is served now opens its job first, so that a refusal is still an HTTP
     status; a cold one answers 200 at once and keeps the connection while the model loads."""
@@ -199,6 +282,8 @@ async def _serve(
             if loading is None:
                 await unless_disconnected(request, served.open())
             content = stream_answer(served, writer, loading, gw.settings.gateway.keepalive_interval)
+            if keep is not None:
+                content = _keeping(content, keep)
             return ServedStreamResponse(served, content, media_type="text/event-stream", headers=_STREAM_HEADERS)
         if loading is not None:
             await unless_disconnected(request, asyncio.shield(loading))
@@ -206,7 +291,17 @@ async def _serve(
     except ClientGone:
         await served.finish()  # the client left: so says the outcome, and nothing is left running
         return Response(status_code=499)
-    return JSONResponse(writer.response(answer, done))
+    body = writer.response(answer, done)
+    if keep is not None:
+        await keep()
+    return JSONResponse(body)
+
+
+async def _keeping(content: AsyncIterator[bytes], keep: Keep) -> AsyncIterator[bytes]:
+    """The stream, with `keep` run as soon as the answer is whole (before the write that ends it)."""
+    async for chunk in content:
+        await keep()
+        yield chunk
 
 
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

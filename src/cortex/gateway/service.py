@@ -25,6 +25,7 @@ from cortex.config.gateway import CortexSettings
 from cortex.gateway.dispatch import Dispatcher
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.placer import Placer
+from cortex.gateway.response_store import ResponseStore
 from cortex.placement.fleet import FleetView
 from cortex.placement.lease import Leases
 from cortex.placement.pins import Pins
@@ -61,6 +62,7 @@ class Gateway:
         placer: Placer,
         control: ControlClient,
         pins: Pins,
+        responses: ResponseStore,
         stack: AsyncExitStack,
     ) -> None:
         self.settings = settings
@@ -74,6 +76,7 @@ class Gateway:
         self.placer = placer
         self.control = control
         self.pins = pins
+        self.responses = responses  # stored /v1/responses, in NATS
         self._stack = stack
         self._closed = False
 
@@ -159,6 +162,7 @@ async def _build(
 
     pins = await Pins.open(connection, subjects, replicas=nats.kv_replicas)
     _run(stack, keep_watching(pins.follow, PINS_BUCKET))
+    responses = await ResponseStore.open(connection, max_age=gw.responses_ttl, replicas=nats.kv_replicas)
 
     leases = Leases(await placement_bucket(connection, replicas=nats.kv_replicas), name, ttl=gw.load_timeout + 30)
     # A server that came back empty has no placement bucket; the watches reopen theirs themselves.
@@ -190,6 +194,7 @@ async def _build(
         placer=placer,
         control=control,
         pins=pins,
+        responses=responses,
         stack=stack,
     )
     if gw.metrics_listen:

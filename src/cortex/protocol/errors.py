@@ -22,6 +22,7 @@ class ErrorCode(StrEnum):
     invalid_request = "invalid_request"
     payload_too_large = "payload_too_large"
     model_not_found = "model_not_found"
+    response_not_found = "response_not_found"
     model_not_loaded = "model_not_loaded"
     preflight_failed = "preflight_failed"
     insufficient_capacity = "insufficient_capacity"

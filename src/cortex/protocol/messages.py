@@ -464,3 +464,21 @@ class FleetEvent(_Wire):
     reason: str | None = Field(None, description="Why: `keep_alive`, `evicted`, a refusal kind, ...")
     detail: str | None = None
     at: float = Field(default_factory=time.time)
+
+
+# --- stored responses (the Responses API) ------------------------------------------------------
+
+
+class StoredResponse(_Wire):
+    """One response of `/v1/responses` with `store: true`, under its id in the KV bucket
+    `cortex_responses` (entries expire after the gateway's `responses_ttl`). Each holds only its own
+    turn: a conversation is rebuilt by following `previous_response_id` back."""
+
+    v: int = PROTOCOL_VERSION
+    id: str
+    previous_response_id: str | None = None
+    messages: list[ChatMessage] = Field(
+        description="This turn in the job's terms: its new input (without `instructions`), then the answer."
+    )
+    input_items: list[dict[str, Any]] = Field(description="This turn's input items, as `/input_items` lists them.")
+    response: dict[str, Any] = Field(description="The response object, as `GET /v1/responses/{id}` returns it.")

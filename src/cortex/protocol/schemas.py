@@ -27,6 +27,7 @@ SCHEMAS: dict[str, type[BaseModel] | TypeAdapter[Any]] = {
     "fleet-event": m.FleetEvent,
     "placement-lease": m.PlacementLease,
     "pin": m.ModelSpec,
+    "stored-response": m.StoredResponse,
 }
 
 

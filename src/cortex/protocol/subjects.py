@@ -20,6 +20,7 @@ DEFAULT_PREFIX = "cortex"
 NODES_BUCKET = "cortex_nodes"
 PLACEMENT_BUCKET = "cortex_placement"
 PINS_BUCKET = "cortex_pins"
+RESPONSES_BUCKET = "cortex_responses"
 JOB_QUEUE_GROUP = "neurons"
 CONTROL_SERVICE = "neuron"
 

@@ -15,7 +15,7 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from cortex.protocol.errors import TransportError
-from cortex.protocol.subjects import NODES_BUCKET, PINS_BUCKET, PLACEMENT_BUCKET
+from cortex.protocol.subjects import NODES_BUCKET, PINS_BUCKET, PLACEMENT_BUCKET, RESPONSES_BUCKET
 from cortex.transport._natspy import KvInternals, kv_internals
 from cortex.transport.connection import Connection
 from cortex.transport.errors import map_nats_errors
@@ -76,10 +76,17 @@ class Bucket:
 
 
 async def open_bucket(
-    connection: Connection, bucket: str, description: str, *, replicas: int = 1, ttl: bool = False
+    connection: Connection,
+    bucket: str,
+    description: str,
+    *,
+    replicas: int = 1,
+    ttl: bool = False,
+    max_age: float | None = None,
 ) -> Bucket:
     """A KV bucket, created on first use. `ttl` allows per-key TTLs and turns on limit markers,
-    so an expired key reaches watchers as a delete."""
+    so an expired key reaches watchers as a delete. `max_age`: seconds each key lives (set when the
+    bucket is created; an existing bucket keeps its own)."""
     js = connection.client.jetstream()
     with map_nats_errors(f"opening KV bucket {bucket}"):
         try:
@@ -92,6 +99,7 @@ async def open_bucket(
             history=1,
             replicas=replicas,
             limit_marker_ttl=1.0 if ttl else None,
+            ttl=max_age,
         )
         try:
             return Bucket(connection, await js.create_key_value(config))
@@ -119,6 +127,18 @@ async def nodes_bucket(connection: Connection, *, replicas: int = 1) -> Bucket:
 async def placement_bucket(connection: Connection, *, replicas: int = 1) -> Bucket:
     """Placement leases, one key per model being loaded; a lease expires if its gateway dies."""
     return await open_bucket(connection, PLACEMENT_BUCKET, "cortex placement leases", replicas=replicas, ttl=True)
+
+
+async def responses_bucket(connection: Connection, *, max_age: float, replicas: int = 1) -> Bucket:
+    """Stored Responses API responses, one key per response id, each removed `max_age` seconds after
+    it was written."""
+    return await open_bucket(
+        connection,
+        RESPONSES_BUCKET,
+        "cortex stored responses (/v1/responses), one key per response id",
+        replicas=replicas,
+        max_age=max_age,
+    )
 
 
 async def pins_bucket(connection: Connection, *, replicas: int = 1) -> Bucket:
