@@ -188,8 +188,16 @@ def agent_models(
     root = tmp_path_factory.mktemp("agents")
     model_dir = _random_llama(root / "long-llama", tokenizer, hidden=64, layers=2, heads=4, context=32768)
     write = hermes_call("Write", {"file_path": str(agent_workdir / "claude.txt"), "content": "written by claude\n"})
+    opencode_write = hermes_call(
+        "write", {"filePath": str(agent_workdir / "opencode.txt"), "content": "written by opencode\n"}
+    )
+    # Codex's shell tool; the command runs in its working directory.
+    shell = hermes_call("exec_command", {"cmd": "echo written by codex > codex.txt"})
     plans = {
         "test/agent-claude": [("user", write), ("tool", "I wrote claude.txt.")],
+        "test/agent-codex": [("user", shell), ("tool", "I wrote codex.txt.")],
+        "test/agent-opencode": [("user", opencode_write), ("tool", "I wrote opencode.txt.")],
+        "test/agent-plain": [("any", "The capital of France is Paris.")],
     }
     return {
         model_id: _replay_model(root, model_dir, model_id, "qwen2.5", recordings)

@@ -9,6 +9,7 @@ CLI carries out, then a final answer once the result is in.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -29,6 +30,7 @@ def agent(name: str) -> Path:
 
 def run(argv: list[str | Path], cwd: Path, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "TERM", "SSL_CERT_FILE")}
+    (cwd / ".home").mkdir(exist_ok=True)
     return subprocess.run(
         [str(a) for a in argv],
         cwd=cwd,
@@ -71,3 +73,66 @@ def test_claude_code_gets_a_plain_answer_from_the_default_model(gateway, neuron,
     # 135M parameters: its answer is a sentence, not always the right one (Claude Code puts its
     # environment turn after the question, and this model tends to answer that turn).
     assert done.stdout.strip() and "API Error" not in done.stdout
+
+
+def codex_argv(codex: Path, gateway_url: str, model: str, prompt: str) -> list[str | Path]:
+    """`codex exec` with cortex as a custom model provider (README, "Use it from coding agents")."""
+    provider = {
+        "model_provider": "cortex",
+        "model_providers.cortex.name": '"cortex"',
+        "model_providers.cortex.base_url": f'"{gateway_url}/v1"',
+        "model_providers.cortex.wire_api": '"responses"',
+        "model_providers.cortex.env_key": '"CORTEX_API_KEY"',
+        "model_providers.cortex.request_max_retries": "0",
+        "model_providers.cortex.stream_max_retries": "0",
+    }
+    settings = [arg for key, value in provider.items() for arg in ("-c", f"{key}={value}")]
+    # No sandbox: the test's working directory is a throwaway one, and a container may not allow bwrap.
+    return [
+        codex,
+        "exec",
+        "--skip-git-repo-check",
+        "--dangerously-bypass-approvals-and-sandbox",
+        *settings,
+        "-m",
+        model,
+        prompt,
+    ]
+
+
+def test_codex_runs_a_scripted_shell_command(gateway, neuron, agent_workdir: Path) -> None:
+    codex = agent("codex")
+    argv = codex_argv(codex, gateway.url, "test/agent-codex", "Write codex.txt")
+    done = run(argv, agent_workdir, {"CORTEX_API_KEY": "unused"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (agent_workdir / "codex.txt").read_text() == "written by codex\n"
+    assert "I wrote codex.txt." in done.stdout
+
+
+def opencode_config(gateway_url: str, model: str) -> str:
+    """An openai-compatible provider pointing at cortex (README, "Use it from coding agents")."""
+    provider = {
+        "npm": "@ai-sdk/openai-compatible",
+        "name": "cortex",
+        "options": {"baseURL": f"{gateway_url}/v1", "apiKey": "unused"},
+        "models": {model: {"name": model}},
+    }
+    config = {"$schema": "https://opencode.ai/config.json", "provider": {"cortex": provider}, "autoupdate": False}
+    return json.dumps(config)
+
+
+def test_opencode_writes_a_file_with_its_write_tool(gateway, neuron, agent_workdir: Path) -> None:
+    opencode = agent("opencode")
+    env = {"OPENCODE_CONFIG_CONTENT": opencode_config(gateway.url, "test/agent-opencode")}
+    done = run([opencode, "run", "-m", "cortex/test/agent-opencode", "Write opencode.txt"], agent_workdir, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (agent_workdir / "opencode.txt").read_text() == "written by opencode\n"
+    assert "I wrote opencode.txt." in done.stdout
+
+
+def test_opencode_gets_a_plain_answer(gateway, neuron, tmp_path: Path) -> None:
+    opencode = agent("opencode")
+    env = {"OPENCODE_CONFIG_CONTENT": opencode_config(gateway.url, "test/agent-plain")}
+    done = run([opencode, "run", "-m", "cortex/test/agent-plain", "What is the capital of France?"], tmp_path, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "The capital of France is Paris." in done.stdout
