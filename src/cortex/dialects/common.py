@@ -9,7 +9,16 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from cortex.protocol.errors import CortexError, ErrorCode, InvalidRequest, Refused
-from cortex.protocol.messages import Delta, ReasoningDelta, TokenLogprob, Tool, ToolCall, ToolCallDelta, ToolChoice
+from cortex.protocol.messages import (
+    Delta,
+    OutputFormat,
+    ReasoningDelta,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+)
 
 _STATUS: dict[ErrorCode, int] = {
     ErrorCode.invalid_request: 400,
@@ -87,6 +96,19 @@ def check_tools(tools: list[Tool] | None, choice: ToolChoice, field: str) -> Non
         raise InvalidRequest(f"`{field}` forces a tool call but the request has no `tools`")
     if not isinstance(choice, str) and choice.name not in names:
         raise InvalidRequest(f"`{field}` names tool {choice.name!r}, which is not among `tools`: {sorted(names)}")
+
+
+def json_output(kind: str, schema: dict[str, Any] | None, name: str | None, field: str) -> OutputFormat | None:
+    """A dialect's ask for JSON output (`text`: none), as the job's constraint."""
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputFormat(type="json_object")
+    if kind != "json_schema":
+        raise InvalidRequest(f"`{field}.type` is {kind!r}; it takes text, json_object or json_schema")
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"`{field}` of type json_schema needs its schema (a JSON object)")
+    return OutputFormat(type="json_schema", json_schema=schema, name=name)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from cortex.dialects.common import (
     describe,
     http_status,
     join_text,
+    json_output,
     stop_list,
 )
 from cortex.protocol.errors import CortexError, InvalidRequest
@@ -30,6 +31,7 @@ from cortex.protocol.messages import (
     Done,
     InferenceJob,
     NamedTool,
+    OutputFormat,
     ReasoningDelta,
     SamplingParams,
     TokenLogprob,
@@ -72,7 +74,7 @@ class FunctionDef(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None  # accepted; without constrained decoding the schema guides, it does not bind
+    strict: bool | None = None  # the call's arguments are decoded constrained to `parameters`
 
 
 class ToolDef(BaseModel):
@@ -90,6 +92,20 @@ class NamedToolChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["function"]
     function: NamedFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema always binds here
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(BaseModel):
@@ -135,7 +151,7 @@ class ChatCompletionRequest(_Sampled):
     tools: list[ToolDef] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
@@ -150,12 +166,6 @@ class ChatCompletionRequest(_Sampled):
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     if req.n not in (None, 1):
         raise InvalidRequest("`n` must be 1: this server returns one choice per request; send n requests instead")
-    kind = (req.response_format or {}).get("type")
-    if kind not in (None, "text"):
-        raise InvalidRequest(
-            f"`response_format` of type {kind!r} is not supported: this server has no constrained decoding; "
-            "ask for the format in the prompt and leave response_format unset or set it to text"
-        )
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("`top_logprobs` needs `logprobs: true`")
 
@@ -185,9 +195,21 @@ def _message(m: ChatMessageIn, index: int) -> ChatMessage:
     )
 
 
+def _output_format(response_format: ResponseFormat | None) -> OutputFormat | None:
+    if response_format is None:
+        return None
+    spec = response_format.json_schema or JsonSchemaFormat()
+    return json_output(response_format.type, spec.schema_, spec.name, "response_format")
+
+
 def _tools(req: ChatCompletionRequest) -> tuple[list[Tool] | None, ToolChoice]:
     tools = [
-        Tool(name=t.function.name, description=t.function.description, parameters=t.function.parameters or {})
+        Tool(
+            name=t.function.name,
+            description=t.function.description,
+            parameters=t.function.parameters or {},
+            strict=bool(t.function.strict),
+        )
         for t in req.tools or []
     ] or None
     choice: ToolChoice = "auto"
@@ -232,6 +254,7 @@ def to_job(req: ChatCompletionRequest, model_id: str, *, job_id: str, request_id
         tool_choice=choice,
         parallel_tool_calls=req.parallel_tool_calls is not False,
         reasoning=None if req.reasoning_effort is None else req.reasoning_effort not in ("none", "minimal"),
+        output_format=_output_format(req.response_format),
     )
 
 

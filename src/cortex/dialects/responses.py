@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.dialects import sse
-from cortex.dialects.common import MAX_TOKENS_LIMIT, Answer, Part, check_tools, join_text
+from cortex.dialects.common import MAX_TOKENS_LIMIT, Answer, Part, check_tools, join_text, json_output
 from cortex.dialects.openai import DEFAULT_MAX_TOKENS, error_payload
 from cortex.protocol.errors import CortexError, InvalidRequest
 from cortex.protocol.messages import (
@@ -206,14 +206,8 @@ def _tools(req: ResponsesRequest) -> tuple[list[Tool] | None, ToolChoice]:
     return tools or None, choice
 
 
-def output_format(fmt: TextFormat | None, field: str) -> OutputFormat | None:
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_object":
-        return OutputFormat(type="json_object")
-    if fmt.schema_ is None:
-        raise InvalidRequest(f"`{field}.schema` is required when its type is json_schema")
-    return OutputFormat(type="json_schema", json_schema=fmt.schema_, name=fmt.name)
+def _output_format(fmt: TextFormat | None) -> OutputFormat | None:
+    return json_output(fmt.type, fmt.schema_, fmt.name, "text.format") if fmt else None
 
 
 def to_job(
@@ -239,7 +233,7 @@ def to_job(
         tool_choice=choice,
         parallel_tool_calls=req.parallel_tool_calls is not False,
         reasoning=None if effort is None else effort not in ("none", "minimal"),
-        output_format=output_format(req.text.format if req.text else None, "text.format"),
+        output_format=_output_format(req.text.format if req.text else None),
     )
 
 

@@ -19,9 +19,11 @@ import torch
 from cortex.protocol.errors import ErrorCode
 from cortex.protocol.messages import InferenceJob, ModelSpec, TokenLogprob, TopLogprob
 from neuron.engine.chat import ChatFormat, PromptRejected, Rendered
+from neuron.engine.constraint import Constraint, Constraints, GrammarRejected, plan
 from neuron.engine.detokenize import IncrementalDetokenizer
 from neuron.engine.outputs import Crashed, Finished, FinishReason, Output, Reasoning, Text, ToolCallPart
 from neuron.engine.parsing.output import Call, Content, Parsed, Parser, PlainText, Thought
+from neuron.engine.parsing.syntax import THINK_OPEN
 from neuron.engine.replay import Replay, ReplaySampler
 from neuron.engine.sampling import BadLogitBias, Sampler, SamplingDefaults
 from neuron.engine.stops import StopMatcher
@@ -56,6 +58,9 @@ class JobModel(Protocol):
 
     @property
     def replay(self) -> Replay | None: ...
+
+    @property
+    def constraints(self) -> Constraints: ...
 
     def new_batch(self) -> Batch:
         """An empty batch of this model's sequences, on its engine."""
@@ -125,6 +130,7 @@ class Generation:
         self._emitted_tokens = 0
         self._logprobs: list[TokenLogprob] = []
         self._parser: Parser = PlainText()
+        self._constraint: Constraint | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -148,7 +154,8 @@ class Generation:
             self._sampler: Sampler | ReplaySampler = Sampler(
                 self.job.sampling, self.model.sampling, self.model.device, self.model.vocab_size
             )
-        except (PromptRejected, BadLogitBias) as exc:
+            self._constraint = self._constrain(rendered)
+        except (PromptRejected, BadLogitBias, GrammarRejected) as exc:
             self._crash(ErrorCode.invalid_request, str(exc))
             return None
         ids = rendered.ids
@@ -160,6 +167,16 @@ class Generation:
         self._detok = IncrementalDetokenizer(self.model.tokenizer, ids, self.model.chat.drop_ids)
         self._stops = StopMatcher(self.job.sampling.stop)
         return ids
+
+    def _constrain(self, rendered: Rendered) -> Constraint | None:
+        """The job's grammar, compiled now (a schema the library cannot take ends the job before any
+        forward pass); none for a replayed model, whose tokens are recorded, not sampled."""
+        chat = self.model.chat
+        if self.model.replay is not None:
+            return None
+        syntax = chat.syntax if chat.syntax_known else None
+        wanted = plan(self.job, syntax, chat.reasons, rendered.text.rstrip().endswith(THINK_OPEN))
+        return Constraint(wanted, self.model.constraints) if wanted else None
 
     def first(self, logits: torch.Tensor) -> None:
         """The prompt's last logits, from the prefill: the first token."""
@@ -192,7 +209,7 @@ class Generation:
         self._crash(ErrorCode.internal, f"generation failed: {type(exc).__name__}: {exc}")
 
     def _sample(self, logits: torch.Tensor) -> int:
-        token = self._sampler(logits)
+        token = self._sampler(self._constraint.mask(logits) if self._constraint else logits)
         if self.job.sampling.logprobs is not None:
             self._logprobs.append(self._logprob(logits, token, self.job.sampling.logprobs))
         return token
@@ -220,7 +237,10 @@ class Generation:
             self._emit(self._stops.push(self._detok.flush())[0] + self._stops.flush(), final=True)
             self._finish("stop", None)
             return
-        text, matched = self._stops.push(self._detok.push(token))
+        piece = self._detok.push(token)
+        if self._constraint is not None:
+            self._constraint.accept(token, piece)
+        text, matched = self._stops.push(piece)
         if matched is not None:
             self._emit(text, final=True)
             self._finish("stop", matched)

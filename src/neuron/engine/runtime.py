@@ -13,6 +13,7 @@ loader (neuron.sources.loader).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,6 +22,7 @@ import torch
 from cortex.protocol.messages import ModelSpec
 from neuron.engine.backends import Engine
 from neuron.engine.chat import ChatFormat
+from neuron.engine.constraint import Constraints
 from neuron.engine.generation import Batch
 from neuron.engine.replay import Replay
 from neuron.engine.sampling import SamplingDefaults
@@ -78,6 +80,11 @@ class LoadedModel:
     replay: Replay | None = None
     convert_to: Path | None = None  # where to save the dequantized weights, if not done yet
     from_cache: bool = False
+
+    @cached_property
+    def constraints(self) -> Constraints:
+        """Compiles this model's grammars (structured outputs); its tokenizer's index is built on first use."""
+        return Constraints(self.tokenizer, self.vocab_size, self.eos_ids)
 
     @property
     def engine(self) -> Engine:
