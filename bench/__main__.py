@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import sys
 
-from bench import coldstart, engines, quickstart, throughput
+from bench import coldstart, constrained, engines, quickstart, throughput
 
 BENCHMARKS = {
     "throughput": throughput.main,
     "engines": engines.main,
     "quickstart": quickstart.main,
     "coldstart": coldstart.main,
+    "constrained": constrained.main,
 }
 
 
