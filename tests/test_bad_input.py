@@ -96,7 +96,8 @@ CASES += [
     (MESSAGES, _valid(MESSAGES, max_tokens=None), 400, "invalid `max_tokens`"),
     (MESSAGES, _json({"model": "tiny", "messages": HI}), 400, "invalid `max_tokens`: Field required"),
     (MESSAGES, _valid(MESSAGES, top_k=10**20), 400, "invalid `top_k`"),
-    (MESSAGES, _valid(MESSAGES, messages=[{"role": "system", "content": "hi"}]), 400, "invalid `messages.0.role`"),
+    (MESSAGES, _valid(MESSAGES, messages=[{"role": "system", "content": "hi"}]), 400, "only system turns"),
+    (MESSAGES, _valid(MESSAGES, messages=[{"role": "tool", "content": "hi"}]), 400, "invalid `messages.0.role`"),
     (COUNT, _valid(COUNT, messages=[]), 400, "invalid `messages`"),
     (COUNT, _valid(COUNT, max_tokens=5), 400, "max_tokens"),  # not a count_tokens field
 ]

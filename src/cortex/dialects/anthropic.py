@@ -228,6 +228,10 @@ def to_messages(req: MessagesRequest | CountTokensRequest) -> list[ChatMessage]:
     """The conversation; a system turn inside `messages` stays where it is (the node renders it as a
     system turn where the chat template allows one there, else merges it into the next user turn)."""
     _check_context_management(req)
+    if all(m.role == "system" for m in req.messages):
+        raise InvalidRequest(
+            "`messages` holds only system turns; put the system prompt in `system` and send at least one user turn"
+        )
     messages = []
     if req.system:
         messages.append(ChatMessage(role="system", content=join_text(req.system, "system", "block")))
