@@ -98,6 +98,12 @@ def check_tools(tools: list[Tool] | None, choice: ToolChoice, field: str) -> Non
         raise InvalidRequest(f"`{field}` names tool {choice.name!r}, which is not among `tools`: {sorted(names)}")
 
 
+def thinking_for(effort: str | None) -> bool | None:
+    """OpenAI's reasoning effort on the model's thinking switch: none and minimal turn it off, the
+    others on; unset leaves the model's default."""
+    return None if effort is None else effort not in ("none", "minimal")
+
+
 def json_output(kind: str, schema: dict[str, Any] | None, name: str | None, field: str) -> OutputFormat | None:
     """A dialect's ask for JSON output (`text`: none), as the job's constraint."""
     if kind == "text":

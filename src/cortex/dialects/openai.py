@@ -23,6 +23,7 @@ from cortex.dialects.common import (
     join_text,
     json_output,
     stop_list,
+    thinking_for,
 )
 from cortex.protocol.errors import CortexError, InvalidRequest
 from cortex.protocol.messages import (
@@ -253,7 +254,7 @@ def to_job(req: ChatCompletionRequest, model_id: str, *, job_id: str, request_id
         tools=tools,
         tool_choice=choice,
         parallel_tool_calls=req.parallel_tool_calls is not False,
-        reasoning=None if req.reasoning_effort is None else req.reasoning_effort not in ("none", "minimal"),
+        reasoning=thinking_for(req.reasoning_effort),
         output_format=_output_format(req.response_format),
     )
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.dialects import sse
-from cortex.dialects.common import MAX_TOKENS_LIMIT, Answer, Part, check_tools, join_text, json_output
+from cortex.dialects.common import MAX_TOKENS_LIMIT, Answer, Part, check_tools, join_text, json_output, thinking_for
 from cortex.dialects.openai import DEFAULT_MAX_TOKENS, error_payload
 from cortex.protocol.errors import CortexError, InvalidRequest
 from cortex.protocol.messages import (
@@ -219,7 +219,6 @@ def to_job(
     if req.instructions:  # instructions are not carried over from a previous response
         messages.insert(0, ChatMessage(role="system", content=req.instructions))
     tools, choice = _tools(req)
-    effort = req.reasoning.effort if req.reasoning else None
     sampling = SamplingParams(
         max_tokens=req.max_output_tokens or DEFAULT_MAX_TOKENS, temperature=req.temperature, top_p=req.top_p
     )
@@ -232,7 +231,7 @@ def to_job(
         tools=tools,
         tool_choice=choice,
         parallel_tool_calls=req.parallel_tool_calls is not False,
-        reasoning=None if effort is None else effort not in ("none", "minimal"),
+        reasoning=thinking_for(req.reasoning.effort if req.reasoning else None),
         output_format=_output_format(req.text.format if req.text else None),
     )
 
