@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from cortex.protocol.messages import ChatMessage, InferenceJob, NamedTool, OutputFormat, Tool
 from neuron.engine.constraint import Constraint, Constraints, GrammarRejected, plan
-from neuron.engine.parsing.syntax import HERMES
+from neuron.engine.parsing.syntax import HERMES, LLAMA3, MISTRAL
 from tests.conftest import needs_llama_cpp
 
 TINY = "test/tiny-llama"
@@ -177,6 +177,18 @@ def test_with_thinking_the_json_starts_after_the_reasoning(constraints, tokenize
         constraint.accept(token, tokenizer.decode([token]))
     text = _decode(constraint, tokenizer, prefix="</think>\n\n")
     _matches(text.removeprefix("</think>"))
+
+
+@pytest.mark.parametrize("syntax", [LLAMA3, MISTRAL], ids=["llama3", "mistral"])
+def test_a_strict_call_is_bound_in_each_family(constraints, tokenizer, syntax) -> None:
+    job = _job(tools=[Tool(name="paint", parameters=SCHEMA, strict=True)])
+    wanted = plan(job, syntax, reasons=False, thinking_open=False)
+    assert wanted is not None
+    text = _decode(Constraint(wanted, constraints), tokenizer, prefix=f"Ok. {syntax.opens[0]}")
+    body = text.removeprefix(f"Ok. {syntax.opens[0]}")
+    call = json.loads(body)[0] if syntax.array else json.loads(body)
+    assert call["name"] == "paint"
+    _matches(json.dumps(call.get("arguments", call.get("parameters"))))
 
 
 def test_a_named_call_is_planned_after_the_forced_opening(constraints, tokenizer) -> None:

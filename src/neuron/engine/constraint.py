@@ -57,11 +57,11 @@ def _calls_grammar(syntax: ToolSyntax, tools: list[Tool], after: str, strict_onl
     the text that names it, its arguments as JSON (by its schema when it binds), then the closing."""
     alternatives = []
     for i, tool in enumerate(tools):
+        # A forced opening names no tool yet, so each tool's starts with it; Llama 3's calls after
+        # its `<|python_tag|>` opener are its bare JSON, which the forced opening is whole.
         opening = syntax.force(tool.name)
-        if not opening.startswith(after):
-            continue
+        head = opening[len(after) :] if opening.startswith(after) else opening
         schema = tool.parameters if (tool.strict or not strict_only) else _ANY_OBJECT
-        head = opening[len(after) :]
         alternatives.append(f"args{i}: %json {_json(schema)}")
         alternatives.append(f"call{i}: {_literal(head) + ' ' if head else ''}args{i} {_literal(_call_tail(syntax))}")
     calls = [line.split(":")[0] for line in alternatives if line.startswith("call")]
