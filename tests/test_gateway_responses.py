@@ -132,6 +132,15 @@ def test_an_unknown_field_is_a_400_naming_it(gateway, neuron) -> None:
     assert resp.status_code == 400 and "surprise" in resp.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("conversation", "conv_1"), ("prompt", {"id": "pmpt_1"}), ("top_logprobs", 2)]
+)
+def test_fields_it_cannot_honour_are_refused_with_the_reason(gateway, neuron, field, value) -> None:
+    body = {"model": TINY, "input": "Hi", field: value}
+    resp = httpx.post(f"{gateway.url}/v1/responses", json=body, timeout=30)
+    assert resp.status_code == 400 and f"`{field}` is not supported" in resp.json()["error"]["message"]
+
+
 def test_an_image_input_is_refused_by_name(client) -> None:
     content = [{"type": "input_image", "image_url": "data:image/png;base64,AA=="}]
     with pytest.raises(openai.BadRequestError, match="input_image"):

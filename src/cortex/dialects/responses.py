@@ -113,7 +113,12 @@ class ResponsesRequest(BaseModel):
     store: bool = True
     previous_response_id: str | None = None
     truncation: Literal["disabled", "auto"] | None = None
+    # Refused by name (_refuse_unsupported says why), rather than as unknown fields.
     background: bool | None = None
+    conversation: Any = None
+    prompt: Any = None
+    max_tool_calls: int | None = None
+    top_logprobs: int | None = None
     # Labels only: accepted, never change the output.
     metadata: dict[str, str] | None = None
     user: str | None = None
@@ -125,9 +130,20 @@ class ResponsesRequest(BaseModel):
     client_metadata: dict[str, Any] | None = None  # Codex's
 
 
+_REFUSED = {
+    "conversation": "conversations are not stored here; chain turns with `previous_response_id`",
+    "prompt": "stored prompt templates are OpenAI's; send the text as `instructions` and `input`",
+    "max_tool_calls": "it caps hosted tool calls, which this server does not run; leave it unset",
+    "top_logprobs": "log probabilities are served by /v1/chat/completions (`logprobs`, `top_logprobs`)",
+}
+
+
 def _refuse_unsupported(req: ResponsesRequest) -> None:
     if req.background:
         raise InvalidRequest("`background: true` is not supported: send the request and wait, or stream it")
+    for field, why in _REFUSED.items():
+        if getattr(req, field) is not None:
+            raise InvalidRequest(f"`{field}` is not supported: {why}")
     if req.truncation == "auto":
         raise InvalidRequest(
             "`truncation: auto` is not supported: this server never drops turns from a conversation; "
