@@ -8,7 +8,9 @@ entry stays small however long the conversation grows; `history` follows the cha
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
+from cortex.dialects import responses
 from cortex.protocol.errors import CortexError, ErrorCode, InvalidRequest
 from cortex.protocol.messages import ChatMessage, StoredResponse
 from cortex.transport.connection import Connection
@@ -78,6 +80,35 @@ class ResponseStore:
             turns.append(stored.messages)
             next_id = stored.previous_response_id
         return [m for turn in reversed(turns) for m in turn]
+
+
+Keep = Callable[[], Awaitable[None]]
+
+
+def keeper(store: ResponseStore, body: responses.ResponsesRequest, writer: responses.ResponseWriter) -> Keep:
+    """Stores the response once it is whole: called before each write of the answer, it acts once,
+    before the write that ends it, so a client that continues from it at once finds it. A store
+    that fails is logged: the answer stands."""
+    kept = False
+
+    async def keep() -> None:
+        nonlocal kept
+        if kept or writer.final is None or writer.answer is None:
+            return
+        kept = True
+        stored = StoredResponse(
+            id=writer.id,
+            previous_response_id=body.previous_response_id,
+            messages=[*responses.to_messages(body.input), *responses.answer_messages(writer.answer)],
+            input_items=responses.input_items(body.input),
+            response=writer.final,
+        )
+        try:
+            await store.put(stored)
+        except CortexError as exc:
+            log.warning("response %s was answered but not stored: %s", writer.id, exc.message)
+
+    return keep
 
 
 def _key(response_id: str) -> str:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -17,6 +16,7 @@ from cortex.dialects import anthropic, openai, responses
 from cortex.gateway import auth
 from cortex.gateway.catalogue_view import model_entry
 from cortex.gateway.exchange import exchange
+from cortex.gateway.response_store import Keep, keeper
 from cortex.gateway.service import Gateway, gateway_for
 from cortex.gateway.streaming import (
     AnswerWriter,
@@ -27,10 +27,9 @@ from cortex.gateway.streaming import (
     stream_answer,
     unless_disconnected,
 )
-from cortex.protocol.errors import CortexError, ErrorCode, InvalidRequest, ModelNotFound, NoCapacity, TransportError
+from cortex.protocol.errors import ErrorCode, InvalidRequest, ModelNotFound, NoCapacity, TransportError
 from cortex.protocol.messages import CountReply, CountRequest, InferenceJob, StoredResponse
 
-log = logging.getLogger(__name__)
 router = APIRouter()
 # Every /v1 route needs an API key once any is configured; the check comes before the body's.
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth.authenticate)])
@@ -159,33 +158,8 @@ async def create_response(body: responses.ResponsesRequest, request: Request) ->
     history = await gw.responses.history(body.previous_response_id) if body.previous_response_id else []
     job = responses.to_job(body, model_id, history, job_id=uuid.uuid4().hex, request_id=exchange(request).request_id)
     writer = responses.ResponseWriter(body, responses.response_id(), model_id)
-    keep = _keeper(gw, body, writer) if body.store else None
+    keep = keeper(gw.responses, body, writer) if body.store else None
     return await _serve(request, gw, job, "openai.responses", writer, body.stream, keep)
-
-
-def _keeper(gw: Gateway, body: responses.ResponsesRequest, writer: responses.ResponseWriter) -> Keep:
-    """Stores the response once it is whole (before its last event goes out, so that a client that
-    continues from it at once finds it). A store that fails is logged: the answer stands."""
-    kept = False
-
-    async def keep() -> None:
-        nonlocal kept
-        if kept or writer.final is None or writer.answer is None:
-            return
-        kept = True
-        stored = StoredResponse(
-            id=writer.id,
-            previous_response_id=body.previous_response_id,
-            messages=[*responses.to_messages(body.input), *responses.answer_messages(writer.answer)],
-            input_items=responses.input_items(body.input),
-            response=writer.final,
-        )
-        try:
-            await gw.responses.put(stored)
-        except CortexError as exc:
-            log.warning("response %s was answered but not stored: %s", writer.id, exc.message)
-
-    return keep
 
 
 async def _stored(gw: Gateway, request: Request, response_id: str) -> StoredResponse:
@@ -253,9 +227,6 @@ def _check_size(gw: Gateway, size: int, what: str) -> None:
 
 def _include_usage(options: openai.StreamOptions | None) -> bool:
     return bool(options and options.include_usage)
-
-
-Keep = Callable[[], Awaitable[None]]
 
 
 async def _serve(
