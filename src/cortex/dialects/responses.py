@@ -19,8 +19,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.dialects import sse
-from cortex.dialects.common import MAX_TOKENS_LIMIT, Answer, Part, check_tools, join_text, json_output, thinking_for
-from cortex.dialects.openai import DEFAULT_MAX_TOKENS, error_payload
+from cortex.dialects.common import (
+    MAX_TOKENS_LIMIT,
+    Answer,
+    Part,
+    check_tools,
+    describe,
+    join_text,
+    json_output,
+    thinking_for,
+)
+from cortex.dialects.openai import DEFAULT_MAX_TOKENS
 from cortex.protocol.errors import CortexError, InvalidRequest
 from cortex.protocol.messages import (
     ChatMessage,
@@ -227,11 +236,12 @@ def _output_format(fmt: TextFormat | None) -> OutputFormat | None:
 
 
 def to_job(
-    req: ResponsesRequest, model_id: str, history: list[ChatMessage], *, job_id: str, request_id: str
+    req: ResponsesRequest, model_id: str, conversation: list[ChatMessage], *, job_id: str, request_id: str
 ) -> InferenceJob:
-    """`history`: the stored conversation before this turn (from `previous_response_id`)."""
+    """`conversation`: the stored turns before this one (from `previous_response_id`), then this
+    turn's input (`to_messages`); `instructions` go first, and are not stored with the turn."""
     _refuse_unsupported(req)
-    messages = [*history, *to_messages(req.input)]
+    messages = [*conversation]
     if req.instructions:  # instructions are not carried over from a previous response
         messages.insert(0, ChatMessage(role="system", content=req.instructions))
     tools, choice = _tools(req)
@@ -337,10 +347,8 @@ class ResponseWriter:
         self._items: list[dict[str, Any]] = []  # finished output items
         self._open: dict[str, Any] | None = None  # the item being streamed
         self._open_text = ""
-        self._answer = Answer()
-        self._reasoning_tokens = 0
+        self.answer = Answer()  # gathered from the stream, or the whole one given to `response`
         self.final: dict[str, Any] | None = None
-        self.answer: Answer | None = None  # the whole answer, once final
 
     # --- the response object ---
 
@@ -370,7 +378,7 @@ class ResponseWriter:
             "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
             "top_p": req.top_p,
             "truncation": req.truncation or "disabled",
-            "usage": _usage(done, self._reasoning_tokens),
+            "usage": _usage(done, self.answer.reasoning_tokens),
             "metadata": req.metadata or {},
             "user": req.user,
         }
@@ -385,9 +393,8 @@ class ResponseWriter:
         if answer.text or not answer.calls:
             output.append(_message_item(_item_id("message"), answer.text, "completed"))
         output += [_call_item(_item_id("function_call"), call, "completed") for call in answer.calls]
-        self._reasoning_tokens = answer.reasoning_tokens
-        self.final = self._response(self._status(done), output, done)
         self.answer = answer
+        self.final = self._response(self._status(done), output, done)
         return self.final
 
     # --- the stream ---
@@ -412,8 +419,7 @@ class ResponseWriter:
         self._open, self._open_text = item, ""
         chunks.append(self._event("response.output_item.added", output_index=self._index(), item=item))
         if item["type"] == "message":
-            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            chunks.append(self._part("response.content_part.added", part))
+            chunks.append(self._part("response.content_part.added", _text_part("")))
         elif item["type"] == "reasoning":
             chunks.append(self._part("response.content_part.added", {"type": "reasoning_text", "text": ""}))
         return chunks
@@ -447,7 +453,7 @@ class ResponseWriter:
         return chunks
 
     def text(self, delta: Delta) -> list[bytes]:
-        self._answer.add(delta)
+        self.answer.add(delta)
         chunks = (
             []
             if self._open and self._open["type"] == "message"
@@ -456,14 +462,13 @@ class ResponseWriter:
         return [*chunks, self._delta("response.output_text.delta", delta.text, logprobs=[])]
 
     def reasoning(self, delta: ReasoningDelta) -> list[bytes]:
-        self._answer.add(delta)
-        text = delta.text
+        self.answer.add(delta)
         chunks = (
             []
             if self._open and self._open["type"] == "reasoning"
             else self._begin(_reasoning_item(_item_id("reasoning"), "", "in_progress"))
         )
-        return [*chunks, self._delta("response.reasoning_text.delta", text)]
+        return [*chunks, self._delta("response.reasoning_text.delta", delta.text)]
 
     def _delta(self, kind: str, text: str, **fields: Any) -> bytes:
         assert self._open is not None
@@ -472,7 +477,7 @@ class ResponseWriter:
         return self._event(kind, item_id=self._open["id"], output_index=self._index(), **content, delta=text, **fields)
 
     def tool_call(self, delta: ToolCallDelta) -> list[bytes]:
-        self._answer.add(delta)
+        self.answer.add(delta)
         chunks = []
         if delta.id is not None:
             call = ToolCall(id=delta.id, name=delta.name or "", arguments="")
@@ -485,16 +490,14 @@ class ResponseWriter:
         chunks = self._end()
         if not self._items:  # never an empty output
             chunks += self._begin(_message_item(_item_id("message"), "", "in_progress")) + self._end()
-        self._reasoning_tokens = self._answer.reasoning_tokens
         status = self._status(done)
         self.final = self._response(status, self._items, done)
-        self.answer = self._answer
         kind = "response.completed" if status == "completed" else "response.incomplete"
         return [*chunks, self._event(kind, response=self.final)]
 
     def fail(self, exc: CortexError) -> list[bytes]:
         snapshot = self._response("failed", self._items, None)
-        snapshot["error"] = {"code": exc.code.value, "message": error_payload(exc)["error"]["message"]}
+        snapshot["error"] = {"code": exc.code.value, "message": describe(exc)[0]}
         return [self._event("response.failed", response=snapshot)]
 
     def keepalive(self) -> bytes:

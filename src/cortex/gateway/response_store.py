@@ -63,7 +63,7 @@ class ResponseStore:
             await self._bucket.put(_key(stored.id), value)
 
     async def delete(self, response_id: str) -> None:
-        await self.get(response_id)  # a 404 for an id that is not there
+        """Deletes it; deleting an id that is not there is no error (`get` first to answer a 404)."""
         await self._bucket.delete(_key(response_id))
 
     async def history(self, previous_response_id: str) -> list[ChatMessage]:
@@ -85,21 +85,23 @@ class ResponseStore:
 Keep = Callable[[], Awaitable[None]]
 
 
-def keeper(store: ResponseStore, body: responses.ResponsesRequest, writer: responses.ResponseWriter) -> Keep:
-    """Stores the response once it is whole: called before each write of the answer, it acts once,
-    before the write that ends it, so a client that continues from it at once finds it. A store
-    that fails is logged: the answer stands."""
+def keeper(
+    store: ResponseStore, body: responses.ResponsesRequest, turn: list[ChatMessage], writer: responses.ResponseWriter
+) -> Keep:
+    """Stores the response (`turn`: its input as the job had it) once it is whole: called before
+    each write of the answer, it acts once, before the write that ends it, so a client that
+    continues from it at once finds it. A store that fails is logged: the answer stands."""
     kept = False
 
     async def keep() -> None:
         nonlocal kept
-        if kept or writer.final is None or writer.answer is None:
+        if kept or writer.final is None:
             return
         kept = True
         stored = StoredResponse(
             id=writer.id,
             previous_response_id=body.previous_response_id,
-            messages=[*responses.to_messages(body.input), *responses.answer_messages(writer.answer)],
+            messages=[*turn, *responses.answer_messages(writer.answer)],
             input_items=responses.input_items(body.input),
             response=writer.final,
         )

@@ -156,9 +156,11 @@ async def create_response(body: responses.ResponsesRequest, request: Request) ->
     gw = gateway_for(request)
     model_id = _model(request, gw, body.model)
     history = await gw.responses.history(body.previous_response_id) if body.previous_response_id else []
-    job = responses.to_job(body, model_id, history, job_id=uuid.uuid4().hex, request_id=exchange(request).request_id)
+    turn = responses.to_messages(body.input)
+    request_id = exchange(request).request_id
+    job = responses.to_job(body, model_id, [*history, *turn], job_id=uuid.uuid4().hex, request_id=request_id)
     writer = responses.ResponseWriter(body, responses.response_id(), model_id)
-    keep = keeper(gw.responses, body, writer) if body.store else None
+    keep = keeper(gw.responses, body, turn, writer) if body.store else None
     return await _serve(request, gw, job, "openai.responses", writer, body.stream, keep)
 
 
@@ -177,7 +179,7 @@ async def get_response(response_id: str, request: Request) -> JSONResponse:
 @v1.delete("/responses/{response_id}", responses=_OPENAI_ERRORS)
 async def delete_response(response_id: str, request: Request) -> JSONResponse:
     gw = gateway_for(request)
-    await _stored(gw, request, response_id)
+    await _stored(gw, request, response_id)  # a 404 for an id that is not there
     await gw.responses.delete(response_id)
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
