@@ -29,6 +29,7 @@ from cortex.dialects.common import (
     describe,
     http_status,
     join_text,
+    json_output,
     stop_list,
 )
 from cortex.protocol.errors import CortexError, InvalidRequest
@@ -38,7 +39,6 @@ from cortex.protocol.messages import (
     Done,
     InferenceJob,
     NamedTool,
-    OutputFormat,
     ReasoningDelta,
     SamplingParams,
     Tool,
@@ -226,7 +226,7 @@ def _check_context_management(req: MessagesRequest | CountTokensRequest) -> None
 
 def to_messages(req: MessagesRequest | CountTokensRequest) -> list[ChatMessage]:
     """The conversation; a system turn inside `messages` stays where it is (the node renders it as a
-    system turn where the chat template allows one there, else merges it into the next user turn)."""
+    system turn where the chat template allows one there, else joins it to an adjacent user turn)."""
     _check_context_management(req)
     if all(m.role == "system" for m in req.messages):
         raise InvalidRequest(
@@ -300,7 +300,7 @@ def to_job(req: MessagesRequest, model_id: str, *, job_id: str, request_id: str)
     config = req.output_config or OutputConfig()
     output_format = None
     if config.format is not None:
-        output_format = OutputFormat(type="json_schema", json_schema=config.format.schema_)
+        output_format = json_output("json_schema", config.format.schema_, None, "output_config.format")
     return InferenceJob(
         job_id=job_id,
         request_id=request_id,

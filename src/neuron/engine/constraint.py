@@ -32,6 +32,7 @@ from neuron.engine.parsing.syntax import THINK_CLOSE, THINK_OPEN, ToolSyntax
 # Compact JSON: a random or small model otherwise wanders off in whitespace it may never leave.
 _COMPACT = {"whitespace_flexible": False}
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
+_BITS = torch.arange(8, dtype=torch.uint8)  # bit i of each byte of llguidance's bitmask is token 8*byte + i
 
 
 class GrammarRejected(ValueError):
@@ -55,17 +56,17 @@ def _call_tail(syntax: ToolSyntax) -> str:
 def _calls_grammar(syntax: ToolSyntax, tools: list[Tool], after: str, strict_only: bool) -> str:
     """The rest of a call once `after` (the opening already written) is in the output: for each tool,
     the text that names it, its arguments as JSON (by its schema when it binds), then the closing."""
-    alternatives = []
+    calls, rules = [], []
     for i, tool in enumerate(tools):
         # A forced opening names no tool yet, so each tool's starts with it; Llama 3's calls after
         # its `<|python_tag|>` opener are its bare JSON, which the forced opening is whole.
         opening = syntax.force(tool.name)
         head = opening[len(after) :] if opening.startswith(after) else opening
         schema = tool.parameters if (tool.strict or not strict_only) else _ANY_OBJECT
-        alternatives.append(f"args{i}: %json {_json(schema)}")
-        alternatives.append(f"call{i}: {_literal(head) + ' ' if head else ''}args{i} {_literal(_call_tail(syntax))}")
-    calls = [line.split(":")[0] for line in alternatives if line.startswith("call")]
-    return "\n".join([f"start: {' | '.join(calls)}", *alternatives])
+        calls.append(f"call{i}")
+        rules.append(f"args{i}: %json {_json(schema)}")
+        rules.append(f"call{i}: {_literal(head) + ' ' if head else ''}args{i} {_literal(_call_tail(syntax))}")
+    return "\n".join([f"start: {' | '.join(calls)}", *rules])
 
 
 def _format_grammar(fmt: OutputFormat, after_reasoning: bool) -> str:
@@ -137,6 +138,7 @@ class Constraints:
     def token_ids(self, text: str) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    @cached_property
     def think_id(self) -> int | None:
         """`<think>` as one token, when the vocabulary has it."""
         ids = self.token_ids(THINK_OPEN)
@@ -147,13 +149,14 @@ class Constraint:
     """One job's mask, following its output token by token (on the device's worker thread)."""
 
     def __init__(self, plan: Plan, constraints: Constraints) -> None:
-        self._plan = plan
         self._constraints = constraints
         self._grammar = constraints.check(plan.grammar, plan.field)  # GrammarRejected before any pass
+        self._trigger = plan.trigger  # what arms the grammar, while it waits to be armed
+        self._again = plan.again
         self._matcher: llguidance.LLMatcher | None = None
-        self._tail = ""  # the recent output, where a trigger is looked for
+        self._tail = ""  # the output since the last look, as far back as a trigger may begin
         self._bitmask = llguidance.torch.allocate_token_bitmask(1, constraints.vocab_size)
-        self._think_id = constraints.think_id() if plan.may_think else None
+        self._think_id = constraints.think_id if plan.may_think else None
         self._first = True
         if plan.trigger is None:
             self._matcher = constraints.matcher(self._grammar)
@@ -168,7 +171,7 @@ class Constraint:
             return logits
         llguidance.torch.fill_next_token_bitmask(self._matcher, self._bitmask, 0)
         bits = self._bitmask[0].view(torch.uint8)
-        allowed = ((bits.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten().bool()
+        allowed = ((bits.unsqueeze(-1) >> _BITS) & 1).flatten().bool()
         width = logits.shape[-1]
         allowed = allowed[:width].to(logits.device)
         if self._first and self._think_id is not None:
@@ -180,23 +183,24 @@ class Constraint:
         first, self._first = self._first, False
         if self._matcher is not None:
             if first and token == self._think_id:  # it thinks first: the grammar waits for the reasoning's end
-                self._matcher, self._plan = None, Plan(self._plan.grammar, trigger=THINK_CLOSE, field=self._plan.field)
+                self._matcher, self._trigger = None, THINK_CLOSE
                 return
             self._matcher.consume_token(token)
-            if self._plan.again and self._matcher.is_accepting():
+            if self._again and self._matcher.is_accepting():
                 self._matcher = None  # the call is whole: free text (or another call) may follow
             return
-        if self._plan.trigger is None:
+        if self._trigger is None:
             return
-        self._tail = (self._tail + text)[-4 * len(self._plan.trigger) - len(text) :]
-        at = self._tail.find(self._plan.trigger)
+        self._tail += text
+        at = self._tail.find(self._trigger)
         if at < 0:
+            self._tail = self._tail[-(len(self._trigger) - 1) :] if len(self._trigger) > 1 else ""
             return
-        rest = self._tail[at + len(self._plan.trigger) :]
+        rest = self._tail[at + len(self._trigger) :]
         self._tail = ""
         matcher = self._constraints.matcher(self._grammar)
         if rest and not matcher.consume_tokens(self._constraints.token_ids(rest)):
             return  # what came with the trigger already breaks the grammar: leave this stretch free
         self._matcher = matcher
-        if not self._plan.again:
-            self._plan = Plan(self._plan.grammar, field=self._plan.field)
+        if not self._again:
+            self._trigger = None
