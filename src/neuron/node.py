@@ -51,6 +51,7 @@ class Node:
             converted_dir=settings.converted_dir,
             offline=settings.offline,
             defrag_after_cycles=settings.defrag_after_cycles,
+            prefix_cache=settings.prefix_cache,
             metrics=metrics,
         )
         self.relay = JobRelay(

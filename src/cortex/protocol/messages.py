@@ -191,6 +191,9 @@ class ToolCallDelta(_Event):
 class Usage(_Wire):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = Field(
+        0, ge=0, description="Of prompt_tokens, those read from the node's prefix cache instead of computed."
+    )
 
     @property
     def total_tokens(self) -> int:
@@ -268,6 +271,20 @@ class Refusal(_Wire):
         return f"reason={self.kind} detail={self.detail}"
 
 
+class PrefixCacheStatus(_Wire):
+    """What a loaded model keeps of past prompts (inside its KV budget: `memory_mb` already counts it)."""
+
+    tokens: int = Field(0, ge=0, description="Tokens whose keys and values are kept for reuse.")
+    mb: float = Field(0.0, ge=0.0, description="The memory they take.")
+    prompt_tokens: int = Field(0, ge=0, description="Prompt tokens of the jobs started since the model loaded.")
+    reused_tokens: int = Field(0, ge=0, description="Of those, the tokens read from the cache.")
+    hit_rate: float = Field(0.0, ge=0.0, le=1.0, description="reused_tokens / prompt_tokens.")
+    prefixes: list[str] = Field(
+        default_factory=list,
+        description="Fingerprints (cortex.protocol.prefix) of the conversations it holds warm, newest first.",
+    )
+
+
 class ModelStatus(_Wire):
     id: str
     key: str = Field(description="model_key(id): the subject token.")
@@ -288,6 +305,7 @@ class ModelStatus(_Wire):
     progress: float | None = Field(None, ge=0.0, le=1.0, description="While downloading: the fraction done.")
     error: str | None = None
     refusal: Refusal | None = None
+    prefix_cache: PrefixCacheStatus | None = Field(None, description="Its prompt cache, once loaded.")
 
 
 class Estimate(_Wire):

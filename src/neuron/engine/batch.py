@@ -6,6 +6,12 @@ it the step they finish, so nobody waits for the slowest. The batch keeps one KV
 its rows, right-aligned: a row shorter than the longest is padded on the left, and the
 attention mask hides the padding. Each row samples from its own logits with its own settings
 (temperature, seed, stops, max_tokens, tool-call parsing).
+
+A prompt that starts like an earlier sequence reads that prefix's keys and values from the
+model's prefix cache (engine/prefix_blocks.py) and computes only the rest, in a pass of its own;
+each row's blocks are stored when it leaves. The padded layout gives every row its own copy of
+its past, so rows of one batch do not share cached memory: the cache holds one copy of a prefix,
+and each row that reads it copies it in.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from neuron.engine.generation import Generation
+from neuron.engine.prefix_blocks import LayerKV, PrefixBlocks
 from neuron.engine.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -34,6 +41,11 @@ class Weights(Protocol):
     @property
     def model(self) -> PreTrainedModel:
         """The model; raises once the weights are freed."""
+        ...
+
+    @property
+    def blocks(self) -> PrefixBlocks:
+        """The model's prefix cache."""
         ...
 
 
@@ -87,6 +99,7 @@ class DecodeBatch:
     def __init__(self, model: LoadedModel, runtime: Weights) -> None:
         self.model = model
         self._runtime = runtime
+        self._blocks = runtime.blocks
         self.rows: list[Generation] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [B, L]: 1 where a row has a real token
@@ -99,18 +112,54 @@ class DecodeBatch:
         return gen.model is self.model and (not self.rows or self.batchable)
 
     def prefill(self, gens: list[Generation]) -> None:
-        """Feeds the new sequences' prompts in forward passes of similar lengths (left-padded to the
-        longest of each group), gives each its first token, and adds those still going to the batch.
-        A group that fails ends its own jobs only; the batch is left as it was."""
+        """Feeds the new sequences' prompts and gives each its first token: a prompt with a cached
+        prefix alone, from where the prefix ends; the others in forward passes of similar lengths
+        (left-padded to the longest of each group). A pass that fails ends its own jobs only; the
+        batch is left as it was."""
         prompts = sorted(((gen, ids) for gen in gens if (ids := gen.start()) is not None), key=lambda p: len(p[1]))
-        for group in _similar_lengths(prompts):
-            try:
-                self._prefill(group)
-            except Exception as exc:
-                log.exception("the prefill of %d jobs of %s failed", len(group), self.model.spec.id)
-                for gen, _ in group:
-                    if not gen.finished:
-                        gen.fail(exc)
+        fresh = []
+        running = self._mask.shape[1] * len(self.rows) if self._mask is not None else 0
+        self._blocks.make_room((running + sum(len(ids) for _, ids in prompts)) * self._blocks.bytes_per_token)
+        for gen, ids in prompts:
+            cached = self._blocks.lookup(ids) if self._blocks.enabled else []
+            if cached:
+                self._run(self._prefill_cached, [(gen, ids)], self._blocks.past(cached))
+            else:
+                fresh.append((gen, ids))
+        for group in _similar_lengths(fresh):
+            self._run(self._prefill, group)
+
+    def _run(self, prefill: Callable[..., None], prompts: list[tuple[Generation, list[int]]], *args: LayerKV) -> None:
+        try:
+            prefill(prompts, *args)
+        except Exception as exc:
+            log.exception("the prefill of %d jobs of %s failed", len(prompts), self.model.spec.id)
+            for gen, _ in prompts:
+                if not gen.finished:
+                    gen.fail(exc)
+
+    def _prefill_cached(self, prompts: list[tuple[Generation, list[int]]], past: LayerKV) -> None:
+        """One prompt whose first tokens' keys and values are `past`: computes the rest."""
+        [(gen, ids)] = prompts
+        device = self.model.device
+        lm = self._runtime.model
+        reused = past[0][0].shape[-2]
+        cache = DynamicCache(config=lm.config)
+        for layer, (keys, values) in zip(cache.layers, past, strict=True):
+            assert isinstance(layer, DynamicLayer)  # only such a cache keeps blocks (TransformersRuntime)
+            layer.update(keys.to(device), values.to(device))
+        out = lm(
+            input_ids=torch.tensor([ids[reused:]], device=device),
+            position_ids=torch.arange(reused, len(ids), device=device).unsqueeze(0),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        gen.reused(reused)
+        self._blocks.stats.started(len(ids), reused)
+        self._store(gen, ids, [(keys[0], values[0]) for _, keys, values in _filled(out.cache)])
+        each_row([gen], lambda gen, _: gen.first(out.logits[0, -1]))
+        self._join([gen], out.cache, torch.ones(1, len(ids), dtype=torch.long, device=device))
 
     def _prefill(self, prompts: list[tuple[Generation, list[int]]]) -> None:
         device = self.model.device
@@ -131,8 +180,24 @@ class DecodeBatch:
             logits_to_keep=1,
         )
         gens = [gen for gen, _ in prompts]
+        if self._blocks.enabled:
+            layers = _filled(out.cache)
+            for row, (gen, ids) in enumerate(prompts):
+                self._store(
+                    gen,
+                    ids,
+                    [
+                        (keys[row, :, length - len(ids) :], values[row, :, length - len(ids) :])
+                        for _, keys, values in layers
+                    ],
+                )
+        for _, ids in prompts:
+            self._blocks.stats.started(len(ids), 0)
         each_row(gens, lambda gen, row: gen.first(out.logits[row, -1]))
         self._join(gens, out.cache, mask)
+
+    def _store(self, gen: Generation, ids: list[int], kv: LayerKV) -> None:
+        self._blocks.store(ids, kv, gen.prefix_chain)
 
     def _join(self, gens: list[Generation], cache: DynamicCache, mask: torch.Tensor) -> None:
         if self._cache is None or self._mask is None:
@@ -189,11 +254,13 @@ class DecodeBatch:
     def _keep(self, keep: list[bool]) -> None:
         if all(keep):
             return
+        assert self._cache is not None and self._mask is not None
+        if self._blocks.enabled:
+            self._store_leaving([row for row, k in enumerate(keep) if not k])
         rows = [gen for gen, k in zip(self.rows, keep, strict=True) if k]
         if not rows:
             self.rows, self._cache, self._mask = [], None, None
             return
-        assert self._cache is not None and self._mask is not None
         kept = [i for i, k in enumerate(keep) if k]
         layers = _filled(self._cache)
         # One index per device: a model spread over several GPUs keeps each layer's cache where it is.
@@ -210,3 +277,16 @@ class DecodeBatch:
         for (layer, _, _), (keys, values) in zip(layers, sliced, strict=True):
             layer.keys, layer.values = keys, values
         self.rows, self._mask = rows, mask[:, start:]
+
+    def _store_leaving(self, leaving: list[int]) -> None:
+        """Stores the blocks of rows that leave: their prompt and what they generated (all but the
+        last token, which no pass has fed yet), for the conversation's next turn."""
+        assert self._cache is not None and self._mask is not None
+        layers = _filled(self._cache)
+        for row in leaving:
+            gen = self.rows[row]
+            fed = gen.tokens[:-1] if gen.generated else gen.tokens
+            held = int(self._mask[row].sum())
+            if held != len(fed) or not fed:
+                continue  # a row that failed midway: what its cache holds is not known
+            self._store(gen, fed, [(keys[row, :, -held:], values[row, :, -held:]) for _, keys, values in layers])

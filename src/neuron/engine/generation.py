@@ -12,12 +12,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from functools import cached_property
 from typing import Any, Protocol
 
 import torch
 
 from cortex.protocol.errors import ErrorCode
 from cortex.protocol.messages import InferenceJob, ModelSpec, TokenLogprob, TopLogprob
+from cortex.protocol.prefix import prefix_chain
 from neuron.engine.chat import ChatFormat, PromptRejected, Rendered
 from neuron.engine.constraint import Constraint, Constraints, GrammarRejected, plan
 from neuron.engine.detokenize import IncrementalDetokenizer
@@ -126,6 +128,8 @@ class Generation:
         self._first_at = 0.0
         self._decode_at = 0.0
         self._prompt_len = 0
+        self._reused = 0
+        self.tokens: list[int] = []  # the prompt's, then each one sampled
         self._last = 0
         self._emitted_tokens = 0
         self._logprobs: list[TokenLogprob] = []
@@ -136,6 +140,15 @@ class Generation:
     def prompt_tokens(self) -> int:
         """Known once started (prefilled)."""
         return self._prompt_len
+
+    @cached_property
+    def prefix_chain(self) -> list[str]:
+        """The job's prefix fingerprints (cortex.protocol.prefix), which its cache entry advertises."""
+        return prefix_chain(self.job)
+
+    def reused(self, tokens: int) -> None:
+        """The batch found the prompt's first `tokens` in the model's prefix cache: they were not computed."""
+        self._reused = tokens
 
     def cancel(self) -> None:
         """Thread-safe: the worker sees it before the next token."""
@@ -162,6 +175,7 @@ class Generation:
         if self.model.replay is not None:
             self._sampler = ReplaySampler(self.model.replay.tokens(self.job))
         self._prompt_len = len(ids)
+        self.tokens = list(ids)
         self._parser = rendered.parser
         self._send(rendered.prefilled)
         self._detok = IncrementalDetokenizer(self.model.tokenizer, ids, self.model.chat.drop_ids)
@@ -231,6 +245,7 @@ class Generation:
     def _accept(self, token: int) -> None:
         self.generated += 1
         self._last = token
+        self.tokens.append(token)
         if self.generated == 1:
             self._first_at = time.perf_counter()
         if token in self.model.eos_ids:
@@ -286,6 +301,7 @@ class Generation:
                 finish_reason=reason,
                 stop_sequence=stop,
                 prompt_tokens=self._prompt_len,
+                cached_tokens=self._reused,
                 completion_tokens=self.generated,
                 queue_ms=_ms(self._accepted_at, self._prefill_at or now),
                 prefill_ms=_ms(self._prefill_at or now, self._decode_at or now),

@@ -1,9 +1,11 @@
 """The llama.cpp engine: GGUF weights run as stored (quantized), several sequences per step.
 
-llama-cpp-python's low-level bindings give one llama_context per loaded model with
-`n_seq_max` sequences, each with its own slice of the KV cache (`context` tokens). A step feeds
-one token of every running sequence in one llama_batch and reads each sequence's logits
-back; new prompts are fed the same way, several per batch. Everything else about a job
+llama-cpp-python's low-level bindings give one llama_context per loaded model, its KV cache one
+unified pool of `context x parallel` cells shared by all its sequences (engine/kv_pool.py keeps
+the books: a finished sequence's cells stay, and the next prompt that starts alike reuses them).
+A step feeds one token of every running sequence in one llama_batch and reads each sequence's
+logits back; new prompts are fed the same way, several per batch, from where their cached
+prefix ends. Everything else about a job
 (chat template, tokenizer, sampling, detokenization, stops, tool-call parsing) is the shared
 Generation's, so both engines answer alike; only the forward passes differ.
 """
@@ -20,12 +22,16 @@ import torch
 
 from neuron.engine.batch import each_row
 from neuron.engine.generation import Generation
+from neuron.engine.kv_pool import KvPool
+from neuron.engine.prefix import PrefixStats
 from neuron.engine.runtime import Capabilities, LoadedModel
 
 log = logging.getLogger(__name__)
 
 # Prompt tokens per llama_decode call; llama.cpp splits it further into micro-batches.
 PREFILL_TOKENS = 2048
+# Sequences beyond the running ones, each keeping a finished conversation's cells for its next turn.
+KEPT_SEQUENCES = 16
 _MB = 2**20
 
 
@@ -63,10 +69,21 @@ def decode_threads() -> int:
 
 
 class LlamaCppRuntime:
-    """One GGUF file in llama.cpp: the weights, a context of `sequences` x `context` tokens, and
-    which sequence slots are free. Used only on its device's worker thread."""
+    """One GGUF file in llama.cpp: the weights, a context of `sequences` x `context` cells, and the
+    pool's books. Used only on its device's worker thread."""
 
-    def __init__(self, path: str, *, context: int, sequences: int, gpu_layers: int, threads: int) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        context: int,
+        sequences: int,
+        gpu_layers: int,
+        threads: int,
+        kv_mb: int,
+        prefix_cache: bool = True,
+    ) -> None:
+        """`sequences`: jobs decoding at once; `kv_mb`: what the pool's cells take (the plan's estimate)."""
         llama_cpp = _llama()
         from llama_cpp import _internals
 
@@ -78,8 +95,8 @@ class LlamaCppRuntime:
         try:
             ctx = llama_cpp.llama_context_default_params()
             ctx.n_ctx = context * sequences
-            ctx.n_seq_max = sequences
-            ctx.kv_unified = False  # each sequence gets its own `context` tokens
+            ctx.n_seq_max = sequences + KEPT_SEQUENCES
+            ctx.kv_unified = True  # one pool: cells are shared between sequences, and kept after a job
             ctx.n_batch = min(PREFILL_TOKENS, ctx.n_ctx)
             ctx.n_ubatch = min(512, ctx.n_batch)
             ctx.n_threads = ctx.n_threads_batch = threads
@@ -91,8 +108,17 @@ class LlamaCppRuntime:
         self.n_batch = int(ctx.n_batch)
         self.weights_bytes: int = self._model.size()
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self._free = list(range(sequences))
         self._capabilities = Capabilities("llama.cpp", sequences)
+        self.prefix = PrefixStats()
+        cells = context * sequences
+        self.pool = KvPool(
+            self,
+            sequences=sequences + KEPT_SEQUENCES,
+            capacity=cells,
+            bytes_per_token=kv_mb * _MB // cells,
+            reuse=prefix_cache,
+            stats=self.prefix,
+        )
 
     @property
     def capabilities(self) -> Capabilities:
@@ -108,16 +134,16 @@ class LlamaCppRuntime:
     def float_weights(self) -> None:
         return None  # llama.cpp runs the file's own quantized weights: nothing dequantized to save
 
-    def take_sequence(self) -> int:
-        if not self._free:
-            raise RuntimeError("every llama.cpp sequence slot is taken; the worker admitted too many jobs")
-        return self._free.pop()
+    def remove(self, seq: int, start: int) -> bool:
+        """(kv_pool.Cells) Drops the sequence's cells from `start` on."""
+        if self._batch is None:  # after close, the context and its cache are gone
+            return True
+        return bool(_llama().llama_memory_seq_rm(self._ctx.memory, seq, start, -1))
 
-    def release_sequence(self, seq: int) -> None:
-        """Forgets the sequence's KV cache and frees its slot."""
-        if self._batch is not None:  # after close, the context and its cache are gone
-            _llama().llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)
-        self._free.append(seq)
+    def share(self, source: int, target: int, length: int) -> None:
+        """(kv_pool.Cells) In a unified pool a copy tags the same cells with `target`: nothing is copied."""
+        if self._batch is not None:
+            _llama().llama_memory_seq_cp(self._ctx.memory, source, target, 0, length)
 
     def decode(self, tokens: list[tuple[int, int, int, bool]]) -> None:
         """One forward pass over (token, position, sequence, wants logits) entries, at most n_batch."""
@@ -155,8 +181,9 @@ class LlamaBatch:
     def __init__(self, model: LoadedModel, runtime: LlamaCppRuntime) -> None:
         self.model = model
         self._llama = runtime
+        self._pool = runtime.pool
         self.rows: list[Generation] = []
-        self._seqs: dict[int, int] = {}  # id(generation) -> its sequence slot
+        self._seqs: dict[int, int] = {}  # id(generation) -> its sequence
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -165,34 +192,44 @@ class LlamaBatch:
         return gen.model is self.model
 
     def prefill(self, gens: list[Generation]) -> None:
-        """Feeds the new prompts, several per llama_decode call, and gives each its first token."""
-        started = []
+        """Feeds the new prompts from where their cached prefix ends, several per llama_decode call,
+        and gives each its first token."""
+        started: list[tuple[Generation, list[int], int]] = []  # (job, prompt, first position to feed)
         for gen in gens:
             ids = gen.start()
             if ids is not None:
-                self._seqs[id(gen)] = self._llama.take_sequence()
-                started.append((gen, ids))
+                seq, reused = self._pool.claim(ids, gen.prefix_chain)
+                self._seqs[id(gen)] = seq
+                gen.reused(reused)
+                started.append((gen, ids, reused))
         entries = [
-            (token, position, self._seqs[id(gen)], position == len(ids) - 1, gen)
-            for gen, ids in started
-            for position, token in enumerate(ids)
+            (ids[position], position, self._seqs[id(gen)], position == len(ids) - 1, gen)
+            for gen, ids, reused in started
+            for position in range(reused, len(ids))
         ]
         try:
+            if not self._pool.make_room(len(entries)):
+                raise RuntimeError(f"the KV pool of {self.model.spec.id} has no room for {len(entries)} prompt tokens")
             for start in range(0, len(entries), self._llama.n_batch):
                 chunk = entries[start : start + self._llama.n_batch]
                 self._llama.decode([entry[:4] for entry in chunk])
+                for gen, _, _ in started:
+                    seq = self._seqs[id(gen)]
+                    self._pool.fed(seq, [token for token, _, s, _, _ in chunk if s == seq])
                 ends = {id(gen): i for i, (*_, last, gen) in enumerate(chunk) if last}
 
                 def first(gen: Generation, _: int, ends: dict[int, int] = ends) -> None:
                     gen.first(self._llama.logits(ends[id(gen)]))
 
-                each_row([gen for gen, _ in started if id(gen) in ends], first)
+                each_row([gen for gen, _, _ in started if id(gen) in ends], first)
         except Exception as exc:
             log.exception("the prefill of %d jobs of %s failed", len(started), self.model.spec.id)
-            for gen, _ in started:
+            for gen, _, _ in started:
                 if not gen.finished:
                     gen.fail(exc)
-        self.rows.extend(gen for gen, _ in started)
+                    self._pool.release(self._seqs[id(gen)], keep=False)  # what its cells hold is unknown
+                    del self._seqs[id(gen)]
+        self.rows.extend(gen for gen, _, _ in started if id(gen) in self._seqs)
         self._keep([not gen.finished for gen in self.rows])
 
     def step(self) -> None:
@@ -200,17 +237,24 @@ class LlamaBatch:
         self._keep([gen.check() for gen in self.rows])
         if not self.rows:
             return
-        self._llama.decode([(gen.next_input, gen.position, self._seqs[id(gen)], True) for gen in self.rows])
+        if not self._pool.make_room(len(self.rows)):
+            raise RuntimeError(f"the KV pool of {self.model.spec.id} is full")
+        fed = [(gen.next_input, gen.position, self._seqs[id(gen)], True) for gen in self.rows]
+        self._llama.decode(fed)
+        for token, _, seq, _ in fed:
+            self._pool.fed(seq, [token])
         each_row(self.rows, lambda gen, row: gen.advance(self._llama.logits(row)))
         self._keep([not gen.finished for gen in self.rows])
 
     def fail(self, exc: BaseException) -> None:
         for gen in self.rows:
             gen.fail(exc)
-        self._keep([False] * len(self.rows))
+        for gen in self.rows:
+            self._pool.release(self._seqs.pop(id(gen)), keep=False)
+        self.rows = []
 
     def _keep(self, keep: list[bool]) -> None:
         for gen, k in zip(list(self.rows), keep, strict=True):
             if not k:
-                self._llama.release_sequence(self._seqs.pop(id(gen)))
+                self._pool.release(self._seqs.pop(id(gen)))
         self.rows = [gen for gen, k in zip(self.rows, keep, strict=True) if k]

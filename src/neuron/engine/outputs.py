@@ -39,6 +39,7 @@ class Finished:
     finish_reason: FinishReason
     stop_sequence: str | None
     prompt_tokens: int
+    cached_tokens: int  # of prompt_tokens, read from the prefix cache
     completion_tokens: int
     queue_ms: float
     prefill_ms: float

@@ -24,6 +24,7 @@ from neuron.engine.backends import Engine
 from neuron.engine.chat import ChatFormat
 from neuron.engine.constraint import Constraints
 from neuron.engine.generation import Batch
+from neuron.engine.prefix import PrefixStats
 from neuron.engine.replay import Replay
 from neuron.engine.sampling import SamplingDefaults
 
@@ -44,6 +45,11 @@ class Runtime(Protocol):
 
     @property
     def capabilities(self) -> Capabilities: ...
+
+    @property
+    def prefix(self) -> PrefixStats:
+        """Its prompt cache's figures (written on the worker thread, read anywhere)."""
+        ...
 
     @property
     def weights_mb(self) -> int:

@@ -8,6 +8,8 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from neuron.engine.batch import DecodeBatch
+from neuron.engine.prefix import PrefixStats
+from neuron.engine.prefix_blocks import PrefixBlocks
 from neuron.engine.runtime import Capabilities
 
 if TYPE_CHECKING:
@@ -20,11 +22,16 @@ class TransformersRuntime:
     """A transformers model, on one device or spread over several. Used only on its device's
     worker thread (reading its weights to save them is safe elsewhere)."""
 
-    def __init__(self, model: PreTrainedModel, *, max_batch: int) -> None:
+    def __init__(self, model: PreTrainedModel, *, max_batch: int, cache_mb: int = 0) -> None:
+        """`cache_mb`: the prefix cache's budget (the plan's KV budget; 0: no prefix cache)."""
         self._model: PreTrainedModel | None = model
-        # Decoding several sequences at once needs a cache whose rows can be padded and stacked.
-        self._capabilities = Capabilities("transformers", max_batch if _paddable_cache(model) else 1)
+        # Decoding several sequences at once, and keeping blocks of a sequence, need a cache whose
+        # rows can be padded, stacked and sliced: sliding-window and hybrid ones cannot.
+        paddable = _paddable_cache(model)
+        self._capabilities = Capabilities("transformers", max_batch if paddable else 1)
         self._weights_mb = _weights_mb(model)
+        self.prefix = PrefixStats()
+        self.blocks = PrefixBlocks(cache_mb * _MB if paddable else 0, self.prefix)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -49,6 +56,7 @@ class TransformersRuntime:
     def close(self) -> None:
         # Dropping the one reference frees the weights (the caller collects and empties caches).
         self._model = None
+        self.blocks.clear()
 
 
 def _paddable_cache(model: PreTrainedModel) -> bool:

