@@ -100,6 +100,7 @@ class ModelEntry:
             progress=self.progress if loading else None,
             error=self.error,
             refusal=self.refusal,
+            prefix_cache=self.loaded.runtime.prefix.status() if self.loaded is not None else None,
         )
 
 

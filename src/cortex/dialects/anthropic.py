@@ -45,6 +45,7 @@ from cortex.protocol.messages import (
     ToolCall,
     ToolCallDelta,
     ToolChoice,
+    Usage,
 )
 
 
@@ -339,9 +340,16 @@ def _stop_reason(done: Done) -> str:
 
 
 def _usage(done: Done | None) -> dict[str, int]:
-    if done is None:
-        return {"input_tokens": 0, "output_tokens": 0}
-    return {"input_tokens": done.usage.prompt_tokens, "output_tokens": done.usage.completion_tokens}
+    """Anthropic counts input three ways, adding up to the prompt: read from the cache, written to it,
+    and neither. Every prompt is kept here without being asked (no `cache_control` needed, nothing
+    extra to pay), so nothing is reported as written: what was not read counts as plain input."""
+    usage = done.usage if done is not None else Usage(prompt_tokens=0, completion_tokens=0)
+    return {
+        "input_tokens": usage.prompt_tokens - usage.cached_tokens,
+        "cache_read_input_tokens": usage.cached_tokens,
+        "cache_creation_input_tokens": 0,
+        "output_tokens": usage.completion_tokens,
+    }
 
 
 def message_id() -> str:

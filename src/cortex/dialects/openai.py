@@ -305,8 +305,13 @@ def completion_to_job(req: CompletionRequest, model_id: str, *, job_id: str, req
 # --- responses -------------------------------------------------------------------------------------
 
 
-def usage(u: Usage) -> dict[str, int]:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
+def usage(u: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
 
 
 def _finish_reason(done: Done) -> str:

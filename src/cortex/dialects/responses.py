@@ -292,7 +292,7 @@ def _usage(done: Done | None, reasoning_tokens: int) -> dict[str, Any] | None:
         return None
     return {
         "input_tokens": done.usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": done.usage.cached_tokens},
         "output_tokens": done.usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": done.usage.total_tokens,

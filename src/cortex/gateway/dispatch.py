@@ -19,6 +19,7 @@ from cortex.placement.policy import rank_holders
 from cortex.placement.usage import LocalUsage
 from cortex.protocol.errors import ErrorCode, JobFailed, NoCapacity, TransportError
 from cortex.protocol.messages import Accepted, Failed, InferenceJob, JobEvent
+from cortex.protocol.prefix import prefix_chain
 from cortex.transport.job_client import JobClient, JobStream
 
 log = logging.getLogger(__name__)
@@ -80,15 +81,19 @@ class Dispatcher:
 
     def best_holder(self, model: str) -> str | None:
         """The node a request for the model should go to now (least loaded first); None if none holds it."""
-        ranked = self._ranked(self._fleet.holders(model), model)
+        ranked = self._ranked(self._fleet.holders(model), model, [])
         return ranked[0] if ranked else None
 
     async def open(self, job: InferenceJob) -> OpenJob:
         if not self._client.connected:
             raise TransportError("the gateway has lost its NATS connection; retry shortly")
         holders = self._fleet.holders(job.model)
+        chain = prefix_chain(job)
         busy = 0
-        for node in self._candidates(job.model, holders):
+        for node in self._candidates(job.model, holders, chain):
+            # Counted from the moment it is sent, so that jobs sent within one prefill spread out.
+            if node is not None:
+                self._usage.started(node, job.model)
             stream = await self._client.submit(
                 job,
                 node,
@@ -101,9 +106,11 @@ class Dispatcher:
                 first = await self._first_output(events)
             except (NoCapacity, TransportError) as exc:
                 log.info("job %s not taken by %s: %s", job.job_id, node or "the queue group", exc)
+                self._withdraw(node, job.model)
                 await _abandon(stream, events)
                 continue
             except JobFailed as exc:
+                self._withdraw(node, job.model)
                 await events.aclose()
                 if not exc.retryable:
                     raise
@@ -112,10 +119,12 @@ class Dispatcher:
                 continue
             except BaseException:
                 # Cancelled (the client left) while the job waited in a queue or in prefill.
+                self._withdraw(node, job.model)
                 with anyio.CancelScope(shield=True):
                     await _abandon(stream, events)
                 raise
-            self._usage.started(stream.node or "?", job.model)
+            if node is None:  # sent to the queue group: counted once we know who took it
+                self._usage.started(stream.node or "?", job.model)
             return OpenJob(stream, events, first, self._usage)
         if busy:
             raise NoCapacity(
@@ -128,19 +137,24 @@ class Dispatcher:
             "or load it with `nats req cortex.node.<node>.load`"
         )
 
-    def _ranked(self, holders: list[Holder], model: str) -> list[str]:
-        return rank_holders(holders, self._usage.in_flight(model))
+    def _withdraw(self, node: str | None, model: str) -> None:
+        if node is not None:
+            self._usage.withdrawn(node, model)
 
-    def _candidates(self, model: str, holders: list[Holder]) -> Iterator[str | None]:
-        """The holders, least loaded first; then, once, any that appeared while those were tried (a
-        job whose node died before its first token goes to a node that has loaded the model since)."""
-        ranked = self._ranked(holders, model)
+    def _ranked(self, holders: list[Holder], model: str, chain: list[str]) -> list[str]:
+        return rank_holders(holders, self._usage.in_flight(model), chain)
+
+    def _candidates(self, model: str, holders: list[Holder], chain: list[str]) -> Iterator[str | None]:
+        """The holders in rank order (the one holding the job's prefix warm first, if not much busier;
+        then least loaded first); then, once, any that appeared while those were tried (a job whose
+        node died before its first token goes to a node that has loaded the model since)."""
+        ranked = self._ranked(holders, model, chain)
         # With no holder in view (a gateway that just started, say), the queue group may still have one.
         if ranked:
             yield from ranked
         else:
             yield None
-        yield from (n for n in self._ranked(self._fleet.holders(model), model) if n not in ranked)
+        yield from (n for n in self._ranked(self._fleet.holders(model), model, chain) if n not in ranked)
 
     async def _first_output(self, events: Events) -> JobEvent:
         """Reads `accepted` and the event after it; a failure among them raises JobFailed."""

@@ -61,7 +61,7 @@ class Outcome:
         now = time.perf_counter()
         usage = self.done.usage if self.done else None
         log.info(
-            "request %s %s model=%s node=%s status=%s tokens=%s+%s ttft=%s total=%.0fms",
+            "request %s %s model=%s node=%s status=%s tokens=%s+%s cached=%s ttft=%s total=%.0fms",
             self.request_id,
             self.api,
             self.model,
@@ -69,6 +69,7 @@ class Outcome:
             self.status,
             usage.prompt_tokens if usage else "-",
             usage.completion_tokens if usage else "-",
+            usage.cached_tokens if usage else "-",
             f"{(self.first_token_at - self.started) * 1000:.0f}ms" if self.first_token_at else "-",
             (now - self.started) * 1000,
         )
@@ -83,6 +84,8 @@ class Outcome:
         if self.done is not None:
             usage = self.done.usage
             metrics.prompt_tokens.labels(self.model).inc(usage.prompt_tokens)
+            metrics.prompt_node_tokens.labels(self.model, self.node).inc(usage.prompt_tokens)
+            metrics.prompt_cached_tokens.labels(self.model, self.node).inc(usage.cached_tokens)
             metrics.completion_tokens.labels(self.model).inc(usage.completion_tokens)
             if self.key:
                 metrics.key_tokens.labels(self.key, self.model, "prompt").inc(usage.prompt_tokens)

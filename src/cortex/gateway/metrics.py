@@ -69,6 +69,16 @@ class GatewayMetrics:
             registry=r,
         )
         self.prompt_tokens = Counter("cortex_prompt_tokens", "Prompt tokens.", ["model"], registry=r)
+        self.prompt_cached_tokens = Counter(
+            "cortex_prompt_cached_tokens",
+            "Prompt tokens the node read from its prefix cache, by node (a node's hit rate is this over "
+            "cortex_prompt_node_tokens).",
+            ["model", "node"],
+            registry=r,
+        )
+        self.prompt_node_tokens = Counter(
+            "cortex_prompt_node_tokens", "Prompt tokens, by the node that ran them.", ["model", "node"], registry=r
+        )
         self.completion_tokens = Counter("cortex_completion_tokens", "Generated tokens.", ["model"], registry=r)
         self.queue_wait = Histogram(
             "cortex_queue_wait_seconds",

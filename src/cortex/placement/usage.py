@@ -3,7 +3,7 @@
 Heartbeats lag by up to an interval; routing and eviction must not act on a model's use
 from before the request this gateway sent a moment ago. One per gateway, made by
 `build_gateway`: the dispatcher writes it (a job opened, a job closed) and ranks holders by it,
-the placer plans with heartbeats merged with it.
+the placer plans with heartbeats merged with it. A job counts from the moment it is sent.
 """
 
 from __future__ import annotations
@@ -26,10 +26,14 @@ class LocalUsage:
         self._in_flight[node, model] += 1
         self._last_used[node, model] = time.time()
 
-    def finished(self, node: str, model: str) -> None:
+    def withdrawn(self, node: str, model: str) -> None:
+        """A job sent to the node that it did not take: it never counted in the node's heartbeats."""
         self._in_flight[node, model] -= 1
         if self._in_flight[node, model] <= 0:
             del self._in_flight[node, model]
+
+    def finished(self, node: str, model: str) -> None:
+        self.withdrawn(node, model)
         now = self._last_used[node, model] = time.time()
         recent = self._finished.setdefault((node, model), deque())
         recent.append(now)
