@@ -63,7 +63,7 @@ def test_each_later_turn_goes_to_the_node_holding_its_conversation(gateways) -> 
         for turn in range(3):
             # Turns alternate gateways: the second gateway routes each session where the first sent it.
             gateway = gateways[turn % 2]
-            results = list(pool.map(lambda h: _turn(gateway, h), histories))
+            results = list(pool.map(_turn, [gateway] * SESSIONS, histories))
             for i, (text, prompt_tokens, cached_tokens) in enumerate(results):
                 if turn:
                     cached.append((previous[i], cached_tokens))

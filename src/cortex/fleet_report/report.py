@@ -57,6 +57,9 @@ class ModelReport(BaseModel):
     phase: str | None = None
     progress: float | None = None
     error: str | None = None
+    cache_tokens: int | None = Field(None, description="Tokens its prefix cache keeps for reuse (None: not loaded).")
+    cache_mb: float | None = None
+    cache_hit_rate: float | None = Field(None, description="Prompt tokens read from the cache / prompt tokens.")
 
 
 class NodeReport(BaseModel):
@@ -176,6 +179,9 @@ def _model(m: ModelStatus, pinned: bool) -> ModelReport:
         phase=m.phase,
         progress=m.progress,
         error=m.error or (m.refusal.detail if m.refusal else None),
+        cache_tokens=m.prefix_cache.tokens if m.prefix_cache else None,
+        cache_mb=m.prefix_cache.mb if m.prefix_cache else None,
+        cache_hit_rate=m.prefix_cache.hit_rate if m.prefix_cache else None,
     )
 
 

@@ -49,7 +49,7 @@ def _node(node: NodeReport, paint: Paint) -> list[str]:
     lines += [f"  {_device(d)}" for d in node.devices]
     if not node.models:
         return [*lines, "  (no model loaded)"]
-    header = ("MODEL", "STATE", "DEVICE", "ENGINE", "MEMORY", "PARALLEL", "IN FLIGHT", "QUEUED", "TOK/S", "")
+    header = ("MODEL", "STATE", "DEVICE", "ENGINE", "MEMORY", "PARALLEL", "IN FLIGHT", "QUEUED", "TOK/S", "CACHE", "")
     rows: list[tuple[str, ...]] = [header]
     rows += [_model_row(m) for m in node.models]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -81,8 +81,16 @@ def _model_row(m: ModelReport) -> tuple[str, ...]:
         str(m.in_flight),
         str(m.queued),
         f"{m.tokens_per_s:.1f}",
+        _cache(m),
         "pinned" if m.pinned else "",
     )
+
+
+def _cache(m: ModelReport) -> str:
+    """`3.2k tok 74 MB, 81% hit`: what its prefix cache keeps, and how much of the prompts it served."""
+    if m.cache_tokens is None or m.cache_hit_rate is None:
+        return "-"
+    return f"{m.cache_tokens / 1000:.1f}k tok {m.cache_mb or 0:.0f} MB, {m.cache_hit_rate:.0%} hit"
 
 
 def _painter(color: bool) -> Paint:

@@ -144,6 +144,16 @@ class FleetCollector(Collector):
             "Tokens the node generates per second for the model, lately.",
             labels=["node", "model"],
         )
+        cache = GaugeMetricFamily(
+            "cortex_model_prefix_cache_tokens",
+            "Tokens a model's prefix cache keeps for reuse.",
+            labels=["node", "model"],
+        )
+        hit_rate = GaugeMetricFamily(
+            "cortex_model_prefix_cache_hit_ratio",
+            "Prompt tokens the node read from the model's prefix cache / its prompt tokens, since it loaded.",
+            labels=["node", "model"],
+        )
         live, lost = self._fleet.census()
         for name in lost:
             up.add_metric([name], 0)
@@ -160,4 +170,7 @@ class FleetCollector(Collector):
                 in_flight.add_metric([hb.node, m.id], m.in_flight)
                 queued.add_metric([hb.node, m.id], m.queued)
                 rate.add_metric([hb.node, m.id], m.tokens_per_s)
-        yield from (up, draining, total, used, state, memory, in_flight, queued, rate)
+                if m.prefix_cache is not None:
+                    cache.add_metric([hb.node, m.id], m.prefix_cache.tokens)
+                    hit_rate.add_metric([hb.node, m.id], m.prefix_cache.hit_rate)
+        yield from (up, draining, total, used, state, memory, in_flight, queued, rate, cache, hit_rate)
