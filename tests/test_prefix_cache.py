@@ -161,3 +161,39 @@ def test_running_sequences_take_the_room_of_kept_prefixes(engine, tiny_model_dir
         assert kept.cached_tokens > 300
     finally:
         unload(small)
+
+
+class _OutOfMemoryOnce:
+    """The model, except that its first forward pass finds the device full (a fault, injected)."""
+
+    def __init__(self, model) -> None:
+        self._model = model
+        self.raised = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def __call__(self, **inputs):
+        if not self.raised:
+            self.raised = True
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return self._model(**inputs)
+
+
+def test_out_of_device_memory_drops_the_cache_before_failing_a_job(tiny_model_dir, worker) -> None:
+    model = _load("transformers", tiny_model_dir)
+    try:
+        before = _job("What is a build cache?")
+        _run(worker, model, before)
+        _settled(worker)
+        assert prefix_chain(before)[-1] in model.runtime.prefix.status().prefixes
+        full = _OutOfMemoryOnce(model.runtime.model)
+        model.runtime._model = full
+        after = _job("Something else entirely.", system="Another system prompt. " * 10)
+        [(_, done)] = _run(worker, model, after)  # no Crashed: the job went through
+        _settled(worker)
+        assert full.raised and done.completion_tokens > 0
+        held = model.runtime.prefix.status().prefixes
+        assert prefix_chain(before)[-1] not in held and prefix_chain(after)[-1] in held
+    finally:
+        unload(model)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +138,24 @@ class DecodeBatch:
                 if not gen.finished:
                     gen.fail(exc)
 
+    def _forward(self, **inputs: Any) -> Any:
+        """A forward pass. Out of device memory while the prefix cache holds some, the cache goes first
+        (before any job fails, and long before the gateway would evict a model) and the pass runs again."""
+        try:
+            return self._runtime.model(**inputs)
+        except torch.OutOfMemoryError:
+            if not self._blocks.bytes:
+                raise
+            log.warning(
+                "%s is out of device memory: dropping its prefix cache (%d MB) and trying again",
+                self.model.spec.id,
+                self._blocks.bytes // 2**20,
+            )
+            self._blocks.clear()
+            if self.model.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return self._runtime.model(**inputs)
+
     def _prefill_cached(self, prompts: list[tuple[Generation, list[int]]], past: LayerKV) -> None:
         """One prompt whose first tokens' keys and values are `past`: computes the rest."""
         [(gen, ids)] = prompts
@@ -148,7 +166,7 @@ class DecodeBatch:
         for layer, (keys, values) in zip(cache.layers, past, strict=True):
             assert isinstance(layer, DynamicLayer)  # only such a cache keeps blocks (TransformersRuntime)
             layer.update(keys.to(device), values.to(device))
-        out = lm(
+        out = self._forward(
             input_ids=torch.tensor([ids[reused:]], device=device),
             position_ids=torch.arange(reused, len(ids), device=device).unsqueeze(0),
             cache=cache,
@@ -171,7 +189,7 @@ class DecodeBatch:
             mask[row, length - len(ids) :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         lm = self._runtime.model
-        out = lm(
+        out = self._forward(
             input_ids=input_ids,
             attention_mask=mask if len(prompts) > 1 else None,
             position_ids=positions,
@@ -232,7 +250,8 @@ class DecodeBatch:
         input_ids = torch.tensor([[gen.next_input] for gen in self.rows], device=device)
         positions = torch.tensor([[gen.position] for gen in self.rows], device=device)
         mask = torch.cat([self._mask, torch.ones(len(self.rows), 1, dtype=torch.long, device=device)], dim=1)
-        out = self._runtime.model(
+        self._blocks.make_room(mask.numel() * self._blocks.bytes_per_token)  # the rows grow into the budget
+        out = self._forward(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
