@@ -5,6 +5,7 @@ it would have without the cache, and the cache gives way when running sequences 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -128,6 +129,23 @@ def test_sessions_that_share_a_system_prompt_reuse_it(worker, model) -> None:
         _settled(worker)
         pool = model.runtime.pool
         assert pool.positions - pool.used >= 96
+
+
+def test_sessions_arriving_together_compute_their_shared_prompt_once(worker, model) -> None:
+    jobs = [_job(f"Session {i} asks its first question.") for i in range(3)]
+
+    async def together():
+        # The device thread sleeps while the three arrive, so that it admits them in one go.
+        pause = asyncio.ensure_future(worker.call(time.sleep, 0.5))
+        await asyncio.sleep(0)
+        handles = [worker.start_job(job, model) for job in jobs]
+        await pause
+        return [[out async for out in handle.outputs()][-1] for handle in handles]
+
+    ends = asyncio.run(together())
+    assert all(isinstance(end, Finished) for end in ends)
+    reused = sorted(end.cached_tokens for end in ends)
+    assert reused[0] == 0 and reused[1] >= 96 and reused[2] >= 96  # the first computed it for the others
 
 
 def test_the_cache_reports_its_size_hit_rate_and_fingerprints(worker, model) -> None:

@@ -22,6 +22,11 @@ class GatewaySection(BaseModel):
     idle_timeout: float = Field(120.0, gt=0, description="Seconds a running job may stay silent.")
     load_timeout: float = Field(600.0, gt=0, description="Seconds a request waits for its model's cold load.")
     keepalive_interval: float = Field(5.0, gt=0, description="Seconds between SSE comments while a stream waits.")
+    routing: Literal["cache_aware", "least_loaded"] = Field(
+        "cache_aware",
+        description="`cache_aware`: a conversation goes back to the node holding its prompt warm (unless that node "
+        "has 4 jobs more than the least loaded); `least_loaded`: the least loaded holder, always.",
+    )
     responses_ttl: float = Field(
         30 * 86400.0,
         gt=0,

@@ -71,9 +71,18 @@ class Dispatcher:
     """Picks the node for each job (this gateway's jobs in flight count: `usage`) and opens it there."""
 
     def __init__(
-        self, client: JobClient, fleet: FleetView, usage: LocalUsage, *, accept_timeout: float, idle_timeout: float
+        self,
+        client: JobClient,
+        fleet: FleetView,
+        usage: LocalUsage,
+        *,
+        accept_timeout: float,
+        idle_timeout: float,
+        cache_aware: bool = True,
     ) -> None:
+        """`cache_aware`: send a job to the holder of its prefix (placement.policy); else least loaded."""
         self._client = client
+        self._cache_aware = cache_aware
         self._fleet = fleet
         self._usage = usage
         self._accept_timeout = accept_timeout
@@ -88,7 +97,7 @@ class Dispatcher:
         if not self._client.connected:
             raise TransportError("the gateway has lost its NATS connection; retry shortly")
         holders = self._fleet.holders(job.model)
-        chain = prefix_chain(job)
+        chain = prefix_chain(job) if self._cache_aware else []
         busy = 0
         for node in self._candidates(job.model, holders, chain):
             # Counted from the moment it is sent, so that jobs sent within one prefill spread out.

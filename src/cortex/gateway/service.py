@@ -157,7 +157,14 @@ async def _build(
     client = await JobClient.open(connection, subjects)
     stack.push_async_callback(client.aclose)
     usage = LocalUsage()
-    dispatcher = Dispatcher(client, fleet, usage, accept_timeout=gw.accept_timeout, idle_timeout=gw.idle_timeout)
+    dispatcher = Dispatcher(
+        client,
+        fleet,
+        usage,
+        accept_timeout=gw.accept_timeout,
+        idle_timeout=gw.idle_timeout,
+        cache_aware=gw.routing == "cache_aware",
+    )
     control = ControlClient(connection, subjects)
 
     pins = await Pins.open(connection, subjects, replicas=nats.kv_replicas)

@@ -26,6 +26,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from neuron.engine.generation import Generation
+from neuron.engine.prefix import waves
 from neuron.engine.prefix_blocks import LayerKV, PrefixBlocks
 from neuron.engine.runtime import LoadedModel
 
@@ -114,12 +115,16 @@ class DecodeBatch:
     def prefill(self, gens: list[Generation]) -> None:
         """Feeds the new sequences' prompts and gives each its first token: a prompt with a cached
         prefix alone, from where the prefix ends; the others in forward passes of similar lengths
-        (left-padded to the longest of each group). A pass that fails ends its own jobs only; the
-        batch is left as it was."""
+        (left-padded to the longest of each group); prompts sharing a prefix in rounds (prefix.waves).
+        A pass that fails ends its own jobs only; the batch is left as it was."""
         prompts = sorted(((gen, ids) for gen in gens if (ids := gen.start()) is not None), key=lambda p: len(p[1]))
-        fresh = []
         running = self._mask.shape[1] * len(self.rows) if self._mask is not None else 0
         self._blocks.make_room((running + sum(len(ids) for _, ids in prompts)) * self._blocks.bytes_per_token)
+        for wave in waves(prompts) if self._blocks.enabled else [prompts]:
+            self._prefill_wave(wave)
+
+    def _prefill_wave(self, prompts: list[tuple[Generation, list[int]]]) -> None:
+        fresh = []
         for gen, ids in prompts:
             cached = self._blocks.lookup(ids) if self._blocks.enabled else []
             if cached:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from neuron.engine.prefix import PrefixStats
+from neuron.engine.prefix import PrefixStats, common_prefix
 
 
 class Cells(Protocol):
@@ -40,14 +40,6 @@ class _Sequence:
     cells: list[int] = field(default_factory=list)  # by position: which cell (our numbering)
     busy: bool = False
     released_at: int = 0
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class KvPool:

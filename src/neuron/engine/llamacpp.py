@@ -23,7 +23,7 @@ import torch
 from neuron.engine.batch import each_row
 from neuron.engine.generation import Generation
 from neuron.engine.kv_pool import KvPool
-from neuron.engine.prefix import PrefixStats
+from neuron.engine.prefix import PrefixStats, waves
 from neuron.engine.runtime import Capabilities, LoadedModel
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,12 @@ def _log_line(level: int, text: bytes, _: ctypes.c_void_p) -> None:
 
 
 def decode_threads() -> int:
-    """Physical cores: a decode step is bound by memory bandwidth, and hyperthreads only contend."""
+    """Physical cores (a decode step is bound by memory bandwidth, and hyperthreads only contend), and
+    no more than the CPUs this process may run on (a neuron pinned with taskset or a cgroup cpuset)."""
     import psutil
 
-    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return max(1, min(physical, len(os.sched_getaffinity(0))))
 
 
 class LlamaCppRuntime:
@@ -193,15 +195,18 @@ class LlamaBatch:
 
     def prefill(self, gens: list[Generation]) -> None:
         """Feeds the new prompts from where their cached prefix ends, several per llama_decode call,
-        and gives each its first token."""
+        and gives each its first token; prompts sharing a prefix go in rounds (prefix.waves)."""
+        prompts = [(gen, ids) for gen in gens if (ids := gen.start()) is not None]
+        for wave in waves(prompts):
+            self._prefill(wave)
+
+    def _prefill(self, prompts: list[tuple[Generation, list[int]]]) -> None:
         started: list[tuple[Generation, list[int], int]] = []  # (job, prompt, first position to feed)
-        for gen in gens:
-            ids = gen.start()
-            if ids is not None:
-                seq, reused = self._pool.claim(ids, gen.prefix_chain)
-                self._seqs[id(gen)] = seq
-                gen.reused(reused)
-                started.append((gen, ids, reused))
+        for gen, ids in prompts:
+            seq, reused = self._pool.claim(ids, gen.prefix_chain)
+            self._seqs[id(gen)] = seq
+            gen.reused(reused)
+            started.append((gen, ids, reused))
         entries = [
             (ids[position], position, self._seqs[id(gen)], position == len(ids) - 1, gen)
             for gen, ids, reused in started
