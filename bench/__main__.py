@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import coldstart, constrained, engines, quickstart, throughput
+from bench import coldstart, constrained, engines, prefix, quickstart, throughput
 
 BENCHMARKS = {
     "throughput": throughput.main,
@@ -13,6 +13,7 @@ BENCHMARKS = {
     "quickstart": quickstart.main,
     "coldstart": coldstart.main,
     "constrained": constrained.main,
+    "prefix": prefix.main,
 }
 
 

@@ -55,13 +55,13 @@ class Stack:
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    def gateway(self, models_toml: Path | None = None) -> tuple[str, int]:
-        """Starts the gateway; its (host, port) once it answers /health."""
+    def gateway(self, models_toml: Path | None = None, env: dict[str, str] | None = None) -> tuple[str, int]:
+        """Starts the gateway (`env`: its settings, CORTEX_GATEWAY__...); its (host, port) once it answers /health."""
         port = natsserver.free_port()
         args = ["cortex.cli", "serve", "--nats", self.nats_url, "--listen", f"127.0.0.1:{port}"]
         if models_toml is not None:
             args += ["--models-config", str(models_toml)]
-        self.spawn("gateway", args, {"CORTEX_GATEWAY__METRICS_LISTEN": ""})
+        self.spawn("gateway", args, {"CORTEX_GATEWAY__METRICS_LISTEN": "", **(env or {})})
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200, 60, "the gateway")
         return "127.0.0.1", port
 
