@@ -26,9 +26,12 @@ NO_END = {"2": -100}
 
 @pytest.fixture(scope="module")
 def engines_node(spawn, nats_url, models_toml, gateway):
-    """Node e1, the only one serving these models; it leaves when the module is done."""
+    """Node e1, the only one serving these models; it leaves when the module is done. Its prefix cache
+    is off: these tests compare answers across requests, and cells kept in llama.cpp's unified pool
+    change the order its attention sums in, so two requests may part ways at a near-tie (README,
+    "Agent turns pay only for what is new"); tests/test_prefix_cache.py covers reuse."""
     models = ["test/tiny-engines", *([SMOLLM2] if LLAMA_CPP else [])]
-    proc = start_neuron(spawn, nats_url, models_toml, "e1", *models)
+    proc = start_neuron(spawn, nats_url, models_toml, "e1", *models, env={"NEURON_PREFIX_CACHE": "false"})
     for model in models:
         wait_until(lambda m=model: _on_e1(gateway, m).get("state") == "ready", 120, f"{model} on e1")
     yield proc

@@ -6,7 +6,7 @@ import time
 
 from cortex.fleet_report.report import Sighting, build_report
 from cortex.fleet_report.text import memory_bar, render
-from cortex.protocol.messages import DeviceInfo, Heartbeat, ModelState, ModelStatus
+from cortex.protocol.messages import DeviceInfo, Heartbeat, ModelState, ModelStatus, PrefixCacheStatus
 
 
 def model(model_id: str = "org/m", state: ModelState = ModelState.ready, **fields: object) -> ModelStatus:
@@ -135,3 +135,12 @@ def test_table_names_node_device_and_model() -> None:
     assert "gpu1  up  v0.1.0" in text
     assert "cuda:0   NVIDIA H200" in text
     assert "org/m" in text and "ready" in text and "12.5" in text
+
+
+def test_a_models_prefix_cache_shows_its_size_and_hit_rate() -> None:
+    cache = PrefixCacheStatus(tokens=7400, mb=168.2, prompt_tokens=1000, reused_tokens=820, hit_rate=0.82)
+    report = build_report([seen(heartbeat("gpu1", model("org/m", prefix_cache=cache), model("org/loading")))])
+    loading, cached = report.nodes[0].models  # by id
+    assert (cached.cache_tokens, cached.cache_mb, cached.cache_hit_rate) == (7400, 168.2, 0.82)
+    assert loading.cache_tokens is None
+    assert "7.4k tok 168 MB, 82% hit" in render(report, at=0)

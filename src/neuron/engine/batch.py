@@ -170,7 +170,7 @@ class DecodeBatch:
         cache = DynamicCache(config=lm.config)
         for layer, (keys, values) in zip(cache.layers, past, strict=True):
             assert isinstance(layer, DynamicLayer)  # only such a cache keeps blocks (TransformersRuntime)
-            layer.update(keys.to(device), values.to(device))
+            layer.update(keys, values)  # blocks stay on their layer's device (a model over several GPUs)
         out = self._forward(
             input_ids=torch.tensor([ids[reused:]], device=device),
             position_ids=torch.arange(reused, len(ids), device=device).unsqueeze(0),

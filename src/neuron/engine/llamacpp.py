@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 PREFILL_TOKENS = 2048
 # Sequences beyond the running ones, each keeping a finished conversation's cells for its next turn.
 KEPT_SEQUENCES = 16
+_MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 _MB = 2**20
 
 
@@ -97,7 +98,7 @@ class LlamaCppRuntime:
         try:
             ctx = llama_cpp.llama_context_default_params()
             ctx.n_ctx = context * sequences
-            ctx.n_seq_max = sequences + KEPT_SEQUENCES
+            ctx.n_seq_max = min(sequences + KEPT_SEQUENCES, _MAX_SEQUENCES)
             ctx.kv_unified = True  # one pool: cells are shared between sequences, and kept after a job
             ctx.n_batch = min(PREFILL_TOKENS, ctx.n_ctx)
             ctx.n_ubatch = min(512, ctx.n_batch)
@@ -115,7 +116,7 @@ class LlamaCppRuntime:
         cells = context * sequences
         self.pool = KvPool(
             self,
-            sequences=sequences + KEPT_SEQUENCES,
+            sequences=int(ctx.n_seq_max),
             capacity=cells,
             bytes_per_token=kv_mb * _MB // cells,
             reuse=prefix_cache,
