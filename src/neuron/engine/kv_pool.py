@@ -77,14 +77,14 @@ class KvPool:
                 if n > matched:
                     best, matched = sequence, n
         reused = min(matched, len(prompt) - 1)
-        idle = [s for s in self._sequences if not s.busy]
-        if not idle:
-            raise RuntimeError("every llama.cpp sequence is taken; the worker admitted too many jobs")
-        if best is not None and not best.busy and 2 * matched >= len(best.tokens):
-            target = best  # most of what it holds is reused: only its tail goes
+        others = [s for s in self._sequences if not s.busy and s is not best]
+        if best is not None and not best.busy and (2 * matched >= len(best.tokens) or not others):
+            target = best  # most of what it holds is reused (or no other is free): only its tail goes
             reused = self._cut(target, reused)
+        elif not others:
+            raise RuntimeError("every llama.cpp sequence is taken; the worker admitted too many jobs")
         else:
-            target = min(idle, key=lambda s: (bool(s.tokens), s.released_at))  # an empty one, else the oldest
+            target = min(others, key=lambda s: (bool(s.tokens), s.released_at))  # an empty one, else the oldest
             self._cut(target, 0)
             if best is not None and reused > 0:
                 self._cells.share(best.seq, target.seq, reused)
