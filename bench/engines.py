@@ -29,6 +29,7 @@ import httpx
 import psutil
 
 from bench.loadgen import HttpConnection, chat_body, closed_loop, content_tokens
+from bench.plotting import pyplot
 from bench.stack import stack, wait_for
 from bench.throughput import PROMPTS, SMOLLM2_GGUF, _smollm2_dir
 
@@ -225,12 +226,8 @@ def _table(raw: dict[str, float] | None, ours: dict[str, dict[str, float]], conc
 
 
 def _plot(raw: dict[str, float] | None, ours: dict[str, dict[str, float]], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     names = (["raw llama-cpp-python"] if raw else []) + [f"cortex {n}" for n in ours]
     rates = ([raw["decode"]] if raw else []) + [r["decode"] for r in ours.values()]

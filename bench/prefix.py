@@ -24,8 +24,6 @@ import asyncio
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,9 +32,9 @@ from pathlib import Path
 import httpx
 from openai import AsyncOpenAI
 
-from bench.stack import Stack, stack, wait_for
+from bench.plotting import pyplot
+from bench.stack import Stack, llama_cpp_server, stack, wait_for
 from bench.throughput import SMOLLM2_GGUF, _smollm2_dir
-from cortex.devstack import natsserver
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "smollm2"
@@ -141,29 +139,9 @@ def _one_node(root: Path, system: str, questions: list[str], prefix_cache: bool)
 
 
 def _llama_server(root: Path, system: str, questions: list[str]) -> list[Turn] | None:
-    port = natsserver.free_port()
-    args = [sys.executable, "-m", "llama_cpp.server", "--model", str(_smollm2_dir() / SMOLLM2_GGUF)]
-    args += ["--model_alias", MODEL, "--n_ctx", str(CONTEXT), "--host", "127.0.0.1", "--port", str(port)]
-    args += ["--n_threads", str(os.cpu_count() or 1)]
-    log = root / "llama-server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-    try:
-
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(log.read_text()[-400:])
-            return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200
-
-        try:
-            wait_for(up, 120, "llama-cpp-python's server")
-        except RuntimeError as exc:
-            print(f"  llama-cpp-python's server did not start (pip install 'llama-cpp-python[server]'): {exc}")
-            return None
-        return asyncio.run(_conversation(f"http://127.0.0.1:{port}/v1", system, questions))
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    gguf = _smollm2_dir() / SMOLLM2_GGUF
+    with llama_cpp_server(gguf, root, "--model_alias", MODEL, "--n_ctx", str(CONTEXT)) as port:
+        return asyncio.run(_conversation(f"http://127.0.0.1:{port}/v1", system, questions)) if port else None
 
 
 # --- (b) sessions on two nodes ---------------------------------------------------------------------
@@ -287,13 +265,8 @@ def _table_b(runs: dict[str, tuple[list[list[Turn]], float, int]]) -> list[str]:
 
 
 def _plot(a: dict[str, list[Turn] | None], b: dict[str, tuple[list[list[Turn]], float, int]], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     runs = [(n, r) for n, r in a.items() if r]

@@ -72,6 +72,35 @@ class Stack:
 
 
 @contextlib.contextmanager
+def llama_cpp_server(gguf: Path, root: Path, *args: str) -> Iterator[int | None]:
+    """llama-cpp-python's OpenAI server on `gguf` (more `args` for it), its port once it answers; None
+    (saying why) where it does not start, so that the rest of a table stands."""
+    port = natsserver.free_port()
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--n_threads", str(os.cpu_count() or 1), *args]
+    log = root / "llama-cpp-server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+
+        def up() -> bool:
+            if proc.poll() is not None:  # its server extra is missing, say
+                raise RuntimeError(log.read_text()[-400:])
+            return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200
+
+        try:
+            wait_for(up, 120, "llama-cpp-python's server")
+        except RuntimeError as exc:
+            print(f"  llama-cpp-python's server did not start (pip install 'llama-cpp-python[server]'): {exc}")
+            yield None
+            return
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@contextlib.contextmanager
 def stack(root: Path) -> Iterator[Stack]:
     s = Stack(root)
     try:

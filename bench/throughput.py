@@ -27,8 +27,8 @@ from pathlib import Path
 import httpx
 
 from bench.loadgen import DirectClient, HttpConnection, Timing, chat_body, closed_loop, content_tokens
-from bench.stack import Stack, stack, wait_for
-from cortex.devstack import natsserver
+from bench.plotting import pyplot
+from bench.stack import Stack, llama_cpp_server, stack, wait_for
 from cortex.protocol.messages import ChatMessage, InferenceJob, SamplingParams
 from cortex.protocol.subjects import Subjects
 
@@ -220,32 +220,9 @@ def _llamacpp(root: Path, gguf_dir: Path) -> dict[int, dict[str, float]] | None:
     if importlib.util.find_spec("llama_cpp") is None:
         print("  llama-cpp-python is not installed (pip install 'llama-cpp-python[server]'): skipped")
         return None
-    import subprocess
-    import sys
-
-    port = natsserver.free_port()
-    args = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_dir / SMOLLM2_GGUF), "--n_ctx", "4096"]
-    args += ["--host", "127.0.0.1", "--port", str(port), "--n_threads", str(os.cpu_count() or 1)]
     # Its default drops a running stream when another request arrives; queue them instead.
-    args += ["--interrupt_requests", "false"]
-    with (root / "llamacpp.log").open("wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    try:
-
-        def up() -> bool:
-            if proc.poll() is not None:  # its server extra is missing, say: the rest of the table stands
-                raise RuntimeError((root / "llamacpp.log").read_text()[-400:])
-            return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200
-
-        try:
-            wait_for(up, 120, "llama.cpp")
-        except RuntimeError as exc:
-            print(f"  llama.cpp's server did not start (pip install 'llama-cpp-python[server]'): skipped\n{exc}")
-            return None
-        return _concurrency_sweep("127.0.0.1", port, "smollm2")
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with llama_cpp_server(gguf_dir / SMOLLM2_GGUF, root, "--n_ctx", "4096", "--interrupt_requests", "false") as port:
+        return _concurrency_sweep("127.0.0.1", port, "smollm2") if port else None
 
 
 # --- the table -------------------------------------------------------------------------------------
@@ -316,13 +293,8 @@ def _sequential_rate(seconds: list[float], c: int) -> float:
 
 
 def _plot(ours: dict, sequential: dict, llama: dict | None, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install '.[bench]'): no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for d, mark in zip(ENGINES, "osd", strict=False):

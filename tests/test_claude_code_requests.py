@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from cortex.dialects import anthropic
 from cortex.protocol.errors import InvalidRequest
 from cortex.protocol.messages import ChatMessage, ModelSpec
+from cortex.protocol.prefix import prefix_chain
 from neuron.engine.chat import ChatFormat, PromptRejected
 
 HEADERS = {
@@ -73,6 +74,16 @@ def _job(**over):
 
 def test_the_system_turn_after_the_users_stays_in_place() -> None:
     assert [m.role for m in _job().messages or []] == ["system", "user", "system"]
+
+
+def test_the_per_request_billing_line_is_left_out_so_turns_share_their_prefix() -> None:
+    turn = {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332.a1f; cc_entrypoint=cli; cch=36ee5;"}
+    later = {**turn, "text": turn["text"].replace("36ee5", "0aaa9")}
+    first, second = (
+        _job(system=[block, {"type": "text", "text": "You are a Claude agent."}]) for block in (turn, later)
+    )
+    assert first.messages[0].content == second.messages[0].content == "You are a Claude agent."
+    assert prefix_chain(first) == prefix_chain(second)
 
 
 def test_a_deferred_tool_is_left_out_of_the_prompt() -> None:

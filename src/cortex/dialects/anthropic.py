@@ -225,6 +225,19 @@ def _check_context_management(req: MessagesRequest | CountTokensRequest) -> None
         )
 
 
+# Claude Code (2.1.36 on) opens `system` with a block `x-anthropic-billing-header: cc_version=...;
+# cc_entrypoint=cli; cch=<5 hex>;` whose `cch` changes every request. It is telemetry for
+# Anthropic's billing, nothing the model should read, and at the very start of the prompt it would
+# make every turn's prompt new to the prefix cache (and to cache-aware routing): it is left out.
+_ATTRIBUTION = "x-anthropic-billing-header:"
+
+
+def _without_attribution(system: str | list[Part] | None) -> str | list[Part] | None:
+    if not isinstance(system, list):
+        return system
+    return [part for part in system if not (part.type == "text" and (part.text or "").startswith(_ATTRIBUTION))]
+
+
 def to_messages(req: MessagesRequest | CountTokensRequest) -> list[ChatMessage]:
     """The conversation; a system turn inside `messages` stays where it is (the node renders it as a
     system turn where the chat template allows one there, else joins it to an adjacent user turn)."""
@@ -234,8 +247,9 @@ def to_messages(req: MessagesRequest | CountTokensRequest) -> list[ChatMessage]:
             "`messages` holds only system turns; put the system prompt in `system` and send at least one user turn"
         )
     messages = []
-    if req.system:
-        messages.append(ChatMessage(role="system", content=join_text(req.system, "system", "block")))
+    system = _without_attribution(req.system)
+    if system:
+        messages.append(ChatMessage(role="system", content=join_text(system, "system", "block")))
     for i, m in enumerate(req.messages):
         where = f"messages[{i}].content"
         if m.role == "system":
