@@ -280,7 +280,10 @@ def _table_b(runs: dict[str, tuple[list[list[Turn]], float, int]]) -> list[str]:
     return lines
 
 
-def _plot(a: dict[str, list[Turn] | None], b: dict[str, tuple[list[list[Turn]], float, int]], path: Path) -> None:
+def _plot(
+    a: dict[str, list[Turn] | None], part: str, b: dict[str, tuple[list[list[Turn]], float, int]], path: Path
+) -> None:
+    """(a)'s TTFT per turn beside the TTFT distribution of one sessions part (`part`: its letter)."""
     plt = pyplot()
     if plt is None:
         return
@@ -300,7 +303,7 @@ def _plot(a: dict[str, list[Turn] | None], b: dict[str, tuple[list[list[Turn]], 
     right.set_xscale("log")
     right.set_xlabel("time to first token, s (log)")
     right.set_ylabel("share of requests")
-    right.set_title("(b) 8 sessions x 6 turns on 2 nodes")
+    right.set_title(f"({part}) sessions on 2 nodes")
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -360,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(exist_ok=True)
     name = "prefix" if args.parts == "abc" else f"prefix-{args.parts}"
     (RESULTS / f"{name}.md").write_text(table)
-    _plot(a, b.get("c") or b.get("b") or {}, RESULTS / f"{name}.png")
+    part = "c" if "c" in b else "b"
+    _plot(a, part, b.get(part, {}), RESULTS / f"{name}.png")
     print(f"saved {RESULTS / name}.md and .png")
 
 
