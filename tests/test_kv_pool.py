@@ -21,6 +21,9 @@ class Recorded:
     def share(self, source: int, target: int, length: int) -> None:
         self.calls.append(("share", source, target, length))
 
+    def clear(self) -> None:
+        self.calls.append(("clear",))
+
 
 def _pool(sequences: int = 3, capacity: int = 1000) -> tuple[KvPool, Recorded]:
     cells = Recorded()

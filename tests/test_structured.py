@@ -83,7 +83,9 @@ def test_a_forced_named_call_has_arguments_by_its_schema(client) -> None:
 
 
 def test_a_required_call_names_a_tool_and_matches_its_schema(client) -> None:
-    other = {"type": "function", "function": {"name": "wait", "parameters": {"type": "object", "properties": {}}}}
+    # No properties and no others: `{}` is the only call to it the schema allows.
+    wait = {"type": "object", "properties": {}, "additionalProperties": False}
+    other = {"type": "function", "function": {"name": "wait", "parameters": wait}}
     resp = client.chat.completions.create(model=TINY, messages=ASK, tools=[PAINT, other], tool_choice="required")
     call = resp.choices[0].message.tool_calls[0]
     assert call.function.name in ("paint", "wait")

@@ -32,6 +32,11 @@ class Cells(Protocol):
         """The target sequence (empty) takes the source's first `length` cells as its own."""
         ...
 
+    def clear(self) -> None:
+        """Empties the pool (every sequence holds nothing already), so the next job's cells start at the
+        first one again."""
+        ...
+
 
 @dataclass
 class _Sequence:
@@ -127,6 +132,10 @@ class KvPool:
         if not keep or not self._reuse:
             self._cut(sequence, 0)
             self._stats.unmark(seq)
+        if not self._refs:
+            # Where a job's cells lie changes the order llama.cpp sums its attention in: an empty pool
+            # starts over from the first cell, so that with nothing kept a job answers as it did alone.
+            self._cells.clear()
         self._report()
 
     def clear(self) -> None:

@@ -143,6 +143,11 @@ class LlamaCppRuntime:
             return True
         return bool(_llama().llama_memory_seq_rm(self._ctx.memory, seq, start, -1))
 
+    def clear(self) -> None:
+        """(kv_pool.Cells) Empties the context's cache."""
+        if self._batch is not None:
+            _llama().llama_memory_clear(self._ctx.memory, True)
+
     def share(self, source: int, target: int, length: int) -> None:
         """(kv_pool.Cells) In a unified pool a copy tags the same cells with `target`: nothing is copied."""
         if self._batch is not None:
