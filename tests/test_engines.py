@@ -31,6 +31,9 @@ def engines_node(spawn, nats_url, models_toml, gateway):
     change the order its attention sums in, so two requests may part ways at a near-tie (README,
     "Agent turns pay only for what is new"); tests/test_prefix_cache.py covers reuse."""
     models = ["test/tiny-engines", *([SMOLLM2] if LLAMA_CPP else [])]
+    # SmolLM2 is the default model: an earlier test may have loaded it on t1 (its cache on), and a
+    # request sent there would not answer as e1 does.
+    httpx.post(f"{gateway.url}/admin/models/unload", json={"model": SMOLLM2}, timeout=60)
     proc = start_neuron(spawn, nats_url, models_toml, "e1", *models, env={"NEURON_PREFIX_CACHE": "false"})
     for model in models:
         wait_until(lambda m=model: _on_e1(gateway, m).get("state") == "ready", 120, f"{model} on e1")
