@@ -70,7 +70,9 @@ def test_claude_code_writes_a_file_with_its_write_tool(gateway, neuron, agent_wo
 def test_claude_code_gets_a_plain_answer_from_the_default_model(gateway, neuron, tmp_path: Path) -> None:
     claude = agent("claude")
     model = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    argv = [claude, "-p", "Question: what is the capital of France?", "--model", model]
+    # `--bare`: no CLAUDE.md auto-discovery (nor hooks, plugins or its full tool set), so a CLAUDE.md
+    # the machine keeps in a parent directory (/ or /tmp) cannot push the prompt past 8k tokens.
+    argv = [claude, "-p", "--bare", "Question: what is the capital of France?", "--model", model]
     argv += ["--system-prompt", "You are a helpful assistant. Answer in one short sentence.", "--tools", ""]
     done = run(argv, tmp_path, claude_env(gateway.url, model))
     assert done.returncode == 0, done.stdout + done.stderr
