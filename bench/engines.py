@@ -57,13 +57,13 @@ def _raw(gguf: Path, runs: int) -> dict[str, float]:
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from neuron.engine.llamacpp import decode_threads
+    from neuron.cpu_share import host_cores
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True)
     ids = list(ids["input_ids"] if not isinstance(ids, list) else ids)
     before = psutil.Process().memory_info().rss
-    threads = decode_threads()
+    threads = host_cores()
     llm = Llama(str(gguf), n_ctx=CONTEXT, n_threads=threads, n_threads_batch=threads, verbose=False)
     grown = (psutil.Process().memory_info().rss - before) / 2**20
     bias = {int(k): float(v) for k, v in NO_EOS.items()}

@@ -170,10 +170,10 @@ def _sequential_llama(gguf_dir: Path) -> list[float]:
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from neuron.engine.llamacpp import decode_threads
+    from neuron.cpu_share import host_cores
 
     tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
-    threads = decode_threads()
+    threads = host_cores()
     llm = Llama(str(gguf_dir / SMOLLM2_GGUF), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
     bias = {int(k): float(v) for k, v in NO_EOS.items()}
     seconds = []

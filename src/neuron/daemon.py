@@ -26,6 +26,7 @@ from cortex.transport.kv import nodes_bucket, pins_bucket, reopen_on_reconnect
 from neuron.config import NeuronSettings
 from neuron.control.service import start_control
 from neuron.control.verbs import ControlVerbs
+from neuron.cpu_share import CpuShare
 from neuron.devices.discovery import discover
 from neuron.engine import backends
 from neuron.engine.worker import DeviceWorker
@@ -59,7 +60,10 @@ async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Ev
             worker.start()
             stack.callback(worker.stop)
         pins = Pins(settings.node, catalogue)
-        node = Node(settings, nc, workers, kv, pins=pins, metrics=metrics)
+        cores = stack.enter_context(CpuShare(settings.threads))
+        threads = cores.threads()
+        log.info("CPU threads per engine: %d (%s)", threads, "set" if settings.threads else "this node's share")
+        node = Node(settings, nc, workers, kv, threads=threads, pins=pins, metrics=metrics)
         keeper = Keeper(node, node.models, settings.node, pins)
         if settings.metrics_listen:
             telemetry = TelemetryServer(*split_host_port(settings.metrics_listen), metrics.registry, node.view.health)
@@ -89,6 +93,7 @@ async def serve(settings: NeuronSettings, stop: asyncio.Event, ready: asyncio.Ev
             asyncio.create_task(_tell_systemd_when_loaded(node.models, defaults)),
             asyncio.create_task(node.survey(catalogue)),
             asyncio.create_task(keeper.run(await pins_bucket(nc, replicas=settings.nats.kv_replicas))),
+            asyncio.create_task(node.watch_cores(cores)),
         ]
 
         await stop.wait()

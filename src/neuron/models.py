@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -22,7 +22,7 @@ from cortex.protocol.messages import EventKind, ModelSpec, ModelState, ModelStat
 from cortex.protocol.subjects import model_key
 from neuron.devices.discovery import refresh
 from neuron.engine.backends import Engine
-from neuron.engine.runtime import LoadedModel
+from neuron.engine.runtime import DEFAULT_OPTIONS, EngineOptions, LoadedModel
 from neuron.engine.worker import DeviceWorker
 from neuron.metrics import NeuronMetrics
 from neuron.sources import loader
@@ -114,7 +114,7 @@ class ModelTable:
         converted_dir: Path | None = None,
         offline: bool = False,
         defrag_after_cycles: int = 0,
-        prefix_cache: bool = True,
+        engine: EngineOptions = DEFAULT_OPTIONS,
         metrics: NeuronMetrics | None = None,
     ) -> None:
         self._workers = workers
@@ -124,7 +124,7 @@ class ModelTable:
         self._converted_dir = converted_dir
         self._offline = offline
         self._defrag_after = defrag_after_cycles
-        self._prefix_cache = prefix_cache
+        self._engine = engine
         self._cycles: Counter[str] = Counter()
         self._entries: dict[str, ModelEntry] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -132,6 +132,13 @@ class ModelTable:
 
     def entries(self) -> list[ModelEntry]:
         return list(self._entries.values())
+
+    async def set_threads(self, threads: int) -> None:
+        """The CPU threads of every engine from now on: the models loaded, and the next loads."""
+        self._engine = replace(self._engine, threads=threads)
+        for entry in self.entries():
+            if entry.loaded is not None:
+                await entry.worker.call(entry.loaded.runtime.set_threads, threads)
 
     def get(self, name: str) -> ModelEntry | None:
         entry = self._entries.get(name)
@@ -268,16 +275,12 @@ class ModelTable:
             entry.phase, entry.progress = "load", None
             devices = [w.torch_device for w in entry.workers]
             share = plan.memory_mb // len(entry.workers) + 1
+            options = self._engine
             entry.loaded = await entry.worker.call(
-                loader.load,
-                plan,
-                source,
-                devices,
-                [share] * len(devices),
-                self._converted_dir,
-                entry.worker.max_batch,
-                self._prefix_cache,
+                loader.load, plan, source, devices, [share] * len(devices), self._converted_dir, options
             )
+            if self._engine.threads != options.threads:  # the host's share changed while it loaded
+                await entry.worker.call(entry.loaded.runtime.set_threads, self._engine.threads)
             entry.memory_mb = entry.loaded.memory_mb
             await self._hooks.model_ready(spec)
         except asyncio.CancelledError:

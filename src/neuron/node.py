@@ -9,7 +9,9 @@ them in one go (none is ever missing), and is the table's hooks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 
 from cortex.protocol.catalogue import Catalogue
 from cortex.protocol.messages import EventKind, ModelSpec
@@ -17,6 +19,8 @@ from cortex.protocol.subjects import Subjects
 from cortex.transport.connection import Connection
 from cortex.transport.kv import Bucket, nodes_bucket
 from neuron.config import NeuronSettings
+from neuron.cpu_share import CpuShare
+from neuron.engine.runtime import EngineOptions
 from neuron.engine.worker import DeviceWorker
 from neuron.events import EventPublisher
 from neuron.heartbeat import Heartbeater
@@ -27,6 +31,8 @@ from neuron.node_view import Estimates, NodeView
 from neuron.pins import Pins
 from neuron.planning import LoadPlanner
 
+log = logging.getLogger(__name__)
+
 
 class Node:
     def __init__(
@@ -36,10 +42,13 @@ class Node:
         workers: dict[str, DeviceWorker],
         heartbeats: Bucket,
         *,
+        threads: int,
         pins: Pins,
         metrics: NeuronMetrics,
     ) -> None:
         self._node = settings.node
+        self._threads = threads
+        self._interval = settings.heartbeat_interval
         self._drain_timeout = settings.drain_timeout
         self.subjects = Subjects(settings.nats.prefix)
         self.events = EventPublisher(connection, self.subjects, settings.node)
@@ -51,7 +60,12 @@ class Node:
             converted_dir=settings.converted_dir,
             offline=settings.offline,
             defrag_after_cycles=settings.defrag_after_cycles,
-            prefix_cache=settings.prefix_cache,
+            engine=EngineOptions(
+                max_batch=settings.max_batch,
+                prefix_cache=settings.prefix_cache,
+                prefill_chunk=settings.prefill_chunk,
+                threads=threads,
+            ),
             metrics=metrics,
         )
         self.relay = JobRelay(
@@ -103,6 +117,23 @@ class Node:
         return self.relay.in_flight(model_id)
 
     # ---------------------------------------------------------------------------------------
+
+    async def watch_cores(self, share: CpuShare) -> None:
+        """Every heartbeat interval: this node's share of the host's cores (neurons start and stop
+        beside it), given to its engines when it changes; and whether its jobs are stalled, told to
+        the fleet at once when that changes."""
+        threads, stalled = self._threads, False
+        while True:
+            await asyncio.sleep(self._interval)
+            now = await asyncio.to_thread(share.threads)
+            if now != threads:
+                log.info("CPU threads per engine: %d -> %d (neurons sharing this host's cores changed)", threads, now)
+                await self.models.set_threads(now)
+                threads = now
+            if self.view.stalled != stalled:
+                stalled = self.view.stalled
+                log.warning("running jobs %s", "make no progress: no new work" if stalled else "make progress again")
+                await self.beat()
 
     async def beat(self) -> None:
         """A heartbeat now, for a change the fleet should see at once."""

@@ -84,6 +84,11 @@ class NodeView:
             running + queued, queued, pinned=self._pins.pinned(entry.spec.id), tokens_per_s=tokens_per_s
         )
 
+    @property
+    def stalled(self) -> bool:
+        """Whether a device's running jobs have stopped making progress (engine/progress.py)."""
+        return any(w.progress.stalled for w in self._workers.values())
+
     def snapshot(self) -> Heartbeat:
         rates = self._metrics.decode_rates.rates()
         heartbeat = Heartbeat(
@@ -93,6 +98,7 @@ class NodeView:
             sent_at=time.time(),
             interval_s=self._settings.heartbeat_interval,
             draining=self._jobs.draining,
+            stalled=self.stalled,
             max_batch=self._settings.max_batch,
             max_queue=self._settings.max_queue,
             devices=list(self.device_views().values()),

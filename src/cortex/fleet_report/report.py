@@ -65,7 +65,7 @@ class ModelReport(BaseModel):
 class NodeReport(BaseModel):
     name: str
     version: str
-    status: Literal["up", "draining", "stale"]
+    status: Literal["up", "draining", "stalled", "stale"]
     age_s: float = Field(description="Seconds since its last heartbeat.")
     interval_s: float
     uptime_s: float = Field(description="Seconds since the neuron started, as of its last heartbeat.")
@@ -141,7 +141,7 @@ def _node(sighting: Sighting, pinned: set[str]) -> NodeReport:
     return NodeReport(
         name=hb.node,
         version=hb.version,
-        status="stale" if stale else "draining" if hb.draining else "up",
+        status="stale" if stale else "draining" if hb.draining else "stalled" if hb.stalled else "up",
         age_s=round(max(sighting.age_s, 0.0), 1),
         interval_s=hb.interval_s,
         uptime_s=round(max(hb.sent_at - hb.started_at, 0.0), 1),

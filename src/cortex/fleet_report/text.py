@@ -9,7 +9,7 @@ from cortex.fleet_report.report import DeviceReport, FleetReport, ModelReport, N
 
 BAR_WIDTH = 20
 _NAME_WIDTH = 28
-_COLORS = {"ready": 32, "up": 32, "healthy": 32, "loading": 33, "unloading": 33, "draining": 33}
+_COLORS = {"ready": 32, "up": 32, "healthy": 32, "loading": 33, "unloading": 33, "draining": 33, "stalled": 31}
 _BAD = 31
 
 # paint(text, key): `text` in the color of `key` (a state, a status, `healthy` or `bad`), or as it is.

@@ -123,6 +123,9 @@ class FleetCollector(Collector):
             "cortex_node_up", "1: heartbeats arrive; 0: lost (silent, or gone without a clean stop).", labels=["node"]
         )
         draining = GaugeMetricFamily("cortex_node_draining", "1 while the node stops.", labels=["node"])
+        stalled = GaugeMetricFamily(
+            "cortex_node_stalled", "1 while the node's running jobs make no progress (no new work).", labels=["node"]
+        )
         total = GaugeMetricFamily(
             "cortex_device_memory_total_bytes", "Memory models may use.", labels=["node", "device", "kind"]
         )
@@ -160,6 +163,7 @@ class FleetCollector(Collector):
         for hb in live:
             up.add_metric([hb.node], 1)
             draining.add_metric([hb.node], int(hb.draining))
+            stalled.add_metric([hb.node], int(hb.stalled))
             for d in hb.devices:
                 total.add_metric([hb.node, d.id, d.kind], d.total_mb * _MB)
                 used.add_metric([hb.node, d.id, d.kind], (d.total_mb - d.free_mb) * _MB)
@@ -173,4 +177,4 @@ class FleetCollector(Collector):
                 if m.prefix_cache is not None:
                     cache.add_metric([hb.node, m.id], m.prefix_cache.tokens)
                     hit_rate.add_metric([hb.node, m.id], m.prefix_cache.hit_rate)
-        yield from (up, draining, total, used, state, memory, in_flight, queued, rate, cache, hit_rate)
+        yield from (up, draining, stalled, total, used, state, memory, in_flight, queued, rate, cache, hit_rate)

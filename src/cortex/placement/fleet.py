@@ -130,11 +130,11 @@ class FleetView:
         return record.alive(time.monotonic(), self._last_heard)
 
     def _serving(self) -> list[Holder]:
-        """Every (node, model) where the model is ready and the node takes jobs."""
+        """Every (node, model) where the model is ready and the node takes jobs (not stopping, not stalled)."""
         return [
             Holder(hb.node, m)
             for hb in self.nodes()
-            if not hb.draining
+            if not hb.draining and not hb.stalled
             for m in hb.models
             if m.state is ModelState.ready
         ]

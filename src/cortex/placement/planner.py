@@ -117,16 +117,20 @@ def _device_group(devices: list[DeviceInfo], count: int) -> list[DeviceInfo] | N
 def fits(spec: ModelSpec, node: Heartbeat, strategy: Strategy) -> bool:
     """Whether the model could be placed on this node now, evicting what may be displaced."""
     need = need_on(spec, node)
-    return not node.draining and not isinstance(need, Refusal) and _option(node, spec, need or 0, strategy) is not None
+    if node.draining or node.stalled or isinstance(need, Refusal):
+        return False
+    return _option(node, spec, need or 0, strategy) is not None
 
 
 def plan(spec: ModelSpec, nodes: list[Heartbeat], strategy: Strategy) -> Placement:
     """The best placement, or Refused (every node's preflight says no) or NoCapacity (no room)."""
-    candidates = [n for n in nodes if not n.draining]
+    candidates = [n for n in nodes if not n.draining and not n.stalled]
     if not candidates:
-        raise NoCapacity(
-            f"{spec.id} is not loaded, and no node is up to load it; start a neuron", code=ErrorCode.model_not_loaded
-        )
+        why = "start a neuron"
+        if nodes:
+            why = "every node is stopping or stalled (its jobs make no progress); retry shortly"
+        message = f"{spec.id} is not loaded, and no node is up to load it; {why}"
+        raise NoCapacity(message, code=ErrorCode.model_not_loaded)
     options: list[_Option] = []
     refusals: list[Refusal] = []
     sizes: dict[str, int] = {}

@@ -329,6 +329,11 @@ class Heartbeat(_Wire):
     sent_at: float
     interval_s: float
     draining: bool = False
+    stalled: bool = Field(
+        False,
+        description="Its running jobs stopped making progress (a decode step many times its usual length): "
+        "gateways send it no new work until it is false again.",
+    )
     max_batch: int
     max_queue: int
     devices: list[DeviceInfo]

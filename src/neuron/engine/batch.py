@@ -1,14 +1,15 @@
 """Continuous batching: the sequences of one model decode together, one forward pass a step.
 
-Jobs that arrive together are prefilled together (prompts left-padded to the longest, one
-forward pass, each its first token), then join the running batch at the next step and leave
-it the step they finish, so nobody waits for the slowest. The batch keeps one KV cache for all
+Short prompts that arrive together are prefilled together (left-padded to the longest, one
+forward pass, each its first token); a long one goes in a chunk a step beside the decoding rows
+(engine/chunking.py), so running streams keep going. Each joins the running batch at the next
+step and leaves it the step it finishes, so nobody waits for the slowest. The batch keeps one KV cache for all
 its rows, right-aligned: a row shorter than the longest is padded on the left, and the
 attention mask hides the padding. Each row samples from its own logits with its own settings
 (temperature, seed, stops, max_tokens, tool-call parsing).
 
 A prompt that starts like an earlier sequence reads that prefix's keys and values from the
-model's prefix cache (engine/prefix_blocks.py) and computes only the rest, in a pass of its own;
+model's prefix cache (engine/prefix_blocks.py) and computes only the rest, in passes of its own;
 each row's blocks are stored when it leaves. The padded layout gives every row its own copy of
 its past, so rows of one batch do not share cached memory: the cache holds one copy of a prefix,
 and each row that reads it copies it in.
@@ -17,6 +18,7 @@ and each row that reads it copies it in.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -25,8 +27,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from neuron.engine.chunking import PrefillBudget, Prompt, queue_prompt
 from neuron.engine.generation import Generation
-from neuron.engine.prefix import waves
 from neuron.engine.prefix_blocks import LayerKV, PrefixBlocks
 from neuron.engine.runtime import LoadedModel
 
@@ -47,6 +49,11 @@ class Weights(Protocol):
     @property
     def blocks(self) -> PrefixBlocks:
         """The model's prefix cache."""
+        ...
+
+    @property
+    def budget(self) -> PrefillBudget:
+        """How many prompt tokens a step feeds beside the decoding rows."""
         ...
 
 
@@ -95,46 +102,87 @@ def each_row(gens: list[Generation], action: Callable[[Generation, int], None]) 
 
 
 class DecodeBatch:
-    """The running sequences of one transformers model (the `Batch` of engine/runtime.py)."""
+    """The sequences of one transformers model (the `Batch` of engine/runtime.py).
+
+    Each step decodes a token of every row (one forward pass), then feeds the prompts going in, as
+    many tokens as the model's PrefillBudget allows beside the rows (all of them when none decode):
+    short new prompts that fit whole go in together, left-padded in passes of similar lengths; a
+    long one, or one whose prefix is cached, goes in a chunk a pass into a cache of its own, from
+    where its cached prefix ends. A prompt wholly in gets its first token and joins the rows."""
 
     def __init__(self, model: LoadedModel, runtime: Weights) -> None:
         self.model = model
         self._runtime = runtime
         self._blocks = runtime.blocks
+        self._budget = runtime.budget
         self.rows: list[Generation] = []
+        self._prompts: list[Prompt[DynamicCache]] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [B, L]: 1 where a row has a real token
         self.batchable = model.parallel > 1
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self._prompts)
+
+    @property
+    def jobs(self) -> list[Generation]:
+        return [*self.rows, *(prompt.gen for prompt in self._prompts)]
 
     def can_join(self, gen: Generation) -> bool:
-        return gen.model is self.model and (not self.rows or self.batchable)
+        return gen.model is self.model and (not self or self.batchable)
 
-    def prefill(self, gens: list[Generation]) -> None:
-        """Feeds the new sequences' prompts and gives each its first token: a prompt with a cached
-        prefix alone, from where the prefix ends; the others in forward passes of similar lengths
-        (left-padded to the longest of each group); prompts sharing a prefix in rounds (prefix.waves).
-        A pass that fails ends its own jobs only; the batch is left as it was."""
-        prompts = sorted(((gen, ids) for gen in gens if (ids := gen.start()) is not None), key=lambda p: len(p[1]))
+    def add(self, gens: list[Generation]) -> None:
+        """Takes new jobs; their prompts go in over the next steps (chunking.queue_prompt)."""
+        for gen in gens:
+            if (ids := gen.start()) is not None:
+                queue_prompt(self._prompts, gen, ids, shares=self._blocks.enabled)
         running = self._mask.shape[1] * len(self.rows) if self._mask is not None else 0
-        self._blocks.make_room((running + sum(len(ids) for _, ids in prompts)) * self._blocks.bytes_per_token)
-        for wave in waves(prompts) if self._blocks.enabled else [prompts]:
-            self._prefill_wave(wave)
+        waiting = sum(prompt.left for prompt in self._prompts)
+        self._blocks.make_room((running + waiting) * self._blocks.bytes_per_token)
 
-    def _prefill_wave(self, prompts: list[tuple[Generation, list[int]]]) -> None:
-        fresh = []
-        for gen, ids in prompts:
-            cached = self._blocks.lookup(ids) if self._blocks.enabled else []
-            if cached:
-                self._run(self._prefill_cached, [(gen, ids)], self._blocks.past(cached))
-            else:
-                fresh.append((gen, ids))
-        for group in _similar_lengths(fresh):
+    def step(self) -> None:
+        """One step: a token for every row decoding, then the next chunk of the prompts going in."""
+        self._keep([gen.check() for gen in self.rows])
+        self._prompts = [prompt for prompt in self._prompts if prompt.gen.check()]
+        decoding = len(self.rows)
+        room = self._budget.tokens(decoding)
+        start = time.perf_counter()
+        if self.rows:
+            self._decode()
+        fed = self._feed(room)
+        self._budget.measured(decoding, fed, time.perf_counter() - start)
+
+    def _feed(self, room: int) -> int:
+        """Feeds up to `room` prompt tokens, in the prompts' order of arrival; returns how many."""
+        whole: list[Prompt[DynamicCache]] = []
+        fed = 0
+        for prompt in list(self._prompts):
+            if fed >= room:
+                break
+            if prompt.slot is None:
+                if prompt.waits():
+                    continue
+                cached = self._blocks.lookup(prompt.ids) if self._blocks.enabled else []
+                if not cached and len(prompt.ids) <= room - fed:
+                    whole.append(prompt)
+                    fed += len(prompt.ids)
+                    continue
+                past = self._blocks.past(cached) if cached else []
+                prompt.slot = self._new_cache(past)
+                prompt.at = prompt.reused = past[0][0].shape[-2] if past else 0
+                prompt.gen.reused(prompt.reused)
+            n = min(room - fed, prompt.left)
+            self._run(self._chunk, [(prompt.gen, prompt.ids)], prompt, n)
+            fed += n
+        for group in _similar_lengths(sorted(((p.gen, p.ids) for p in whole), key=lambda p: len(p[1]))):
             self._run(self._prefill, group)
+        for prompt in whole:  # in: a prompt waiting on one of these reads its blocks from the next step on
+            prompt.at = len(prompt.ids)
+        self._prompts = [prompt for prompt in self._prompts if prompt.left and not prompt.gen.finished]
+        return fed
 
-    def _run(self, prefill: Callable[..., None], prompts: list[tuple[Generation, list[int]]], *args: LayerKV) -> None:
+    def _run(self, prefill: Callable[..., None], prompts: list[tuple[Generation, list[int]]], *args: Any) -> None:
+        """A prefill pass; one that fails ends its own jobs only, and the batch is left as it was."""
         try:
             prefill(prompts, *args)
         except Exception as exc:
@@ -161,26 +209,32 @@ class DecodeBatch:
                 torch.cuda.empty_cache()
             return self._runtime.model(**inputs)
 
-    def _prefill_cached(self, prompts: list[tuple[Generation, list[int]]], past: LayerKV) -> None:
-        """One prompt whose first tokens' keys and values are `past`: computes the rest."""
-        [(gen, ids)] = prompts
-        device = self.model.device
-        lm = self._runtime.model
-        reused = past[0][0].shape[-2]
-        cache = DynamicCache(config=lm.config)
-        for layer, (keys, values) in zip(cache.layers, past, strict=True):
+    def _new_cache(self, past: LayerKV) -> DynamicCache:
+        """A cache of one row holding `past` (a cached prefix's keys and values), or nothing."""
+        cache = DynamicCache(config=self._runtime.model.config)
+        for layer, (keys, values) in zip(cache.layers, past, strict=False):
             assert isinstance(layer, DynamicLayer)  # only such a cache keeps blocks (TransformersRuntime)
             layer.update(keys, values)  # blocks stay on their layer's device (a model over several GPUs)
+        return cache
+
+    def _chunk(self, prompts: list[tuple[Generation, list[int]]], prompt: Prompt[DynamicCache], n: int) -> None:
+        """The next `n` tokens of one prompt into its own cache; once it is all in, its first token."""
+        assert prompt.slot is not None
+        gen, ids, at = prompt.gen, prompt.ids, prompt.at
+        device = self.model.device
         out = self._forward(
-            input_ids=torch.tensor([ids[reused:]], device=device),
-            position_ids=torch.arange(reused, len(ids), device=device).unsqueeze(0),
-            cache=cache,
+            input_ids=torch.tensor([ids[at : at + n]], device=device),
+            position_ids=torch.arange(at, at + n, device=device).unsqueeze(0),
+            cache=prompt.slot,
             use_cache=True,
             logits_to_keep=1,
         )
-        gen.reused(reused)
-        self._blocks.stats.started(len(ids), reused)
-        self._store(gen, ids, [(keys[0], values[0]) for _, keys, values in _filled(out.cache)])
+        prompt.at += n
+        if prompt.left:
+            return
+        self._blocks.stats.started(len(ids), prompt.reused)
+        if self._blocks.enabled:
+            self._store(gen, ids, [(keys[0], values[0]) for _, keys, values in _filled(out.cache)])
         each_row([gen], lambda gen, _: gen.first(out.logits[0, -1]))
         self._join([gen], out.cache, torch.ones(1, len(ids), dtype=torch.long, device=device))
 
@@ -245,11 +299,8 @@ class DecodeBatch:
             self._mask, self.rows = joined, [*self.rows, *gens]
         self._keep([not gen.finished for gen in self.rows])
 
-    def step(self) -> None:
-        """One token for every row still going; rows that finish leave."""
-        self._keep([gen.check() for gen in self.rows])
-        if not self.rows:
-            return
+    def _decode(self) -> None:
+        """One token for every row; rows that finish leave."""
         assert self._cache is not None and self._mask is not None
         device = self.model.device
         input_ids = torch.tensor([[gen.next_input] for gen in self.rows], device=device)
@@ -270,10 +321,11 @@ class DecodeBatch:
         self._keep([not gen.finished for gen in self.rows])
 
     def fail(self, exc: BaseException) -> None:
-        """The batch's forward pass failed: every row ends with the error."""
-        for gen in self.rows:
-            gen.fail(exc)
-        self.rows, self._cache, self._mask = [], None, None
+        """The batch's forward pass failed: every job ends with the error."""
+        for gen in self.jobs:
+            if not gen.finished:
+                gen.fail(exc)
+        self.rows, self._prompts, self._cache, self._mask = [], [], None, None
 
     def _keep(self, keep: list[bool]) -> None:
         if all(keep):

@@ -2,8 +2,8 @@
 token it gets becomes (text, reasoning, tool calls, stop sequences, the end).
 
 The forward passes are a `Batch`'s (engine/batch.py on transformers, engine/llamacpp.py on
-llama.cpp): it feeds the prompt with others', then one token a step, and hands each row its
-logits (`first`, then `advance`). A generation reads its model through `JobModel`, which
+llama.cpp): it feeds the prompt in chunks between decode steps, then one token a step, and hands
+each row its logits (`first`, then `advance`). A generation reads its model through `JobModel`, which
 engine/runtime.LoadedModel is, so this module needs nothing of the engines.
 """
 
@@ -70,37 +70,47 @@ class JobModel(Protocol):
 
 
 class Batch(Protocol):
-    """The running sequences of one loaded model; used only on its device's worker thread.
+    """The sequences of one loaded model; used only on its device's worker thread.
 
-    A batch prefills new sequences (each gets its first token), then steps: one token for every
-    row still going. Rows that finish leave at once; a row's own failure ends that row only.
+    A batch takes new jobs (`add`), then steps: each step feeds the next chunk of the prompts going
+    in and one token of every row decoding; a prompt wholly in gets its first token and decodes from
+    the next step on. Jobs that finish leave at once; a job's own failure ends that job only.
     """
 
     @property
     def model(self) -> JobModel: ...
 
     @property
-    def rows(self) -> list[Generation]: ...
+    def rows(self) -> list[Generation]:
+        """The jobs decoding."""
+        ...
+
+    @property
+    def jobs(self) -> list[Generation]:
+        """Every job it holds: decoding, and with prompts going in."""
+        ...
 
     @property
     def batchable(self) -> bool:
-        """Whether sequences that arrive together are prefilled together."""
+        """Whether it takes more than one job."""
         ...
 
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        """Jobs it holds (`jobs`)."""
+        ...
 
     def can_join(self, gen: Generation) -> bool: ...
 
-    def prefill(self, gens: list[Generation]) -> None:
-        """Feeds the new prompts and gives each its first token; a failed prompt ends its own job."""
+    def add(self, gens: list[Generation]) -> None:
+        """Takes new jobs (renders their prompts); a prompt that cannot run ends its own job."""
         ...
 
     def step(self) -> None:
-        """One token for every row still going; rows that finish leave."""
+        """One step: prompt chunks in, a token for every row decoding; jobs that finish leave."""
         ...
 
     def fail(self, exc: BaseException) -> None:
-        """The batch's forward pass failed: every row ends with the error."""
+        """The batch's forward pass failed: every job ends with the error."""
         ...
 
 

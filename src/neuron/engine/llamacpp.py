@@ -3,9 +3,9 @@
 llama-cpp-python's low-level bindings give one llama_context per loaded model, its KV cache one
 unified pool of `context x parallel` cells shared by all its sequences (engine/kv_pool.py keeps
 the books: a finished sequence's cells stay, and the next prompt that starts alike reuses them).
-A step feeds one token of every running sequence in one llama_batch and reads each sequence's
-logits back; new prompts are fed the same way, several per batch, from where their cached
-prefix ends. Everything else about a job
+A step feeds one token of every running sequence in one llama_batch, with the next chunk of the
+prompts going in (from where their cached prefix ends; engine/chunking.py sizes the chunk so
+running streams keep going), and reads each sequence's logits back. Everything else about a job
 (chat template, tokenizer, sampling, detokenization, stops, tool-call parsing) is the shared
 Generation's, so both engines answer alike; only the forward passes differ.
 """
@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from typing import Any
 
 import numpy as np
 import torch
 
 from neuron.engine.batch import each_row
+from neuron.engine.chunking import PrefillBudget, Prompt, queue_prompt
 from neuron.engine.generation import Generation
 from neuron.engine.kv_pool import KvPool
-from neuron.engine.prefix import PrefixStats, waves
+from neuron.engine.prefix import PrefixStats
 from neuron.engine.runtime import Capabilities, LoadedModel
 
 log = logging.getLogger(__name__)
@@ -62,15 +62,6 @@ def _log_line(level: int, text: bytes, _: ctypes.c_void_p) -> None:
         log.log(level, "llama.cpp: %s", text.decode(errors="replace").strip())
 
 
-def decode_threads() -> int:
-    """Physical cores (a decode step is bound by memory bandwidth, and hyperthreads only contend), and
-    no more than the CPUs this process may run on (a neuron pinned with taskset or a cgroup cpuset)."""
-    import psutil
-
-    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    return max(1, min(physical, len(os.sched_getaffinity(0))))
-
-
 class LlamaCppRuntime:
     """One GGUF file in llama.cpp: the weights, a context of `sequences` x `context` cells, and the
     pool's books. Used only on its device's worker thread."""
@@ -85,8 +76,10 @@ class LlamaCppRuntime:
         threads: int,
         kv_mb: int,
         prefix_cache: bool = True,
+        prefill_chunk: int = 0,
     ) -> None:
-        """`sequences`: jobs decoding at once; `kv_mb`: what the pool's cells take (the plan's estimate)."""
+        """`sequences`: jobs decoding at once; `kv_mb`: what the pool's cells take (the plan's estimate);
+        `prefill_chunk`: prompt tokens per step beside decoding rows (0: sized by chunking.PrefillBudget)."""
         llama_cpp = _llama()
         from llama_cpp import _internals
 
@@ -109,6 +102,7 @@ class LlamaCppRuntime:
             raise
         self.n_vocab: int = self._model.n_vocab()
         self.n_batch = int(ctx.n_batch)
+        self.budget = PrefillBudget(self.n_batch, prefill_chunk)
         self.weights_bytes: int = self._model.size()
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._capabilities = Capabilities("llama.cpp", sequences)
@@ -172,6 +166,10 @@ class LlamaCppRuntime:
         pointer = _llama().llama_get_logits_ith(self._ctx.ctx, i)
         return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)))
 
+    def set_threads(self, threads: int) -> None:
+        if self._batch is not None:
+            _llama().llama_set_n_threads(self._ctx.ctx, threads, threads)
+
     def close(self) -> None:
         if self._batch is None:
             return  # closed already
@@ -182,7 +180,12 @@ class LlamaCppRuntime:
 
 
 class LlamaBatch:
-    """The running sequences of one llama.cpp model (the `Batch` of engine/runtime.py)."""
+    """The running sequences of one llama.cpp model (the `Batch` of engine/runtime.py).
+
+    Each step is one llama_decode: a token of every decoding row, and as many prompt tokens of
+    the jobs being prefilled as the model's PrefillBudget allows beside them (all it takes in one
+    pass when nothing decodes); a prompt whose last token went in gets its first token and decodes
+    from the next step on."""
 
     batchable = True
 
@@ -190,79 +193,100 @@ class LlamaBatch:
         self.model = model
         self._llama = runtime
         self._pool = runtime.pool
+        self._budget = runtime.budget
         self.rows: list[Generation] = []
+        self._prompts: list[Prompt[int]] = []
         self._seqs: dict[int, int] = {}  # id(generation) -> its sequence
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self._prompts)
+
+    @property
+    def jobs(self) -> list[Generation]:
+        return [*self.rows, *(prompt.gen for prompt in self._prompts)]
 
     def can_join(self, gen: Generation) -> bool:
         return gen.model is self.model
 
-    def prefill(self, gens: list[Generation]) -> None:
-        """Feeds the new prompts from where their cached prefix ends, several per llama_decode call,
-        and gives each its first token; prompts sharing a prefix go in rounds (prefix.waves)."""
-        prompts = [(gen, ids) for gen in gens if (ids := gen.start()) is not None]
-        for wave in waves(prompts):
-            self._prefill(wave)
-
-    def _prefill(self, prompts: list[tuple[Generation, list[int]]]) -> None:
-        started: list[tuple[Generation, list[int], int]] = []  # (job, prompt, first position to feed)
-        for gen, ids in prompts:
-            seq, reused = self._pool.claim(ids, gen.prefix_chain)
-            self._seqs[id(gen)] = seq
-            gen.reused(reused)
-            started.append((gen, ids, reused))
-        entries = [
-            (ids[position], position, self._seqs[id(gen)], position == len(ids) - 1, gen)
-            for gen, ids, reused in started
-            for position in range(reused, len(ids))
-        ]
-        try:
-            if not self._pool.make_room(len(entries)):
-                raise RuntimeError(f"the KV pool of {self.model.spec.id} has no room for {len(entries)} prompt tokens")
-            for start in range(0, len(entries), self._llama.n_batch):
-                chunk = entries[start : start + self._llama.n_batch]
-                self._llama.decode([entry[:4] for entry in chunk])
-                for gen, _, _ in started:
-                    seq = self._seqs[id(gen)]
-                    self._pool.fed(seq, [token for token, _, s, _, _ in chunk if s == seq])
-                ends = {id(gen): i for i, (*_, last, gen) in enumerate(chunk) if last}
-
-                def first(gen: Generation, _: int, ends: dict[int, int] = ends) -> None:
-                    gen.first(self._llama.logits(ends[id(gen)]))
-
-                each_row([gen for gen, _, _ in started if id(gen) in ends], first)
-        except Exception as exc:
-            log.exception("the prefill of %d jobs of %s failed", len(started), self.model.spec.id)
-            for gen, _, _ in started:
-                if not gen.finished:
-                    gen.fail(exc)
-                    self._pool.release(self._seqs[id(gen)], keep=False)  # what its cells hold is unknown
-                    del self._seqs[id(gen)]
-        self.rows.extend(gen for gen, _, _ in started if id(gen) in self._seqs)
-        self._keep([not gen.finished for gen in self.rows])
+    def add(self, gens: list[Generation]) -> None:
+        """Takes new jobs; their prompts go in over the next steps (chunking.queue_prompt)."""
+        for gen in gens:
+            if (ids := gen.start()) is not None:
+                queue_prompt(self._prompts, gen, ids)
 
     def step(self) -> None:
-        """One token for every row still going; rows that finish leave."""
+        """One pass: a token for every decoding row, and the next chunk of the prompts going in."""
         self._keep([gen.check() for gen in self.rows])
-        if not self.rows:
+        self._drop_ended_prompts()
+        decoding = [(gen.next_input, gen.position, self._seqs[id(gen)], True) for gen in self.rows]
+        room = min(self._budget.tokens(len(decoding)), self._llama.n_batch - len(decoding))
+        feeding = self._chunk(room)
+        fed = sum(n for _, n in feeding)
+        if not decoding and not fed:
             return
-        if not self._pool.make_room(len(self.rows)):
-            raise RuntimeError(f"the KV pool of {self.model.spec.id} is full")
-        fed = [(gen.next_input, gen.position, self._seqs[id(gen)], True) for gen in self.rows]
-        self._llama.decode(fed)
-        for token, _, seq, _ in fed:
-            self._pool.fed(seq, [token])
-        each_row(self.rows, lambda gen, row: gen.advance(self._llama.logits(row)))
+        if not self._pool.make_room(len(decoding) + fed):
+            raise RuntimeError(f"the KV pool of {self.model.spec.id} has no room for {len(decoding) + fed} more tokens")
+        entries = list(decoding)
+        for prompt, n in feeding:
+            end = prompt.at + n
+            seq = self._seqs[id(prompt.gen)]
+            entries += [(prompt.ids[p], p, seq, p == len(prompt.ids) - 1) for p in range(prompt.at, end)]
+        with self._budget.timed(len(decoding), fed):
+            self._llama.decode(entries)
+            for token, _, seq, _ in decoding:
+                self._pool.fed(seq, [token])
+            each_row(self.rows, lambda gen, row: gen.advance(self._llama.logits(row)))
+            self._feed(feeding, len(decoding))
         self._keep([not gen.finished for gen in self.rows])
 
+    def _chunk(self, room: int) -> list[tuple[Prompt[int], int]]:
+        """The prompts this step feeds, and how many tokens of each, in their order of arrival."""
+        feeding = []
+        for prompt in self._prompts:
+            if room <= 0:
+                break
+            if prompt.slot is None:
+                if prompt.waits():
+                    continue
+                seq, reused = self._pool.claim(prompt.ids, prompt.gen.prefix_chain)
+                prompt.slot, prompt.at = seq, reused
+                self._seqs[id(prompt.gen)] = seq
+                prompt.gen.reused(reused)
+            n = min(room, prompt.left)
+            feeding.append((prompt, n))
+            room -= n
+        return feeding
+
+    def _feed(self, feeding: list[tuple[Prompt[int], int]], offset: int) -> None:
+        """Books the chunks the pass wrote; a prompt now wholly in takes its first token and decodes."""
+        done: list[tuple[Generation, int]] = []
+        for prompt, n in feeding:
+            self._pool.fed(self._seqs[id(prompt.gen)], prompt.ids[prompt.at : prompt.at + n])
+            prompt.at += n
+            offset += n
+            if not prompt.left:
+                done.append((prompt.gen, offset - 1))
+        if done:
+            ends = dict(done)
+            self._prompts = [p for p in self._prompts if p.left]
+            each_row([gen for gen, _ in done], lambda gen, _: gen.first(self._llama.logits(ends[gen])))
+            self.rows.extend(gen for gen, _ in done)
+
+    def _drop_ended_prompts(self) -> None:
+        """Prompts of jobs cancelled (or past their deadline) while going in leave; what went in stays cached."""
+        for prompt in self._prompts:
+            if not prompt.gen.check() and prompt.slot is not None:
+                self._pool.release(self._seqs.pop(id(prompt.gen)))
+        self._prompts = [p for p in self._prompts if not p.gen.finished]
+
     def fail(self, exc: BaseException) -> None:
-        for gen in self.rows:
-            gen.fail(exc)
-        for gen in self.rows:
-            self._pool.release(self._seqs.pop(id(gen)), keep=False)
-        self.rows = []
+        for gen in self.jobs:
+            if not gen.finished:
+                gen.fail(exc)
+            seq = self._seqs.pop(id(gen), None)
+            if seq is not None:
+                self._pool.release(seq, keep=False)  # what its cells hold is unknown
+        self.rows, self._prompts = [], []
 
     def _keep(self, keep: list[bool]) -> None:
         for gen, k in zip(list(self.rows), keep, strict=True):

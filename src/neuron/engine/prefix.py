@@ -11,16 +11,13 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import TypeVar
 
 from cortex.protocol.messages import PrefixCacheStatus
 
 ADVERTISED = 32  # fingerprints per model in a heartbeat (two per cache entry: its first and its last)
-# Prompts arriving together that share at least this many tokens are prefilled one after the other.
+# A prompt sharing at least this many tokens with one going in waits to read them (chunking.queue_prompt).
 SHARED_MIN_TOKENS = 64
 _MB = 2**20
-
-G = TypeVar("G")
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -29,18 +26,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
-
-
-def waves(prompts: list[tuple[G, list[int]]]) -> list[list[tuple[G, list[int]]]]:
-    """Prompts that arrived together, in rounds of prefill: a prompt that shares SHARED_MIN_TOKENS or
-    more with one of an earlier round waits for it, then reads that prefix from the cache instead of
-    computing it too (eight sessions starting at once on one system prompt compute it once)."""
-    first: list[tuple[G, list[int]]] = []
-    later: list[tuple[G, list[int]]] = []
-    for prompt in prompts:
-        shares = any(common_prefix(prompt[1], other[1]) >= SHARED_MIN_TOKENS for other in first)
-        (later if shares else first).append(prompt)
-    return [first, *waves(later)] if later else [first]
 
 
 class PrefixStats:

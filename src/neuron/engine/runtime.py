@@ -33,6 +33,19 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class EngineOptions:
+    """How a node runs every model it loads (neuron.toml)."""
+
+    max_batch: int = 1  # jobs of a model decoding at once
+    prefix_cache: bool = True  # keep past prompts' keys and values for reuse (within the plan's KV budget)
+    prefill_chunk: int = 0  # prompt tokens a step feeds beside decoding rows (0: sized by chunking.PrefillBudget)
+    threads: int = 0  # CPU threads of its forward passes (0: the host's cores; see neuron.cpu_share)
+
+
+DEFAULT_OPTIONS = EngineOptions()
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What a runtime can do with its model, as the node reports it and the worker uses it."""
 
@@ -58,6 +71,10 @@ class Runtime(Protocol):
 
     def new_batch(self, model: LoadedModel) -> Batch:
         """An empty batch of `model`'s sequences (`model` is the LoadedModel around this runtime)."""
+        ...
+
+    def set_threads(self, threads: int) -> None:
+        """The CPU threads its forward passes run on, from the next one on."""
         ...
 
     def close(self) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from neuron.engine.batch import DecodeBatch
+from neuron.engine.batch import PREFILL_TOKENS, DecodeBatch
+from neuron.engine.chunking import PrefillBudget
 from neuron.engine.prefix import PrefixStats
 from neuron.engine.prefix_blocks import PrefixBlocks
 from neuron.engine.runtime import Capabilities
@@ -22,8 +24,9 @@ class TransformersRuntime:
     """A transformers model, on one device or spread over several. Used only on its device's
     worker thread (reading its weights to save them is safe elsewhere)."""
 
-    def __init__(self, model: PreTrainedModel, *, max_batch: int, cache_mb: int = 0) -> None:
-        """`cache_mb`: the prefix cache's budget (the plan's KV budget; 0: no prefix cache)."""
+    def __init__(self, model: PreTrainedModel, *, max_batch: int, cache_mb: int = 0, prefill_chunk: int = 0) -> None:
+        """`cache_mb`: the prefix cache's budget (the plan's KV budget; 0: no prefix cache);
+        `prefill_chunk`: prompt tokens per step beside decoding rows (0: sized by chunking.PrefillBudget)."""
         self._model: PreTrainedModel | None = model
         # Decoding several sequences at once, and keeping blocks of a sequence, need a cache whose
         # rows can be padded, stacked and sliced: sliding-window and hybrid ones cannot.
@@ -32,6 +35,8 @@ class TransformersRuntime:
         self._weights_mb = _weights_mb(model)
         self.prefix = PrefixStats()
         self.blocks = PrefixBlocks(cache_mb * _MB if paddable else 0, self.prefix)
+        # A sliding-window or hybrid cache is not fed in chunks: its prompt goes in whole.
+        self.budget = PrefillBudget(PREFILL_TOKENS, prefill_chunk if paddable else PREFILL_TOKENS)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -49,6 +54,11 @@ class TransformersRuntime:
 
     def new_batch(self, model: LoadedModel) -> DecodeBatch:
         return DecodeBatch(model, self)
+
+    def set_threads(self, threads: int) -> None:
+        # torch's thread count is the process's, and each thread reads it when it starts a parallel
+        # region: the device thread (where this runs) takes it from its next pass on.
+        torch.set_num_threads(threads)
 
     def float_weights(self) -> PreTrainedModel | None:
         return self._model

@@ -2,9 +2,10 @@
 
 The asyncio side talks to it through a queue: `call()` runs a function there and awaits
 the result; `start_job()` queues a job and returns a JobHandle whose outputs stream back.
-Between commands the thread admits waiting jobs (prefill, then into their model's decode
-batch, up to `max_batch` each) and steps every batch once, round-robin, so models on a
-device share it fairly and a cancelled job leaves at the next step.
+Between commands the thread admits waiting jobs (into their model's batch, up to `max_batch`
+each) and steps every batch once, round-robin: each step feeds a chunk of the prompts going in
+beside a token of every decoding row, so models on a device share it fairly, a long prompt does
+not stop the streams running, and a cancelled job leaves at the next step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from cortex.protocol.messages import DeviceInfo, InferenceJob
 from neuron.engine.generation import Batch, Generation
 from neuron.engine.outputs import Crashed, Finished, Output
+from neuron.engine.progress import Progress
 from neuron.engine.runtime import LoadedModel
 from neuron.metrics import NeuronMetrics
 
@@ -70,6 +72,7 @@ class DeviceWorker:
         self._thread: threading.Thread | None = None
         self._batches: list[Batch] = []
         self._waiting: deque[Generation] = deque()
+        self.progress = Progress()
 
     def start(self) -> None:
         if self._thread is not None:
@@ -116,7 +119,7 @@ class DeviceWorker:
                     break
                 self._admit()
                 self._step_all()
-        for gen in [*(g for b in self._batches for g in b.rows), *self._waiting]:
+        for gen in [*(g for b in self._batches for g in b.jobs), *self._waiting]:
             self._end_cancelled(gen)
         self._refuse_leftovers()
 
@@ -176,10 +179,10 @@ class DeviceWorker:
                 batch = self._batch_for(gens[0])
                 for group in [gens] if batch.batchable else [[g] for g in gens]:
                     batch = self._batch_for(group[0])
-                    batch.prefill(group)  # a failed group ends its own jobs there
+                    batch.add(group)  # a prompt that cannot run ends its own job there
                     if self._metrics is not None:
                         self._metrics.prefilled(group[0].model.spec.id, sum(g.prompt_tokens for g in group))
-                    if not batch.rows:
+                    if not batch:
                         self._batches.remove(batch)
             except Exception as exc:  # the batch itself could not be made: these jobs end, the thread lives
                 log.exception("jobs of %s could not start on the device thread", gens[0].model.spec.id)
@@ -195,16 +198,25 @@ class DeviceWorker:
         return batch
 
     def _step_all(self) -> None:
+        decoding = False
         for batch in list(self._batches):
-            if self._metrics is not None:
-                self._metrics.stepped(batch.model.spec.id, len(batch))
+            if batch.rows:
+                decoding = True
+                self.progress.begin()
+                if self._metrics is not None:
+                    self._metrics.stepped(batch.model.spec.id, len(batch.rows))
             try:
                 batch.step()
             except Exception as exc:
                 log.exception("a decode step of %s failed on the device thread", batch.model.spec.id)
                 batch.fail(exc)
-            if not batch.rows:
+            finally:
+                if self.progress.running:
+                    self.progress.end()
+            if not batch:
                 self._batches.remove(batch)
+        if not decoding:
+            self.progress.idle()
 
     def _end_cancelled(self, gen: Generation) -> None:
         """Cancels the generation (if not already) and lets it report `cancelled` now."""

@@ -34,11 +34,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cortex.protocol.messages import ModelSpec
 from cortex.protocol.subjects import model_key
+from neuron.cpu_share import host_cores
 from neuron.engine.backends import Engine
 from neuron.engine.chat import ChatFormat
-from neuron.engine.llamacpp import LlamaCppRuntime, decode_threads
+from neuron.engine.llamacpp import LlamaCppRuntime
 from neuron.engine.replay import Replay
-from neuron.engine.runtime import LoadedModel
+from neuron.engine.runtime import DEFAULT_OPTIONS, EngineOptions, LoadedModel
 from neuron.engine.sampling import SamplingDefaults
 from neuron.engine.transformers_runtime import TransformersRuntime
 from neuron.sources.preflight import Plan
@@ -75,8 +76,7 @@ class Loader(Protocol):
         devices: list[torch.device],
         limits_mb: list[int],
         converted_dir: Path | None,
-        max_batch: int,
-        prefix_cache: bool,
+        options: EngineOptions,
     ) -> LoadedModel: ...
 
 
@@ -86,11 +86,9 @@ def load(
     devices: list[torch.device],
     limits_mb: list[int],
     converted_dir: Path | None = None,
-    max_batch: int = 1,
-    prefix_cache: bool = True,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ) -> LoadedModel:
-    """`prefix_cache`: keep past prompts' keys and values (within the plan's KV budget) for reuse."""
-    return LOADERS[plan.engine](plan, source, devices, limits_mb, converted_dir, max_batch, prefix_cache)
+    return LOADERS[plan.engine](plan, source, devices, limits_mb, converted_dir, options)
 
 
 def _load_transformers(
@@ -99,8 +97,7 @@ def _load_transformers(
     devices: list[torch.device],
     limits_mb: list[int],
     converted_dir: Path | None,
-    max_batch: int,
-    prefix_cache: bool,
+    options: EngineOptions,
 ) -> LoadedModel:
     spec, device = plan.spec, devices[0]
     dtype = pick_dtype(spec, device)
@@ -134,7 +131,13 @@ def _load_transformers(
     config = model.config
     context = spec.context or getattr(config, "max_position_embeddings", None) or 2048
     eos = _eos_ids(model, tokenizer)
-    runtime = TransformersRuntime(model, max_batch=max_batch, cache_mb=plan.kv_mb if prefix_cache else 0)
+    runtime = TransformersRuntime(
+        model,
+        max_batch=options.max_batch,
+        cache_mb=plan.kv_mb if options.prefix_cache else 0,
+        prefill_chunk=options.prefill_chunk,
+    )
+    runtime.set_threads(options.threads or host_cores())
     return LoadedModel(
         spec=spec,
         runtime=runtime,
@@ -169,12 +172,11 @@ def _load_llama_cpp(
     devices: list[torch.device],
     limits_mb: list[int],
     converted_dir: Path | None,
-    max_batch: int,
-    prefix_cache: bool,
+    options: EngineOptions,
 ) -> LoadedModel:
     """One device (preflight refuses a GGUF over several), its layers offloaded as free memory allows;
     `limits_mb` is not used: llama.cpp sizes itself by the plan."""
-    spec, device, sequences = plan.spec, devices[0], max_batch
+    spec, device, sequences = plan.spec, devices[0], options.max_batch
     assert source.gguf_file is not None
     path = source.directory / source.gguf_file
     tokenizer = _gguf_tokenizer(spec, source, converted_dir)
@@ -185,9 +187,10 @@ def _load_llama_cpp(
         context=context,
         sequences=sequences,
         gpu_layers=gpu_layers,
-        threads=decode_threads(),
+        threads=options.threads or host_cores(),
         kv_mb=plan.kv_mb,
-        prefix_cache=prefix_cache,
+        prefix_cache=options.prefix_cache,
+        prefill_chunk=options.prefill_chunk,
     )
     eos = _eos_ids(None, tokenizer)  # the tokenizer was read from the GGUF: its end token is the file's
     return LoadedModel(
