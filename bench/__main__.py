@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import coldstart, constrained, engines, prefix, quickstart, throughput
+from bench import coldstart, constrained, engines, node, prefix, quickstart, throughput
 
 BENCHMARKS = {
     "throughput": throughput.main,
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "coldstart": coldstart.main,
     "constrained": constrained.main,
     "prefix": prefix.main,
+    "node": node.main,
 }
 
 

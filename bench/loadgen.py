@@ -43,8 +43,12 @@ class HttpConnection:
             self._writer.close()
             self._reader = self._writer = None
 
-    async def post(self, path: str, body: bytes, tokens: Callable[[bytes], int] = lambda _: 0) -> Timing:
-        """POSTs `body`; counts the tokens in the answer (`tokens` of each piece) and times the first."""
+    async def post(
+        self, path: str, body: bytes, tokens: Callable[[bytes], int] = lambda _: 0, arrivals: list[float] | None = None
+    ) -> Timing:
+        """POSTs `body`; counts the tokens in the answer (`tokens` of each piece, or the usage a stream
+        ends with, which also counts tokens that came together in one piece) and times the first.
+        `arrivals`: gets the time of each piece that carries tokens."""
         request = (
             b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
             % (path.encode(), self._host.encode(), len(body))
@@ -70,16 +74,22 @@ class HttpConnection:
                 length = int(value)
             elif name.lower() == b"transfer-encoding" and b"chunked" in value:
                 chunked = True
-        first, count = None, 0
+        first, count, used = None, 0, None
         if not chunked:
             count = tokens(await reader.readexactly(length))
         else:
             while size := int((await reader.readline()).split(b";")[0], 16):
-                if n := tokens(await reader.readexactly(size + 2)):
+                piece = await reader.readexactly(size + 2)
+                if n := tokens(piece):
+                    now = time.perf_counter()
                     count += n
-                    first = first or time.perf_counter() - sent
+                    first = first or now - sent
+                    if arrivals is not None:
+                        arrivals.append(now)
+                if usage := _COMPLETION_TOKENS.search(piece):
+                    used = int(usage[1])
             await reader.readline()
-        return Timing(time.perf_counter() - sent, first, count)
+        return Timing(time.perf_counter() - sent, first, count if used is None else used)
 
 
 class DirectClient:
@@ -112,7 +122,8 @@ class DirectClient:
             await self._nc.publish(subject, make_job(uuid.uuid4().hex).to_bytes(), reply=inbox)
             while data := await queue.get():
                 if b'"type":"delta"' in data:
-                    tokens += 1
+                    counted = _DELTA_TOKENS.search(data)
+                    tokens += int(counted[1]) if counted else 1
                     first = first or time.perf_counter() - sent
         finally:
             del self._waiting[inbox]
@@ -137,14 +148,19 @@ async def closed_loop(concurrency: int, count: int, one: Callable[[int], object]
 
 
 _CONTENT = re.compile(rb'"content": ?"[^"]')
+_DELTA_TOKENS = re.compile(rb'"tokens": ?(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens": ?(\d+)')
 
 
 def content_tokens(data: bytes) -> int:
-    """Streamed OpenAI chunks carrying text (one token each, from our gateway and llama.cpp's server alike)."""
+    """Streamed OpenAI chunks carrying text (a token each, unless several came at once: `post` then
+    counts by the usage at the end of the stream)."""
     return len(_CONTENT.findall(data))
 
 
 def chat_body(model: str, max_tokens: int, stream: bool, prompt: str = "Say something.", **extra: object) -> bytes:
     messages = [{"role": "user", "content": prompt}]
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": stream, **extra}
+    if stream:
+        body.setdefault("stream_options", {"include_usage": True})
     return json.dumps(body).encode()

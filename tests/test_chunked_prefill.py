@@ -5,6 +5,7 @@ answers is what it answers fed whole."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Iterator
 
@@ -15,6 +16,7 @@ from neuron.engine.chunking import MIN_CHUNK, STALL_RATIO, PrefillBudget
 from neuron.engine.runtime import EngineOptions, LoadedModel
 from neuron.engine.worker import DeviceWorker
 from neuron.sources.loader import unload
+from tests.conftest import needs_llama_cpp
 from tests.engine_kit import ENGINES, answer, cpu_worker, load_model
 
 CHUNK = 32
@@ -86,3 +88,23 @@ def test_the_chunk_is_sized_so_a_step_takes_a_few_decode_steps() -> None:
     budget.measured(decoding=3, fed=32, seconds=0.042)  # 32 prompt tokens more: 1 ms each
     assert budget.tokens(decoding=3) == int((STALL_RATIO - 1) * 10)
     assert PrefillBudget(most=2048, fixed=64).tokens(decoding=3) == 64
+
+
+@needs_llama_cpp
+def test_jobs_beyond_the_kv_pools_room_step_back_and_all_finish(tiny_model_dir, caplog) -> None:
+    # 2 contexts of 512 cells: four jobs of ~450 tokens each cannot all hold their cells at once.
+    small = load_model("llama.cpp", tiny_model_dir, EngineOptions(max_batch=2, prefix_cache=False), context=512)
+    assert small.parallel == 4  # the pool holds four usual jobs (half a context each)
+    no_end = {eos: -100.0 for eos in small.eos_ids}
+    jobs = [_job(f"Story {i}: tell me about a lighthouse.", max_tokens=400, logit_bias=no_end) for i in range(4)]
+
+    async def go():
+        return await asyncio.gather(*(answer(worker.start_job(job, small)) for job in jobs))
+
+    try:
+        with cpu_worker(max_batch=2) as worker, caplog.at_level(logging.INFO, logger="neuron.engine.llamacpp"):
+            ends = [done for _, done in asyncio.run(go())]
+    finally:
+        unload(small)
+    assert [(d.finish_reason, d.completion_tokens) for d in ends] == [("length", 400)] * 4
+    assert "steps back" in caplog.text

@@ -65,8 +65,8 @@ class JobRelay:
         self._node = node
         self._subjects = subjects
         self._models = models
-        self._capacity = max_batch + max_queue
         self._max_batch = max_batch
+        self._max_queue = max_queue
         self._inbox = JobInbox(connection, node, subjects, self)
         self._jobs: dict[str, _Running] = {}
         # Cancels that arrived before their job (they travel on another subscription).
@@ -196,16 +196,21 @@ class JobRelay:
             await reply.fail(ErrorCode.invalid_request, f"job id {job.job_id} is already running")
         elif self._early_cancels.pop(job.job_id, None) is not None:
             await reply.fail(ErrorCode.cancelled, f"job {job.job_id} was cancelled before it arrived")
-        elif sum(self.in_flight(entry.spec.id)) >= self._capacity:
+        elif sum(self.in_flight(entry.spec.id)) >= self._running(entry) + self._max_queue:
+            capacity = self._running(entry) + self._max_queue
             await reply.fail(
-                ErrorCode.busy, f"{job.model} on {self._node} has {self._capacity} jobs in flight", retryable=True
+                ErrorCode.busy, f"{job.model} on {self._node} has {capacity} jobs in flight", retryable=True
             )
         else:
             self._start(job, entry, reply)
 
+    def _running(self, entry: ModelEntry) -> int:
+        """Jobs of the model that decode at once (llama.cpp's pool takes more than max_batch)."""
+        return max(self._max_batch, entry.loaded.parallel if entry.loaded is not None else 0)
+
     def _start(self, job: InferenceJob, entry: ModelEntry, reply: Reply) -> None:
         assert entry.loaded is not None and entry.worker is not None
-        queued = max(0, sum(self.in_flight(entry.spec.id)) - self._max_batch + 1)
+        queued = max(0, sum(self.in_flight(entry.spec.id)) - self._running(entry) + 1)
         accepted = Accepted(
             job_id=job.job_id, seq=0, node=self._node, device=entry.worker.device.id, queue_position=queued
         )

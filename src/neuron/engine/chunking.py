@@ -21,8 +21,9 @@ from neuron.engine.prefix import SHARED_MIN_TOKENS, common_prefix
 
 # A step that feeds prompt tokens may take this many times a decode-only step.
 STALL_RATIO = 4.0
-# Fewer tokens than this per pass waste the engine (each pass has a fixed cost).
-MIN_CHUNK = 16
+# The fewest prompt tokens a step feeds. Small: far into a long prompt, one prompt token (its
+# attention reads every token before it) costs about what a decode step of a few rows does.
+MIN_CHUNK = 4
 _SMOOTHING = 0.3  # weight of the newest measurement in the running estimates
 
 S = TypeVar("S")
@@ -39,6 +40,7 @@ class Prompt(Generic[S]):
     slot: S | None = None
     at: int = 0  # the next position to feed
     reused: int = 0  # positions read from the prefix cache
+    resumed: int | None = None  # a job that stepped back (a full cache) with this many tokens generated
 
     @property
     def left(self) -> int:

@@ -47,6 +47,11 @@ class JobModel(Protocol):
     def context(self) -> int: ...
 
     @property
+    def parallel(self) -> int:
+        """Jobs of it that decode at once."""
+        ...
+
+    @property
     def eos_ids(self) -> frozenset[int]: ...
 
     @property

@@ -111,6 +111,12 @@ class KvPool:
             self._refs[self._next_cell] = 1
             self._next_cell += 1
 
+    def fits(self, tokens: int) -> bool:
+        """Whether `tokens` more cells can be had beside what running sequences hold (kept ones giving
+        theirs back)."""
+        held = {cell for s in self._sequences if s.busy for cell in s.cells}
+        return len(held) + tokens <= self.capacity
+
     def make_room(self, tokens: int) -> bool:
         """Frees cells of idle sequences, least recently used first, until `tokens` more fit."""
         while self.used + tokens > self.capacity:

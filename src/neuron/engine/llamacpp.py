@@ -32,8 +32,18 @@ log = logging.getLogger(__name__)
 PREFILL_TOKENS = 2048
 # Sequences beyond the running ones, each keeping a finished conversation's cells for its next turn.
 KEPT_SEQUENCES = 16
+# Jobs decoding at once, at most: a batched step costs little more per row on a CPU, far less on a GPU.
+MAX_PARALLEL = 64
 _MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 _MB = 2**20
+
+
+def parallel(cells: int, context: int, max_batch: int) -> int:
+    """Jobs decoding at once in a pool of `cells`: as many as it holds of the usual job (half a context,
+    up to 2,048 tokens: a prompt and its answer), at least `max_batch`. A job that needs more cells
+    than are free waits (or steps back, to be computed again later: LlamaBatch), so none fails."""
+    usual = max(1, min(2048, context // 2))
+    return max(max_batch, min(cells // usual, MAX_PARALLEL))
 
 
 def _llama() -> Any:
@@ -70,7 +80,7 @@ class LlamaCppRuntime:
         self,
         path: str,
         *,
-        context: int,
+        cells: int,
         sequences: int,
         gpu_layers: int,
         threads: int,
@@ -78,7 +88,8 @@ class LlamaCppRuntime:
         prefix_cache: bool = True,
         prefill_chunk: int = 0,
     ) -> None:
-        """`sequences`: jobs decoding at once; `kv_mb`: what the pool's cells take (the plan's estimate);
+        """`cells`: the pool's size in tokens; `sequences`: jobs decoding at once; `kv_mb`: what the
+        pool's cells take (the plan's estimate);
         `prefill_chunk`: prompt tokens per step beside decoding rows (0: sized by chunking.PrefillBudget)."""
         llama_cpp = _llama()
         from llama_cpp import _internals
@@ -90,7 +101,7 @@ class LlamaCppRuntime:
         self._model: Any = _internals.LlamaModel(path_model=path, params=params, verbose=False)
         try:
             ctx = llama_cpp.llama_context_default_params()
-            ctx.n_ctx = context * sequences
+            ctx.n_ctx = cells
             ctx.n_seq_max = min(sequences + KEPT_SEQUENCES, _MAX_SEQUENCES)
             ctx.kv_unified = True  # one pool: cells are shared between sequences, and kept after a job
             ctx.n_batch = min(PREFILL_TOKENS, ctx.n_ctx)
@@ -107,7 +118,6 @@ class LlamaCppRuntime:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._capabilities = Capabilities("llama.cpp", sequences)
         self.prefix = PrefixStats()
-        cells = context * sequences
         self.pool = KvPool(
             self,
             sequences=int(ctx.n_seq_max),
@@ -218,19 +228,20 @@ class LlamaBatch:
         """One pass: a token for every decoding row, and the next chunk of the prompts going in."""
         self._keep([gen.check() for gen in self.rows])
         self._drop_ended_prompts()
+        while self.rows and not self._pool.make_room(len(self.rows)):
+            self._step_back(self.rows[-1])
         decoding = [(gen.next_input, gen.position, self._seqs[id(gen)], True) for gen in self.rows]
         room = min(self._budget.tokens(len(decoding)), self._llama.n_batch - len(decoding))
-        feeding = self._chunk(room)
+        feeding = self._chunk(room, len(decoding))
         fed = sum(n for _, n in feeding)
         if not decoding and not fed:
             return
-        if not self._pool.make_room(len(decoding) + fed):
-            raise RuntimeError(f"the KV pool of {self.model.spec.id} has no room for {len(decoding) + fed} more tokens")
         entries = list(decoding)
         for prompt, n in feeding:
             end = prompt.at + n
             seq = self._seqs[id(prompt.gen)]
-            entries += [(prompt.ids[p], p, seq, p == len(prompt.ids) - 1) for p in range(prompt.at, end)]
+            last = len(prompt.ids) - 1 if prompt.resumed is None else -1  # a resumed job has its next token
+            entries += [(prompt.ids[p], p, seq, p == last) for p in range(prompt.at, end)]
         with self._budget.timed(len(decoding), fed):
             self._llama.decode(entries)
             for token, _, seq, _ in decoding:
@@ -239,38 +250,63 @@ class LlamaBatch:
             self._feed(feeding, len(decoding))
         self._keep([not gen.finished for gen in self.rows])
 
-    def _chunk(self, room: int) -> list[tuple[Prompt[int], int]]:
-        """The prompts this step feeds, and how many tokens of each, in their order of arrival."""
+    def _chunk(self, room: int, decoding: int) -> list[tuple[Prompt[int], int]]:
+        """The prompts this step feeds, and how many tokens of each, in their order of arrival. A
+        prompt starts once the pool can hold all of it beside what the running jobs hold (the first
+        that cannot holds back those behind it), and a chunk goes in only where its cells can be had."""
         feeding = []
+        planned = decoding
         for prompt in self._prompts:
             if room <= 0:
                 break
             if prompt.slot is None:
                 if prompt.waits():
                     continue
+                if not self._pool.fits(planned + len(prompt.ids)):
+                    break
                 seq, reused = self._pool.claim(prompt.ids, prompt.gen.prefix_chain)
                 prompt.slot, prompt.at = seq, reused
                 self._seqs[id(prompt.gen)] = seq
-                prompt.gen.reused(reused)
+                if prompt.resumed is None:
+                    prompt.gen.reused(reused)
             n = min(room, prompt.left)
+            if not self._pool.make_room(planned + n):
+                break
             feeding.append((prompt, n))
             room -= n
+            planned += n
         return feeding
 
     def _feed(self, feeding: list[tuple[Prompt[int], int]], offset: int) -> None:
-        """Books the chunks the pass wrote; a prompt now wholly in takes its first token and decodes."""
+        """Books the chunks the pass wrote; a prompt now wholly in takes its first token (a resumed job
+        has it already) and decodes."""
         done: list[tuple[Generation, int]] = []
+        resumed: list[Generation] = []
         for prompt, n in feeding:
             self._pool.fed(self._seqs[id(prompt.gen)], prompt.ids[prompt.at : prompt.at + n])
             prompt.at += n
             offset += n
-            if not prompt.left:
+            if prompt.left:
+                continue
+            if prompt.resumed is None:
                 done.append((prompt.gen, offset - 1))
-        if done:
+            else:
+                resumed.append(prompt.gen)
+        if done or resumed:
             ends = dict(done)
             self._prompts = [p for p in self._prompts if p.left]
             each_row([gen for gen, _ in done], lambda gen, _: gen.first(self._llama.logits(ends[gen])))
-            self.rows.extend(gen for gen, _ in done)
+            self.rows.extend([*resumed, *(gen for gen, _ in done)])
+
+    def _step_back(self, gen: Generation) -> None:
+        """The pool is full and the running jobs need another cell each: the youngest steps back. Its
+        cells are kept like a finished job's (those the others need go first), and it goes in again,
+        first in line, from what is still cached: its output goes on as if it had not stopped."""
+        log.info("the KV pool of %s is full: job %s steps back, to go on later", self.model.spec.id, gen.job.job_id)
+        self.rows.remove(gen)
+        self._pool.release(self._seqs.pop(id(gen)))
+        fed = gen.tokens[:-1]  # the last token sampled is not in the cache yet: it goes in at the next step
+        self._prompts.insert(0, Prompt(gen, fed, [], resumed=gen.generated))
 
     def _drop_ended_prompts(self) -> None:
         """Prompts of jobs cancelled (or past their deadline) while going in leave; what went in stays cached."""

@@ -15,11 +15,21 @@ class Text:
     tokens: int
     logprobs: list[TokenLogprob] | None = None
 
+    def then(self, later: Text) -> Text:
+        """This piece and the next as one."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = [*(self.logprobs or []), *(later.logprobs or [])]
+        return Text(self.text + later.text, self.tokens + later.tokens, logprobs)
+
 
 @dataclass(frozen=True, slots=True)
 class Reasoning:
     text: str
     tokens: int
+
+    def then(self, later: Reasoning) -> Reasoning:
+        return Reasoning(self.text + later.text, self.tokens + later.tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,3 +64,18 @@ class Crashed:
 
 
 Output = Text | Reasoning | ToolCallPart | Finished | Crashed
+
+
+def coalesced(first: Output, ready: list[Output]) -> tuple[Output, list[Output]]:
+    """`first` with the pieces of the same kind right behind it in `ready` joined to it (pieces a
+    busy event loop finds waiting together go out as one message), and what is left of `ready`."""
+    taken = 0
+    for later in ready:
+        if isinstance(first, Text) and isinstance(later, Text):
+            first = first.then(later)
+        elif isinstance(first, Reasoning) and isinstance(later, Reasoning):
+            first = first.then(later)
+        else:
+            break
+        taken += 1
+    return first, ready[taken:]

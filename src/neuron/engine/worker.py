@@ -15,6 +15,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -23,7 +24,7 @@ import torch
 
 from cortex.protocol.messages import DeviceInfo, InferenceJob
 from neuron.engine.generation import Batch, Generation
-from neuron.engine.outputs import Crashed, Finished, Output
+from neuron.engine.outputs import Crashed, Finished, Output, coalesced
 from neuron.engine.progress import Progress
 from neuron.engine.runtime import LoadedModel
 from neuron.metrics import NeuronMetrics
@@ -37,9 +38,10 @@ _STOP = object()
 class JobHandle:
     """One submitted job: its outputs as an async stream, and a way to stop it."""
 
-    def __init__(self, generation: Generation, outputs: asyncio.Queue[Output]) -> None:
+    def __init__(self, generation: Generation) -> None:
         self._generation = generation
-        self._outputs = outputs
+        self._outputs: deque[Output] = deque()
+        self._arrived = asyncio.Event()
 
     @property
     def running(self) -> bool:
@@ -53,13 +55,51 @@ class JobHandle:
         """Thread-safe; generation stops before its next token and ends with `cancelled`."""
         self._generation.cancel()
 
+    def deliver(self, outputs: list[Output]) -> None:
+        """On the event loop: outputs the device thread produced."""
+        self._outputs.extend(outputs)
+        self._arrived.set()
+
     async def outputs(self) -> AsyncIterator[Output]:
-        """Text pieces, then exactly one Finished or Crashed."""
+        """Text pieces, then exactly one Finished or Crashed. Pieces that arrived together and follow
+        one another come as one (outputs.coalesced)."""
         while True:
-            output = await self._outputs.get()
+            while not self._outputs:
+                self._arrived.clear()
+                await self._arrived.wait()
+            output, rest = coalesced(self._outputs.popleft(), list(self._outputs))
+            self._outputs = deque(rest)
             yield output
             if isinstance(output, Finished | Crashed):
                 return
+
+
+class _Outbox:
+    """What the device thread hands to one event loop: the outputs of its jobs, in order, with one
+    wake-up of the loop for all that pile up before it runs (not one per token: a step of eight
+    rows makes eight outputs)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[JobHandle, Output]] = []
+
+    def put(self, handle: JobHandle, output: Output) -> None:
+        """On the device thread."""
+        with self._lock:
+            self._items.append((handle, output))
+            if len(self._items) > 1:
+                return  # a wake-up is on its way
+        self._loop.call_soon_threadsafe(self._hand_over)
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        by_handle: dict[JobHandle, list[Output]] = {}
+        for handle, output in items:
+            by_handle.setdefault(handle, []).append(output)
+        for handle, outputs in by_handle.items():
+            handle.deliver(outputs)
 
 
 class DeviceWorker:
@@ -73,6 +113,7 @@ class DeviceWorker:
         self._batches: list[Batch] = []
         self._waiting: deque[Generation] = deque()
         self.progress = Progress()
+        self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = weakref.WeakKeyDictionary()
 
     def start(self) -> None:
         if self._thread is not None:
@@ -103,14 +144,14 @@ class DeviceWorker:
     def start_job(self, job: InferenceJob, model: LoadedModel) -> JobHandle:
         """Queues a job on this device; call from the event loop that will read its outputs."""
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[Output] = asyncio.Queue()
-
-        def sink(output: Output) -> None:  # runs on the device thread
-            loop.call_soon_threadsafe(outputs.put_nowait, output)
-
-        generation = Generation(job, model, sink)
+        outbox = self._outboxes.get(loop)
+        if outbox is None:
+            outbox = self._outboxes[loop] = _Outbox(loop)
+        handle: JobHandle
+        generation = Generation(job, model, lambda output: outbox.put(handle, output))
+        handle = JobHandle(generation)
         self._inbox.put(generation)
-        return JobHandle(generation, outputs)
+        return handle
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -168,7 +209,7 @@ class DeviceWorker:
             model_id = gen.model.spec.id
             if gen.cancelled:
                 self._end_cancelled(gen)
-            elif running.get(model_id, 0) < self.max_batch:
+            elif running.get(model_id, 0) < max(self.max_batch, gen.model.parallel):
                 running[model_id] = running.get(model_id, 0) + 1
                 admitted.setdefault(id(gen.model), []).append(gen)
             else:

@@ -37,7 +37,7 @@ from cortex.protocol.subjects import model_key
 from neuron.cpu_share import host_cores
 from neuron.engine.backends import Engine
 from neuron.engine.chat import ChatFormat
-from neuron.engine.llamacpp import LlamaCppRuntime
+from neuron.engine.llamacpp import LlamaCppRuntime, parallel
 from neuron.engine.replay import Replay
 from neuron.engine.runtime import DEFAULT_OPTIONS, EngineOptions, LoadedModel
 from neuron.engine.sampling import SamplingDefaults
@@ -176,16 +176,17 @@ def _load_llama_cpp(
 ) -> LoadedModel:
     """One device (preflight refuses a GGUF over several), its layers offloaded as free memory allows;
     `limits_mb` is not used: llama.cpp sizes itself by the plan."""
-    spec, device, sequences = plan.spec, devices[0], options.max_batch
+    spec, device = plan.spec, devices[0]
     assert source.gguf_file is not None
     path = source.directory / source.gguf_file
     tokenizer = _gguf_tokenizer(spec, source, converted_dir)
     context = plan.context or 2048  # the GGUF header's, capped by the catalogue's, read by preflight
     gpu_layers = _gpu_layers(plan, device)
+    cells = context * options.max_batch  # the KV memory the plan counts
     runtime = LlamaCppRuntime(
         str(path),
-        context=context,
-        sequences=sequences,
+        cells=cells,
+        sequences=parallel(cells, context, options.max_batch),
         gpu_layers=gpu_layers,
         threads=options.threads or host_cores(),
         kv_mb=plan.kv_mb,
