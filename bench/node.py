@@ -113,7 +113,9 @@ def _fleet(root: Path, nodes: int = 1, env: dict[str, str] | None = None):
     root.mkdir(parents=True, exist_ok=True)
     with stack(root) as s:
         toml = _catalogue(root)
-        _, port = s.gateway(toml)
+        # A prompt of thousands of tokens beside running streams may take minutes on a small CPU, and the
+        # node says nothing about a job until its first token.
+        _, port = s.gateway(toml, {"CORTEX_GATEWAY__IDLE_TIMEOUT": "900"})
         for i in range(nodes):
             _neuron(s, toml, f"node-{i}", env or {})
         url = f"http://127.0.0.1:{port}/v1/models/{MODEL}"
@@ -209,9 +211,15 @@ def _long_prompt_run(root: Path, chunked: bool, long_tokens: int) -> dict[str, f
     with _fleet(root, env=env) as port:
         times, arrivals = asyncio.run(_beside_timed(port, long_tokens))
     streams = [Stream(a, len(a)) for a in arrivals]
-    median = statistics.median(g for s in streams for g in s.gaps())
-    worst = max(g for s in streams for g in s.gaps(times["sent"], times["first"]))
-    return {"median_ms": median * 1000, "worst_ms": worst * 1000, "ratio": worst / median, "ttft_s": times["ttft_s"]}
+    usual = statistics.median(g for s in streams for g in s.gaps(end=times["sent"]))  # before the prompt came
+    during = [g for s in streams for g in s.gaps(times["sent"], times["first"])]
+    return {
+        "usual_ms": usual * 1000,
+        "median_ms": statistics.median(during) * 1000,
+        "worst_ms": max(during) * 1000,
+        "ratio": max(during) / usual,
+        "ttft_s": times["ttft_s"],
+    }
 
 
 # --- (d) two neurons on one host; (e) llama.cpp's own server --------------------------------------------
@@ -281,12 +289,13 @@ def _table(engine: dict, long: dict[str, dict[str, float]], hosts: dict[str, flo
         "|---|---|---|---|",
         *(f"| {n} | {ours[n]:.1f} | {raw[n]:.1f} | {ours[n] / raw[n]:.2f} |" for n in ours),
         "",
-        "(c) three streams while a long prompt goes in: gaps between a stream's tokens",
+        "(c) three streams while a long prompt goes in: gaps between a stream's tokens (usual: before it came)",
         "",
-        "| prefill | median gap ms | worst gap ms | worst / median | long prompt's TTFT s |",
-        "|---|---|---|---|---|",
+        "| prefill | usual gap ms | median gap ms | worst gap ms | worst / usual | long prompt's TTFT s |",
+        "|---|---|---|---|---|---|",
         *(
-            f"| {name} | {r['median_ms']:.0f} | {r['worst_ms']:.0f} | {r['ratio']:.1f} | {r['ttft_s']:.1f} |"
+            f"| {name} | {r['usual_ms']:.0f} | {r['median_ms']:.0f} | {r['worst_ms']:.0f} | {r['ratio']:.1f} "
+            f"| {r['ttft_s']:.1f} |"
             for name, r in long.items()
         ),
         "",

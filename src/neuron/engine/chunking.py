@@ -23,7 +23,7 @@ from neuron.engine.prefix import SHARED_MIN_TOKENS, common_prefix
 STALL_RATIO = 4.0
 # The fewest prompt tokens a step feeds. Small: far into a long prompt, one prompt token (its
 # attention reads every token before it) costs about what a decode step of a few rows does.
-MIN_CHUNK = 4
+MIN_CHUNK = 8
 _SMOOTHING = 0.3  # weight of the newest measurement in the running estimates
 
 S = TypeVar("S")
