@@ -118,3 +118,10 @@ def test_a_device_with_nothing_decoding_is_not_stalled(clock) -> None:
     assert watch.stalled
     watch.idle()
     assert not watch.stalled
+
+
+def test_a_registry_that_cannot_be_written_leaves_the_neuron_its_cores(tmp_path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with CpuShare(registry=blocked / "cortex-neurons") as share:  # its parent is a file
+        assert share.threads() == host_cores()

@@ -45,21 +45,26 @@ class CpuShare:
 
     def __enter__(self) -> CpuShare:
         """Enters this neuron in the host's registry (until `__exit__`)."""
-        self._registry.mkdir(parents=True, exist_ok=True)
         entry = {"started": psutil.Process().create_time(), "cpus": self._cpus}
         partial = self._me.with_suffix(".new")  # renamed whole: a neighbour never reads half an entry
-        partial.write_text(json.dumps(entry))
-        partial.replace(self._me)
+        try:
+            self._registry.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(entry))
+            partial.replace(self._me)
+        except OSError as exc:  # a read-only or missing /dev/shm: this neuron counts the others only
+            log.warning("cannot enter this neuron in %s (%s): other neurons will not count it", self._registry, exc)
         return self
 
     def __exit__(self, *_: object) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone already, or never entered
             self._me.unlink()
 
     def neighbours(self) -> int:
         """Live neurons on this host that may run on our cores, this one included. Entries of
         processes that are gone are removed (a pid reused since is told apart by its start time)."""
         count = 1
+        if not self._registry.is_dir():
+            return count
         for path in self._registry.glob("[0-9]*"):
             if path == self._me:
                 continue
