@@ -125,8 +125,11 @@ def test_jobs_of_one_model_share_one_batch(worker, tiny) -> None:
 
 def test_a_cancelled_job_frees_its_slot_for_a_waiting_one(worker, tiny) -> None:
     async def go():
-        # As many as decode at once (llama.cpp's pool takes more than the worker's max_batch).
-        running = [worker.start_job(_job(i, PROMPTS[0], max_tokens=2000), tiny) for i in range(tiny.parallel)]
+        # As many as decode at once (llama.cpp's pool takes more than the worker's max_batch), none
+        # ending on its own before it is cancelled.
+        no_end = {eos: -100.0 for eos in tiny.eos_ids}
+        jobs = [_job(i, PROMPTS[0], max_tokens=2000, logit_bias=no_end) for i in range(tiny.parallel)]
+        running = [worker.start_job(job, tiny) for job in jobs]
         waiting = worker.start_job(_job(9, PROMPTS[2], max_tokens=3), tiny)
         await anext(running[0].outputs())
         assert not waiting.running  # every slot is taken: it waits
