@@ -65,10 +65,11 @@ class Stream:
         return [b - a for a, b in itertools.pairwise(times) if start <= b and a <= end]
 
 
-async def _stream(port: int, prompt: str, tokens: int, model: str = MODEL) -> Stream:
+async def _stream(port: int, prompt: str, tokens: int, arrivals: list[float] | None = None) -> Stream:
+    """One streamed answer; `arrivals` gets each piece's time as it comes (read it if this is cancelled)."""
     conn = HttpConnection("127.0.0.1", port)
-    body = chat_body(model, tokens, True, prompt, temperature=0, logit_bias=NO_EOS)
-    arrivals: list[float] = []
+    body = chat_body(MODEL, tokens, True, prompt, temperature=0, logit_bias=NO_EOS)
+    arrivals = [] if arrivals is None else arrivals
     try:
         timing = await conn.post(CHAT, body, content_tokens, arrivals)
     finally:
@@ -183,18 +184,9 @@ def _long_prompt(tokens: int) -> str:
     return "You maintain a large code base. " + _filler(tokens, "") + " Which rule covers file 3.py?"
 
 
-async def _beside_timed(port: int, long_tokens: int) -> tuple[dict[str, float], list[list[float]]]:
+async def _beside(port: int, long_tokens: int) -> tuple[dict[str, float], list[list[float]]]:
     arrivals: list[list[float]] = [[] for _ in range(3)]
-
-    async def stream(i: int) -> None:
-        conn = HttpConnection("127.0.0.1", port)
-        body = chat_body(MODEL, 4000, True, PROMPTS[i], temperature=0, logit_bias=NO_EOS)
-        try:
-            await conn.post(CHAT, body, content_tokens, arrivals[i])
-        finally:
-            await conn.close()
-
-    running = [asyncio.create_task(stream(i)) for i in range(3)]
+    running = [asyncio.create_task(_stream(port, PROMPTS[i], 4000, arrivals[i])) for i in range(3)]
     await asyncio.sleep(3.0)  # the three are decoding
     sent = time.perf_counter()
     long = await _stream(port, _long_prompt(long_tokens), 4)
@@ -209,7 +201,7 @@ async def _beside_timed(port: int, long_tokens: int) -> tuple[dict[str, float], 
 def _long_prompt_run(root: Path, chunked: bool, long_tokens: int) -> dict[str, float]:
     env = {} if chunked else {"NEURON_PREFILL_CHUNK": "100000"}  # capped at n_batch: 2,048-token passes
     with _fleet(root, env=env) as port:
-        times, arrivals = asyncio.run(_beside_timed(port, long_tokens))
+        times, arrivals = asyncio.run(_beside(port, long_tokens))
     streams = [Stream(a, len(a)) for a in arrivals]
     usual = statistics.median(g for s in streams for g in s.gaps(end=times["sent"]))  # before the prompt came
     during = [g for s in streams for g in s.gaps(times["sent"], times["first"])]

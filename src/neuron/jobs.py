@@ -56,7 +56,6 @@ class JobRelay:
         subjects: Subjects,
         models: ModelTable,
         *,
-        max_batch: int,
         max_queue: int,
         metrics: NeuronMetrics,
         events: EventPublisher,
@@ -65,7 +64,6 @@ class JobRelay:
         self._node = node
         self._subjects = subjects
         self._models = models
-        self._max_batch = max_batch
         self._max_queue = max_queue
         self._inbox = JobInbox(connection, node, subjects, self)
         self._jobs: dict[str, _Running] = {}
@@ -196,17 +194,18 @@ class JobRelay:
             await reply.fail(ErrorCode.invalid_request, f"job id {job.job_id} is already running")
         elif self._early_cancels.pop(job.job_id, None) is not None:
             await reply.fail(ErrorCode.cancelled, f"job {job.job_id} was cancelled before it arrived")
-        elif sum(self.in_flight(entry.spec.id)) >= self._running(entry) + self._max_queue:
-            capacity = self._running(entry) + self._max_queue
+        elif sum(self.in_flight(entry.spec.id)) >= (capacity := self._running(entry) + self._max_queue):
             await reply.fail(
                 ErrorCode.busy, f"{job.model} on {self._node} has {capacity} jobs in flight", retryable=True
             )
         else:
             self._start(job, entry, reply)
 
-    def _running(self, entry: ModelEntry) -> int:
-        """Jobs of the model that decode at once (llama.cpp's pool takes more than max_batch)."""
-        return max(self._max_batch, entry.loaded.parallel if entry.loaded is not None else 0)
+    @staticmethod
+    def _running(entry: ModelEntry) -> int:
+        """Jobs of the model that run at once; the rest of its jobs here wait in the device's queue."""
+        assert entry.loaded is not None
+        return entry.worker.runs_at_once(entry.loaded)
 
     def _start(self, job: InferenceJob, entry: ModelEntry, reply: Reply) -> None:
         assert entry.loaded is not None and entry.worker is not None

@@ -73,7 +73,6 @@ class Node:
             settings.node,
             self.subjects,
             self.models,
-            max_batch=settings.max_batch,
             max_queue=settings.max_queue,
             metrics=metrics,
             events=self.events,

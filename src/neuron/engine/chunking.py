@@ -40,7 +40,7 @@ class Prompt(Generic[S]):
     slot: S | None = None
     at: int = 0  # the next position to feed
     reused: int = 0  # positions read from the prefix cache
-    resumed: int | None = None  # a job that stepped back (a full cache) with this many tokens generated
+    resumed: bool = False  # a job that stepped back (the cache was full): its tokens so far go in again
 
     @property
     def left(self) -> int:

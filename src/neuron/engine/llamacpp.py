@@ -1,7 +1,7 @@
 """The llama.cpp engine: GGUF weights run as stored (quantized), several sequences per step.
 
 llama-cpp-python's low-level bindings give one llama_context per loaded model, its KV cache one
-unified pool of `context x parallel` cells shared by all its sequences (engine/kv_pool.py keeps
+unified pool of `context x max_batch` cells shared by all its sequences (engine/kv_pool.py keeps
 the books: a finished sequence's cells stay, and the next prompt that starts alike reuses them).
 A step feeds one token of every running sequence in one llama_batch, with the next chunk of the
 prompts going in (from where their cached prefix ends; engine/chunking.py sizes the chunk so
@@ -73,7 +73,7 @@ def _log_line(level: int, text: bytes, _: ctypes.c_void_p) -> None:
 
 
 class LlamaCppRuntime:
-    """One GGUF file in llama.cpp: the weights, a context of `sequences` x `context` cells, and the
+    """One GGUF file in llama.cpp: the weights, a context of `cells` shared by its sequences, and the
     pool's books. Used only on its device's worker thread."""
 
     def __init__(
@@ -206,7 +206,7 @@ class LlamaBatch:
         self._budget = runtime.budget
         self.rows: list[Generation] = []
         self._prompts: list[Prompt[int]] = []
-        self._seqs: dict[int, int] = {}  # id(generation) -> its sequence
+        self._seqs: dict[int, int] = {}  # id(generation) -> its sequence, for the decoding rows
 
     def __len__(self) -> int:
         return len(self.rows) + len(self._prompts)
@@ -233,15 +233,13 @@ class LlamaBatch:
         decoding = [(gen.next_input, gen.position, self._seqs[id(gen)], True) for gen in self.rows]
         room = min(self._budget.tokens(len(decoding)), self._llama.n_batch - len(decoding))
         feeding = self._chunk(room, len(decoding))
-        fed = sum(n for _, n in feeding)
+        fed = sum(n for _, _, n in feeding)
         if not decoding and not fed:
             return
         entries = list(decoding)
-        for prompt, n in feeding:
-            end = prompt.at + n
-            seq = self._seqs[id(prompt.gen)]
-            last = len(prompt.ids) - 1 if prompt.resumed is None else -1  # a resumed job has its next token
-            entries += [(prompt.ids[p], p, seq, p == last) for p in range(prompt.at, end)]
+        for prompt, seq, n in feeding:
+            last = -1 if prompt.resumed else len(prompt.ids) - 1  # a resumed job has its next token
+            entries += [(prompt.ids[p], p, seq, p == last) for p in range(prompt.at, prompt.at + n)]
         with self._budget.timed(len(decoding), fed):
             self._llama.decode(entries)
             for token, _, seq, _ in decoding:
@@ -250,8 +248,9 @@ class LlamaBatch:
             self._feed(feeding, len(decoding))
         self._keep([not gen.finished for gen in self.rows])
 
-    def _chunk(self, room: int, decoding: int) -> list[tuple[Prompt[int], int]]:
-        """The prompts this step feeds, and how many tokens of each, in their order of arrival. A
+    def _chunk(self, room: int, decoding: int) -> list[tuple[Prompt[int], int, int]]:
+        """The prompts this step feeds, with their sequence and how many tokens of each, in their order
+        of arrival. A
         prompt starts once the pool can hold all of it beside what the running jobs hold (the first
         that cannot holds back those behind it), and a chunk goes in only where its cells can be had."""
         feeding = []
@@ -259,39 +258,40 @@ class LlamaBatch:
         for prompt in self._prompts:
             if room <= 0:
                 break
-            if prompt.slot is None:
+            seq = prompt.slot
+            if seq is None:
                 if prompt.waits():
                     continue
                 if not self._pool.fits(planned + len(prompt.ids)):
                     break
                 seq, reused = self._pool.claim(prompt.ids, prompt.gen.prefix_chain)
                 prompt.slot, prompt.at = seq, reused
-                self._seqs[id(prompt.gen)] = seq
-                if prompt.resumed is None:
+                if not prompt.resumed:
                     prompt.gen.reused(reused)
             n = min(room, prompt.left)
             if not self._pool.make_room(planned + n):
                 break
-            feeding.append((prompt, n))
+            feeding.append((prompt, seq, n))
             room -= n
             planned += n
         return feeding
 
-    def _feed(self, feeding: list[tuple[Prompt[int], int]], offset: int) -> None:
+    def _feed(self, feeding: list[tuple[Prompt[int], int, int]], offset: int) -> None:
         """Books the chunks the pass wrote; a prompt now wholly in takes its first token (a resumed job
         has it already) and decodes."""
         done: list[tuple[Generation, int]] = []
         resumed: list[Generation] = []
-        for prompt, n in feeding:
-            self._pool.fed(self._seqs[id(prompt.gen)], prompt.ids[prompt.at : prompt.at + n])
+        for prompt, seq, n in feeding:
+            self._pool.fed(seq, prompt.ids[prompt.at : prompt.at + n])
             prompt.at += n
             offset += n
             if prompt.left:
                 continue
-            if prompt.resumed is None:
-                done.append((prompt.gen, offset - 1))
-            else:
+            self._seqs[id(prompt.gen)] = seq
+            if prompt.resumed:
                 resumed.append(prompt.gen)
+            else:
+                done.append((prompt.gen, offset - 1))
         if done or resumed:
             ends = dict(done)
             self._prompts = [p for p in self._prompts if p.left]
@@ -306,23 +306,23 @@ class LlamaBatch:
         self.rows.remove(gen)
         self._pool.release(self._seqs.pop(id(gen)))
         fed = gen.tokens[:-1]  # the last token sampled is not in the cache yet: it goes in at the next step
-        self._prompts.insert(0, Prompt(gen, fed, [], resumed=gen.generated))
+        self._prompts.insert(0, Prompt(gen, fed, [], resumed=True))
 
     def _drop_ended_prompts(self) -> None:
         """Prompts of jobs cancelled (or past their deadline) while going in leave; what went in stays cached."""
         for prompt in self._prompts:
             if not prompt.gen.check() and prompt.slot is not None:
-                self._pool.release(self._seqs.pop(id(prompt.gen)))
+                self._pool.release(prompt.slot)
         self._prompts = [p for p in self._prompts if not p.gen.finished]
 
     def fail(self, exc: BaseException) -> None:
+        seqs = [*self._seqs.values(), *(p.slot for p in self._prompts if p.slot is not None)]
         for gen in self.jobs:
             if not gen.finished:
                 gen.fail(exc)
-            seq = self._seqs.pop(id(gen), None)
-            if seq is not None:
-                self._pool.release(seq, keep=False)  # what its cells hold is unknown
-        self.rows, self._prompts = [], []
+        for seq in seqs:
+            self._pool.release(seq, keep=False)  # what its cells hold is unknown
+        self.rows, self._prompts, self._seqs = [], [], {}
 
     def _keep(self, keep: list[bool]) -> None:
         for gen, k in zip(list(self.rows), keep, strict=True):

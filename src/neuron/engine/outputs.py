@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,16 +67,17 @@ class Crashed:
 Output = Text | Reasoning | ToolCallPart | Finished | Crashed
 
 
-def coalesced(first: Output, ready: list[Output]) -> tuple[Output, list[Output]]:
-    """`first` with the pieces of the same kind right behind it in `ready` joined to it (pieces a
-    busy event loop finds waiting together go out as one message), and what is left of `ready`."""
-    taken = 0
-    for later in ready:
+def coalesced(ready: deque[Output]) -> Output:
+    """Takes the first output ready, with the pieces of the same kind right behind it joined to it
+    (pieces a busy event loop finds waiting together go out as one message)."""
+    first = ready.popleft()
+    while ready:
+        later = ready[0]
         if isinstance(first, Text) and isinstance(later, Text):
             first = first.then(later)
         elif isinstance(first, Reasoning) and isinstance(later, Reasoning):
             first = first.then(later)
         else:
             break
-        taken += 1
-    return first, ready[taken:]
+        ready.popleft()
+    return first

@@ -41,11 +41,6 @@ class Progress:
         elif seconds < 5 * self._usual:  # a stall does not become the usual
             self._usual = (1 - _SMOOTHING) * self._usual + _SMOOTHING * seconds
 
-    @property
-    def running(self) -> bool:
-        """Whether a step is being timed now."""
-        return bool(self._since)
-
     def idle(self) -> None:
         """Nothing decodes: nothing can be stalled."""
         self._last = 0.0

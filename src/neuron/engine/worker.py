@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 
 from cortex.protocol.messages import DeviceInfo, InferenceJob
-from neuron.engine.generation import Batch, Generation
+from neuron.engine.generation import Batch, Generation, JobModel
 from neuron.engine.outputs import Crashed, Finished, Output, coalesced
 from neuron.engine.progress import Progress
 from neuron.engine.runtime import LoadedModel
@@ -67,8 +67,7 @@ class JobHandle:
             while not self._outputs:
                 self._arrived.clear()
                 await self._arrived.wait()
-            output, rest = coalesced(self._outputs.popleft(), list(self._outputs))
-            self._outputs = deque(rest)
+            output = coalesced(self._outputs)
             yield output
             if isinstance(output, Finished | Crashed):
                 return
@@ -128,6 +127,12 @@ class DeviceWorker:
         self._inbox.put(_STOP)
         self._thread.join(timeout)
         self._thread = None
+
+    def runs_at_once(self, model: JobModel) -> int:
+        """Jobs of `model` this device runs at once: its engine's parallel sequences (llama.cpp's pool
+        takes more than max_batch), at least max_batch (a model that decodes one sequence at a time
+        runs that many batches of one, in turn)."""
+        return max(self.max_batch, model.parallel)
 
     def batch_sizes(self) -> dict[str, int]:
         """Sequences decoding now, per model (read from any thread)."""
@@ -209,7 +214,7 @@ class DeviceWorker:
             model_id = gen.model.spec.id
             if gen.cancelled:
                 self._end_cancelled(gen)
-            elif running.get(model_id, 0) < max(self.max_batch, gen.model.parallel):
+            elif running.get(model_id, 0) < self.runs_at_once(gen.model):
                 running[model_id] = running.get(model_id, 0) + 1
                 admitted.setdefault(id(gen.model), []).append(gen)
             else:
@@ -241,7 +246,8 @@ class DeviceWorker:
     def _step_all(self) -> None:
         decoding = False
         for batch in list(self._batches):
-            if batch.rows:
+            timed = bool(batch.rows)  # a step with rows decoding is what a stall is measured on
+            if timed:
                 decoding = True
                 self.progress.begin()
                 if self._metrics is not None:
@@ -252,7 +258,7 @@ class DeviceWorker:
                 log.exception("a decode step of %s failed on the device thread", batch.model.spec.id)
                 batch.fail(exc)
             finally:
-                if self.progress.running:
+                if timed:
                     self.progress.end()
             if not batch:
                 self._batches.remove(batch)
