@@ -129,8 +129,8 @@ class Node:
                 log.info("CPU threads per engine: %d -> %d (neurons sharing this host's cores changed)", threads, now)
                 await self.models.set_threads(now)
                 threads = now
-            if self.view.stalled != stalled:
-                stalled = self.view.stalled
+            if (now_stalled := self.view.stalled) != stalled:
+                stalled = now_stalled
                 log.warning("running jobs %s", "make no progress: no new work" if stalled else "make progress again")
                 await self.beat()
 

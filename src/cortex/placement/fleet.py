@@ -132,11 +132,7 @@ class FleetView:
     def _serving(self) -> list[Holder]:
         """Every (node, model) where the model is ready and the node takes jobs (not stopping, not stalled)."""
         return [
-            Holder(hb.node, m)
-            for hb in self.nodes()
-            if not hb.draining and not hb.stalled
-            for m in hb.models
-            if m.state is ModelState.ready
+            Holder(hb.node, m) for hb in self.nodes() if hb.takes_work for m in hb.models if m.state is ModelState.ready
         ]
 
     def holders(self, model_id: str) -> list[Holder]:

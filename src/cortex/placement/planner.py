@@ -117,14 +117,14 @@ def _device_group(devices: list[DeviceInfo], count: int) -> list[DeviceInfo] | N
 def fits(spec: ModelSpec, node: Heartbeat, strategy: Strategy) -> bool:
     """Whether the model could be placed on this node now, evicting what may be displaced."""
     need = need_on(spec, node)
-    if node.draining or node.stalled or isinstance(need, Refusal):
+    if not node.takes_work or isinstance(need, Refusal):
         return False
     return _option(node, spec, need or 0, strategy) is not None
 
 
 def plan(spec: ModelSpec, nodes: list[Heartbeat], strategy: Strategy) -> Placement:
     """The best placement, or Refused (every node's preflight says no) or NoCapacity (no room)."""
-    candidates = [n for n in nodes if not n.draining and not n.stalled]
+    candidates = [n for n in nodes if n.takes_work]
     if not candidates:
         why = "start a neuron"
         if nodes:

@@ -340,6 +340,11 @@ class Heartbeat(_Wire):
     models: list[ModelStatus]
     estimates: list[Estimate] = Field(default_factory=list, description="One per catalogue model this node knows.")
 
+    @property
+    def takes_work(self) -> bool:
+        """Whether gateways may send it jobs and loads: not stopping, and its jobs making progress."""
+        return not self.draining and not self.stalled
+
 
 # --- control service (nats.micro `neuron`, subjects <prefix>.node.<node>.<verb>) -----------------
 
