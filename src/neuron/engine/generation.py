@@ -150,6 +150,7 @@ class Generation:
         self._logprobs: list[TokenLogprob] = []
         self._parser: Parser = PlainText()
         self._constraint: Constraint | None = None
+        self._resuming = False  # taking a resumed job's earlier tokens (InferenceJob.resume)
 
     @property
     def prompt_tokens(self) -> int:
@@ -195,7 +196,23 @@ class Generation:
         self._send(rendered.prefilled)
         self._detok = IncrementalDetokenizer(self.model.tokenizer, ids, self.model.chat.drop_ids)
         self._stops = StopMatcher(self.job.sampling.stop)
-        return ids
+        if self.job.resume:
+            self._resume(self.job.resume)
+        return None if self.finished else list(self.tokens)
+
+    def _resume(self, generated: list[int]) -> None:
+        """Takes the tokens an earlier try generated as if sampled here, silently: the detokenizer,
+        stop matcher, parser, grammar and penalties end up as they were there, so what follows
+        continues the client's answer with nothing repeated or missing."""
+        self._resuming = True
+        try:
+            for token in generated:
+                self._sampler.seen(token)
+                self._accept(token)
+                if self.finished:  # it had ended there; only its end was lost
+                    break
+        finally:
+            self._resuming = False
 
     def _constrain(self, rendered: Rendered) -> Constraint | None:
         """The job's grammar, compiled now (a schema the library cannot take ends the job before any
@@ -261,7 +278,7 @@ class Generation:
         self.generated += 1
         self._last = token
         self.tokens.append(token)
-        if self.generated == 1:
+        if not self._first_at and not self._resuming:
             self._first_at = time.perf_counter()
         if token in self.model.eos_ids:
             self._emit(self._stops.push(self._detok.flush())[0] + self._stops.flush(), final=True)
@@ -292,18 +309,21 @@ class Generation:
 
     def _send(self, pieces: list[Parsed]) -> None:
         # Tokens that produced nothing yet (a partial character, a possible stop or marker) are
-        # counted into the next piece, so the pieces' token counts add up to `generated`.
+        # counted into the next piece, so the pieces' tokens add up to what was generated.
         for piece in pieces:
-            tokens, self._emitted_tokens = self.generated - self._emitted_tokens, self.generated
+            start, self._emitted_tokens = self._emitted_tokens, self.generated
+            if self._resuming:
+                continue  # the client has this text from the try that generated it
+            ids = tuple(self.tokens[self._prompt_len + start : self._prompt_len + self.generated])
             if isinstance(piece, Content):
                 logprobs, self._logprobs = (self._logprobs or None), []
-                self._sink(Text(piece.text, tokens, logprobs))
+                self._sink(Text(piece.text, ids, logprobs))
             elif isinstance(piece, Thought):
                 self._logprobs = []  # logprobs describe the answer's tokens only
-                self._sink(Reasoning(piece.text, tokens))
+                self._sink(Reasoning(piece.text, ids))
             elif isinstance(piece, Call):
                 self._logprobs = []
-                self._sink(ToolCallPart(piece.index, piece.id, piece.name, piece.arguments, tokens))
+                self._sink(ToolCallPart(piece.index, piece.id, piece.name, piece.arguments, ids))
 
     def _finish(self, reason: FinishReason, stop: str | None) -> None:
         now = time.perf_counter()

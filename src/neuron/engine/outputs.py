@@ -10,10 +10,22 @@ from cortex.protocol.errors import ErrorCode
 from cortex.protocol.messages import TokenLogprob
 
 
+class _Piece:
+    """A piece of the answer covers the generated tokens `ids` (those that produced nothing of
+    their own yet count into the next piece): with them a job can resume on another node."""
+
+    __slots__ = ()
+    ids: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+
 @dataclass(frozen=True, slots=True)
-class Text:
+class Text(_Piece):
     text: str
-    tokens: int
+    ids: tuple[int, ...]
     logprobs: list[TokenLogprob] | None = None
 
     def then(self, later: Text) -> Text:
@@ -21,25 +33,25 @@ class Text:
         logprobs = None
         if self.logprobs is not None or later.logprobs is not None:
             logprobs = [*(self.logprobs or []), *(later.logprobs or [])]
-        return Text(self.text + later.text, self.tokens + later.tokens, logprobs)
+        return Text(self.text + later.text, self.ids + later.ids, logprobs)
 
 
 @dataclass(frozen=True, slots=True)
-class Reasoning:
+class Reasoning(_Piece):
     text: str
-    tokens: int
+    ids: tuple[int, ...]
 
     def then(self, later: Reasoning) -> Reasoning:
-        return Reasoning(self.text + later.text, self.tokens + later.tokens)
+        return Reasoning(self.text + later.text, self.ids + later.ids)
 
 
 @dataclass(frozen=True, slots=True)
-class ToolCallPart:
+class ToolCallPart(_Piece):
     index: int
     id: str | None
     name: str | None
     arguments: str
-    tokens: int
+    ids: tuple[int, ...]
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]

@@ -56,3 +56,7 @@ class ReplaySampler:
         token = self._tokens[min(self._at, len(self._tokens) - 1)]
         self._at += 1
         return token
+
+    def seen(self, token: int) -> None:
+        """A resumed job's earlier token: the recording goes on after it."""
+        self._at += 1

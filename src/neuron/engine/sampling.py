@@ -70,8 +70,12 @@ class Sampler:
             token = int(torch.argmax(logits))
         else:
             token = self._draw(logits / self._temperature)
-        self._counts[token] = self._counts.get(token, 0) + 1
+        self.seen(token)
         return token
+
+    def seen(self, token: int) -> None:
+        """`token` was generated (sampled here, or resumed from an earlier try): it counts for the penalties."""
+        self._counts[token] = self._counts.get(token, 0) + 1
 
     def _draw(self, logits: torch.Tensor) -> int:
         p = self._p

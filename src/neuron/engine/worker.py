@@ -60,13 +60,18 @@ class JobHandle:
         self._outputs.extend(outputs)
         self._arrived.set()
 
-    async def outputs(self) -> AsyncIterator[Output]:
+    async def outputs(self, quiet_after: float | None = None) -> AsyncIterator[Output | None]:
         """Text pieces, then exactly one Finished or Crashed. Pieces that arrived together and follow
-        one another come as one (outputs.coalesced)."""
+        one another come as one (outputs.coalesced). With `quiet_after`, a None each time nothing
+        came for that many seconds."""
         while True:
             while not self._outputs:
                 self._arrived.clear()
-                await self._arrived.wait()
+                try:
+                    async with asyncio.timeout(quiet_after):
+                        await self._arrived.wait()
+                except TimeoutError:
+                    yield None
             output = coalesced(self._outputs)
             yield output
             if isinstance(output, Finished | Crashed):
