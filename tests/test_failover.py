@@ -78,9 +78,7 @@ def _stream_while(gateway: Gateway, fault) -> tuple[str, list[dict]]:
     return text, chunks
 
 
-def test_a_stream_whose_node_is_killed_goes_on_on_the_other_holder_word_for_word(
-    holders, gateway, nats_url
-) -> None:
+def test_a_stream_whose_node_is_killed_goes_on_on_the_other_holder_word_for_word(holders, gateway, nats_url) -> None:
     expected = _undisturbed(gateway)
     moved_before = _moved(gateway)
     text, chunks = _stream_while(gateway, lambda: holders[_running_on(nats_url, holders)].stop(signal.SIGKILL))

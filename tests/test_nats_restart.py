@@ -1,7 +1,9 @@
-"""A single nats-server restarts: during the outage the gateway answers 503 at once (OpenAI
-error envelope, Retry-After), and once NATS is back the gateway and the neuron reconnect and
-serve again within 5 s, both when the server kept its JetStream store (the buckets survive)
-and when it came back empty (the neuron and the gateway create the buckets again).
+"""A single nats-server restarts: a request that arrives during a short outage waits for NATS and
+is answered; one that waits longer than `reconnect_wait` gets a 503 (OpenAI error envelope,
+Retry-After); an answer under way when NATS went down is finished; and once NATS is back the
+gateway and the neuron reconnect and serve again within 5 s, both when the server kept its
+JetStream store (the buckets survive) and when it came back empty (the neuron and the gateway
+create the buckets again).
 
 The server is this module's own (the session's must not be restarted), on fixed free ports so
 that clients find it again; the tests run in file order and each leaves NATS up and serving.
@@ -11,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +37,8 @@ pytestmark = pytest.mark.timeout(120)
 MODEL = "test/tiny-llama"
 COLD_MODEL = "test/tiny-llama-b"  # in the catalogue, loaded nowhere: a request for it is a cold start
 NODE = "r1"
-FAIL_FAST_S = 2.0  # a request while NATS is down is answered within this
+RECONNECT_WAIT_S = 2.0  # the gateway's reconnect_wait here
+FAIL_FAST_S = 2.0  # a request while NATS stays down is answered within this after RECONNECT_WAIT_S
 RECOVERY_S = 5.0  # a request succeeds again within this of NATS accepting connections
 
 
@@ -92,7 +97,13 @@ def fleet(
     server.start()
     gateway = neuron = None
     try:
-        gateway = start_gateway(spawn, server.url, tiny_models_toml, name="gateway-restart")
+        gateway = start_gateway(
+            spawn,
+            server.url,
+            tiny_models_toml,
+            name="gateway-restart",
+            CORTEX_GATEWAY__RECONNECT_WAIT=str(RECONNECT_WAIT_S),
+        )
         neuron = start_neuron(spawn, server.url, tiny_models_toml, NODE, "tiny")
         gateway.wait_for_model(MODEL)
         yield Fleet(server, gateway, neuron)
@@ -171,20 +182,48 @@ def assert_fast_503(fleet: Fleet, *, stream: bool = False, model: str = "tiny") 
         chat(fleet, stream=stream, timeout=10, model=model)
     took = time.monotonic() - started
     assert caught.value.status_code == 503, caught.value
-    assert took < FAIL_FAST_S, f"the 503 took {took:.1f}s"
+    assert RECONNECT_WAIT_S <= took < RECONNECT_WAIT_S + FAIL_FAST_S, f"the 503 took {took:.1f}s"
     assert caught.value.response.headers.get("retry-after")
     error = caught.value.body
     assert isinstance(error, dict) and error.get("message") and error.get("type"), error  # the OpenAI envelope
 
 
-def test_a_chat_request_while_nats_is_down_gets_503_at_once(fleet: Fleet) -> None:
+def test_a_chat_request_while_nats_stays_down_gets_503_after_the_reconnect_wait(fleet: Fleet) -> None:
     with outage(fleet):
         assert_fast_503(fleet)
 
 
-def test_a_streaming_request_while_nats_is_down_gets_503_at_once(fleet: Fleet) -> None:
+def test_a_streaming_request_while_nats_stays_down_gets_503_after_the_reconnect_wait(fleet: Fleet) -> None:
     with outage(fleet, signal.SIGTERM):
         assert_fast_503(fleet, stream=True)
+
+
+def test_a_request_during_a_short_outage_waits_for_nats_and_is_answered(fleet: Fleet) -> None:
+    answers: list[str] = []
+    with outage(fleet):
+        client = threading.Thread(target=lambda: answers.append(chat(fleet, timeout=20)))
+        client.start()
+        time.sleep(0.5)
+    client.join(20)
+    assert answers and isinstance(answers[0], str)
+
+
+def test_an_answer_under_way_when_nats_restarts_is_finished(fleet: Fleet) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 1500, "temperature": 0}
+    expected = httpx.post(f"{fleet.gateway.url}/v1/chat/completions", json=body, timeout=60).json()
+    text = []
+    with httpx.stream(
+        "POST", f"{fleet.gateway.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60
+    ) as r:
+        lines = (json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {"))
+        for i, chunk in enumerate(lines):
+            assert "error" not in chunk, chunk
+            text.append(chunk["choices"][0]["delta"].get("content") or "" if chunk["choices"] else "")
+            if i == 2:
+                fleet.nats.down(signal.SIGKILL)
+                time.sleep(1.0)
+                fleet.nats.start()
+    assert "".join(text) == expected["choices"][0]["message"]["content"]
 
 
 def test_a_cold_start_while_nats_is_down_gets_503_at_once(fleet: Fleet) -> None:

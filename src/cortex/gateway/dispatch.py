@@ -9,6 +9,7 @@ other holder resumes after the tokens the client already has.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -22,9 +23,13 @@ from cortex.placement.usage import LocalUsage
 from cortex.protocol.errors import CortexError, ErrorCode, JobFailed, NoCapacity, TransportError
 from cortex.protocol.messages import Accepted, Failed, InferenceJob, JobEvent
 from cortex.protocol.prefix import prefix_chain
+from cortex.transport.control import ControlClient, still_has
 from cortex.transport.job_client import JobClient, JobStream, NodeSilent
 
 log = logging.getLogger(__name__)
+
+_CONNECTION_POLL_S = 0.05
+_ASK_S = 0.5  # how long a silent node has to say whether it still has a job
 
 
 async def _abandon(stream: JobStream) -> None:
@@ -82,13 +87,18 @@ class Dispatcher:
         client: JobClient,
         fleet: FleetView,
         usage: LocalUsage,
+        control: ControlClient,
         *,
         accept_timeout: float,
         idle_timeout: float,
+        reconnect_wait: float = 0.0,
         cache_aware: bool = True,
     ) -> None:
-        """`cache_aware`: send a job to the holder of its prefix (placement.policy); else least loaded."""
+        """`cache_aware`: send a job to the holder of its prefix (placement.policy); else least loaded.
+        `reconnect_wait`: how long a job waits for a NATS connection being re-established."""
         self._client = client
+        self._control = control
+        self._reconnect_wait = reconnect_wait
         self._cache_aware = cache_aware
         self._fleet = fleet
         self._usage = usage
@@ -104,8 +114,7 @@ class Dispatcher:
         """Sends the job to the best holder that takes it (never `avoid`), and reads it up to its first
         output. A holder that accepts the job and then falls silent is set aside while the others are
         tried; if none of them takes it, it is waited on again (a node may be slow, not dead)."""
-        if not self._client.connected:
-            raise TransportError("the gateway has lost its NATS connection; retry shortly")
+        await self.until_connected()
         holders = self._fleet.holders(job.model)
         chain = prefix_chain(job) if self._cache_aware else []
         busy = 0
@@ -160,15 +169,37 @@ class Dispatcher:
             "or load it with `nats req cortex.node.<node>.load`"
         )
 
-    async def move(self, job: InferenceJob, generated: list[int], lost: OpenJob) -> OpenJob | None:
-        """Runs the rest of a job whose node was lost (or fell silent) on another holder: a
-        continuation after the tokens it `generated` (InferenceJob.resume). None if no other
-        holder takes it now."""
+    async def until_connected(self) -> None:
+        """Returns once the NATS connection is up: at once, or after a reconnect of at most
+        `reconnect_wait` seconds (a server restarting, a cluster failing over)."""
+        waited = 0.0
+        while not self._client.connected:
+            if waited >= self._reconnect_wait:
+                raise TransportError(
+                    f"the gateway has had no NATS connection for {waited:.1f}s; retry shortly",
+                    retryable=True,
+                )
+            await asyncio.sleep(_CONNECTION_POLL_S)
+            waited += _CONNECTION_POLL_S
+
+    async def move(self, job: InferenceJob, generated: list[int], lost: OpenJob, silent: bool) -> OpenJob | None:
+        """Runs the rest of a job whose node was lost (`silent`: fell silent) elsewhere: a continuation
+        after the tokens it `generated` (InferenceJob.resume), on another holder if one takes it; else
+        on its own node again, if that is not plainly still running it (a silent node that still has
+        the job, or does not answer, is slow or frozen: None, keep waiting on it)."""
         again = job.model_copy(update={"job_id": uuid.uuid4().hex, "resume": generated or None})
         try:
             return await self.open(again, avoid=lost.node)
         except CortexError as exc:
             log.info("job %s cannot move off %s: %s", job.job_id, lost.node, exc.message)
+        # A node that answered but no longer has the job finished or lost it while its events could
+        # not reach us (NATS restarted in between): asked again, it goes on from what we have.
+        if silent and await still_has(self._control, lost.node, lost.stream.job.job_id, _ASK_S) is not False:
+            return None
+        try:
+            return await self.open(again)
+        except CortexError as exc:
+            log.info("job %s cannot run again: %s", job.job_id, exc.message)
             return None
 
     async def _opened(self, stream: JobStream, node: str | None, patient: bool = False) -> OpenJob:

@@ -27,7 +27,7 @@ from cortex.gateway.streaming import (
     stream_answer,
     unless_disconnected,
 )
-from cortex.protocol.errors import ErrorCode, InvalidRequest, ModelNotFound, NoCapacity, TransportError
+from cortex.protocol.errors import ErrorCode, InvalidRequest, ModelNotFound, NoCapacity
 from cortex.protocol.messages import CountReply, CountRequest, InferenceJob, StoredResponse
 
 router = APIRouter()
@@ -248,8 +248,9 @@ async def _serve(
     outcome = exchange(request).serve(job.model, api, auth.caller(request).name)
     served = ServedJob(job, gw.dispatcher, outcome, gw.metrics)
     try:
-        if not gw.connected:  # before a cold load could start a stream that can only fail
-            raise TransportError("the gateway has lost its NATS connection; retry shortly")
+        # A short NATS outage is waited out; a longer one refused before a cold load could start a
+        # stream that can only fail.
+        await unless_disconnected(request, gw.dispatcher.until_connected())
         loading = await gw.placer.prepare(job.model)
         if stream:
             if loading is None:

@@ -157,15 +157,17 @@ async def _build(
     client = await JobClient.open(connection, subjects)
     stack.push_async_callback(client.aclose)
     usage = LocalUsage()
+    control = ControlClient(connection, subjects)
     dispatcher = Dispatcher(
         client,
         fleet,
         usage,
+        control,
         accept_timeout=gw.accept_timeout,
         idle_timeout=gw.idle_timeout,
+        reconnect_wait=gw.reconnect_wait,
         cache_aware=gw.routing == "cache_aware",
     )
-    control = ControlClient(connection, subjects)
 
     pins = await Pins.open(connection, subjects, replicas=nats.kv_replicas)
     _run(stack, keep_watching(pins.follow, PINS_BUCKET))

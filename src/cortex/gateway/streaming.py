@@ -143,7 +143,7 @@ class ServedJob:
         """Goes on with the answer on another holder, after the tokens the client already has. With
         none to take it, a node that fell silent is waited on still (it may be slow, not dead); one
         that is lost for sure fails the answer."""
-        moved = await self._dispatcher.move(self.job, self._generated, lost)
+        moved = await self._dispatcher.move(self.job, self._generated, lost, silent=isinstance(why, NodeSilent))
         if moved is None:
             if isinstance(why, NodeSilent):
                 return lost

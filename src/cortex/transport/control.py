@@ -11,7 +11,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from cortex.protocol.errors import CortexError, ErrorCode, JobFailed, Refused
-from cortex.protocol.messages import ServiceErrorBody, _Wire
+from cortex.protocol.messages import ServiceErrorBody, StatusReply, _Wire
 from cortex.protocol.subjects import Subjects
 from cortex.transport.connection import Connection
 from cortex.transport.errors import map_nats_errors
@@ -26,10 +26,10 @@ class ControlClient:
         self._nc = connection.client
         self._subjects = subjects
 
-    async def call(self, node: str, verb: str, body: _Wire, reply_type: type[R], *, timeout: float = 10.0) -> R:
+    async def call(self, node: str, verb: str, body: _Wire | None, reply_type: type[R], *, timeout: float = 10.0) -> R:
         subject = self._subjects.control(node, verb)
         with map_nats_errors(f"{verb} on node {node}"):
-            msg = await self._nc.request(subject, body.to_bytes(), timeout=timeout)
+            msg = await self._nc.request(subject, body.to_bytes() if body else b"", timeout=timeout)
         if msg.headers and msg.headers.get(_ERROR_HEADER):
             raise _error(node, verb, msg.headers, msg.data)
         try:
@@ -48,3 +48,13 @@ def _error(node: str, verb: str, headers: dict[str, str], data: bytes) -> Cortex
         return Refused(body.refusal)
     retryable = body.code in (ErrorCode.shutting_down, ErrorCode.busy)
     return JobFailed(f"{verb} on node {node} failed: {body.message}", code=body.code, retryable=retryable)
+
+
+async def still_has(control: ControlClient, node: str, job_id: str, timeout: float) -> bool | None:
+    """Whether `node` still has the job, queued or running; None if it does not say within `timeout`
+    (frozen, gone, or cut off)."""
+    try:
+        status = await control.call(node, "status", None, StatusReply, timeout=timeout)
+    except CortexError:
+        return None
+    return any(job.job_id == job_id for job in status.jobs)

@@ -112,9 +112,11 @@ class JobStream:
                 return None
             event = JOB_EVENT.validate_json(msg.data)
             if event.seq != self._next_seq:
+                # Core NATS does not keep what a node published while a server was down.
                 raise TransportError(
-                    f"job {self.job.job_id}: event {event.seq} arrived, expected {self._next_seq}",
-                    code=ErrorCode.internal,
+                    f"job {self.job.job_id}: event {event.seq} arrived, expected {self._next_seq} "
+                    "(events were lost on the way: a NATS reconnect?)",
+                    code=ErrorCode.node_lost,
                 )
             self._next_seq += 1
             if isinstance(event, Alive):
