@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import coldstart, constrained, engines, node, prefix, quickstart, throughput
+from bench import chaos, coldstart, constrained, engines, node, prefix, quickstart, throughput
 
 BENCHMARKS = {
     "throughput": throughput.main,
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "constrained": constrained.main,
     "prefix": prefix.main,
     "node": node.main,
+    "chaos": chaos.main,
 }
 
 

@@ -31,12 +31,36 @@ class Stack:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-        port = natsserver.free_port()
-        self.nats_url = f"nats://127.0.0.1:{port}"
-        self._nats = natsserver.start(
-            port=port, http_port=natsserver.free_port(), workdir=root, log_file=root / "nats.log"
-        )
+        self._ports = natsserver.free_port(), natsserver.free_port()
+        self.nats_url = f"nats://127.0.0.1:{self._ports[0]}"
+        self._nats: subprocess.Popen[bytes] | None = None
+        self.nats_up()
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def nats_up(self) -> None:
+        """Starts the nats-server (again: same ports, same store)."""
+        port, http_port = self._ports
+        log = self.root / "nats.log"
+        self._nats = natsserver.start(port=port, http_port=http_port, workdir=self.root, log_file=log)
+
+    def nats_down(self) -> None:
+        """Kills the nats-server (SIGKILL: nothing said to the clients)."""
+        if self._nats is not None:
+            self._nats.kill()
+            self._nats.wait(10)
+            self._nats = None
+
+    def signal(self, name: str, sig: int) -> None:
+        self._procs[name].send_signal(sig)
+
+    def reap(self, name: str, timeout: float = 60.0) -> None:
+        """Waits for a process that was told to end (a signal), and forgets it."""
+        proc = self._procs.pop(name)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         with (self.root / f"{name}.log").open("wb") as out:
@@ -68,7 +92,8 @@ class Stack:
     def close(self) -> None:
         for name in list(self._procs):
             self.stop(name)
-        natsserver.stop(self._nats)
+        if self._nats is not None:
+            natsserver.stop(self._nats)
 
 
 @contextlib.contextmanager

@@ -21,10 +21,10 @@ class GatewaySection(BaseModel):
     accept_timeout: float = Field(5.0, gt=0, description="Seconds a neuron has to accept a job.")
     idle_timeout: float = Field(120.0, gt=0, description="Seconds a running job may stay silent.")
     reconnect_wait: float = Field(
-        5.0,
+        8.0,
         ge=0,
         description="Seconds a request that arrives while the gateway reconnects to NATS waits for the "
-        "connection before it is refused (503 + Retry-After).",
+        "connection before it is refused (503 + Retry-After): longer than a server restart takes.",
     )
     load_timeout: float = Field(600.0, gt=0, description="Seconds a request waits for its model's cold load.")
     keepalive_interval: float = Field(5.0, gt=0, description="Seconds between SSE comments while a stream waits.")

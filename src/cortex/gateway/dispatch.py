@@ -114,7 +114,6 @@ class Dispatcher:
         """Sends the job to the best holder that takes it (never `avoid`), and reads it up to its first
         output. A holder that accepts the job and then falls silent is set aside while the others are
         tried; if none of them takes it, it is waited on again (a node may be slow, not dead)."""
-        await self.until_connected()
         holders = self._fleet.holders(job.model)
         chain = prefix_chain(job) if self._cache_aware else []
         busy = 0
@@ -123,16 +122,22 @@ class Dispatcher:
             for node in self._candidates(job.model, holders, chain):
                 if node is not None and node == avoid:
                     continue
+                await self.until_connected()
                 # Counted from the moment it is sent, so that jobs sent within one prefill spread out.
                 if node is not None:
                     self._usage.started(node, job.model)
-                stream = await self._client.submit(
-                    job,
-                    node,
-                    accept_timeout=self._accept_timeout,
-                    idle_timeout=self._idle_timeout,
-                    node_alive=self._fleet.alive,
-                )
+                try:
+                    stream = await self._client.submit(
+                        job,
+                        node,
+                        accept_timeout=self._accept_timeout,
+                        idle_timeout=self._idle_timeout,
+                        node_alive=self._fleet.alive,
+                    )
+                except TransportError as exc:  # the connection dropped just then
+                    log.info("job %s not sent to %s: %s", job.job_id, node or "the queue group", exc.message)
+                    self._withdraw(node, job.model)
+                    continue
                 try:
                     opened = await self._opened(stream, node)
                 except NodeSilent as exc:

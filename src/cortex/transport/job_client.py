@@ -153,8 +153,9 @@ class JobStream:
                 return msg
             except TimeoutError:
                 woke = loop.time()
-                if woke - now > max(wait, 0.0) + _LOOP_LAG_S:
-                    # This loop was stalled, not the node: what it sent may be unread. Look again.
+                if woke - now > max(wait, 0.0) + _LOOP_LAG_S or not self._client.connected:
+                    # This loop was stalled, or NATS is down for us: the silence is ours, not the
+                    # node's. (What it sent meanwhile may be lost: a gap in `seq` will say so.)
                     self._heard_at = max(self._heard_at, woke - _LOOP_LAG_S)
                     continue
                 node = self.node or self.target

@@ -193,18 +193,17 @@ class Generation:
         self._prompt_len = len(ids)
         self.tokens = list(ids)
         self._parser = rendered.parser
+        self._resuming = bool(self.job.resume)  # a continuation: the client has what the template prefilled
         self._send(rendered.prefilled)
         self._detok = IncrementalDetokenizer(self.model.tokenizer, ids, self.model.chat.drop_ids)
         self._stops = StopMatcher(self.job.sampling.stop)
-        if self.job.resume:
-            self._resume(self.job.resume)
+        self._resume(self.job.resume or [])
         return None if self.finished else list(self.tokens)
 
     def _resume(self, generated: list[int]) -> None:
         """Takes the tokens an earlier try generated as if sampled here, silently: the detokenizer,
         stop matcher, parser, grammar and penalties end up as they were there, so what follows
         continues the client's answer with nothing repeated or missing."""
-        self._resuming = True
         try:
             for token in generated:
                 self._sampler.seen(token)
