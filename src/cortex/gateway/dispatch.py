@@ -122,21 +122,7 @@ class Dispatcher:
             for node in self._candidates(job.model, holders, chain):
                 if node is not None and node == avoid:
                     continue
-                await self.until_connected()
-                # Counted from the moment it is sent, so that jobs sent within one prefill spread out.
-                if node is not None:
-                    self._usage.started(node, job.model)
-                try:
-                    stream = await self._client.submit(
-                        job,
-                        node,
-                        accept_timeout=self._accept_timeout,
-                        idle_timeout=self._idle_timeout,
-                        node_alive=self._fleet.alive,
-                    )
-                except TransportError as exc:  # the connection dropped just then
-                    log.info("job %s not sent to %s: %s", job.job_id, node or "the queue group", exc.message)
-                    self._withdraw(node, job.model)
+                if (stream := await self._send(job, node)) is None:
                     continue
                 try:
                     opened = await self._opened(stream, node)
@@ -173,6 +159,25 @@ class Dispatcher:
             f"{job.model} is not loaded on any node; add it to a neuron's default_models "
             "or load it with `nats req cortex.node.<node>.load`"
         )
+
+    async def _send(self, job: InferenceJob, node: str | None) -> JobStream | None:
+        """Publishes the job to `node` (None: the queue group); None if the connection dropped just then."""
+        await self.until_connected()
+        # Counted from the moment it is sent, so that jobs sent within one prefill spread out.
+        if node is not None:
+            self._usage.started(node, job.model)
+        try:
+            return await self._client.submit(
+                job,
+                node,
+                accept_timeout=self._accept_timeout,
+                idle_timeout=self._idle_timeout,
+                node_alive=self._fleet.alive,
+            )
+        except TransportError as exc:
+            log.info("job %s not sent to %s: %s", job.job_id, node or "the queue group", exc.message)
+            self._withdraw(node, job.model)
+            return None
 
     async def until_connected(self) -> None:
         """Returns once the NATS connection is up: at once, or after a reconnect of at most
