@@ -114,9 +114,7 @@ def _fleet(root: Path, nodes: int = 1, env: dict[str, str] | None = None):
     root.mkdir(parents=True, exist_ok=True)
     with stack(root) as s:
         toml = _catalogue(root)
-        # A prompt of thousands of tokens beside running streams may take minutes on a small CPU, and the
-        # node says nothing about a job until its first token.
-        _, port = s.gateway(toml, {"CORTEX_GATEWAY__IDLE_TIMEOUT": "900"})
+        _, port = s.gateway(toml)
         for i in range(nodes):
             _neuron(s, toml, f"node-{i}", env or {})
         url = f"http://127.0.0.1:{port}/v1/models/{MODEL}"

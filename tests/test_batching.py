@@ -15,7 +15,7 @@ from neuron.engine.outputs import Crashed, Finished, Text
 from neuron.engine.runtime import EngineOptions, LoadedModel
 from neuron.engine.worker import DeviceWorker
 from neuron.sources.loader import unload
-from tests.engine_kit import ENGINES, answer, cpu_worker, load_model
+from tests.engine_kit import ENGINES, answer, load_model
 
 PROMPTS = [
     "Hi",
@@ -39,12 +39,6 @@ def tiny(request, tiny_model_dir, converted) -> Iterator[LoadedModel]:
     loaded = _load(request.param, tiny_model_dir, converted)
     yield loaded
     unload(loaded)
-
-
-@pytest.fixture
-def worker() -> Iterator[DeviceWorker]:
-    with cpu_worker(max_batch=4) as worker:
-        yield worker
 
 
 def _job(i: int, prompt: str, **sampling) -> InferenceJob:

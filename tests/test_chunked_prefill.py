@@ -14,7 +14,6 @@ import pytest
 from cortex.protocol.messages import ChatMessage, InferenceJob, SamplingParams
 from neuron.engine.chunking import MIN_CHUNK, STALL_RATIO, PrefillBudget
 from neuron.engine.runtime import EngineOptions, LoadedModel
-from neuron.engine.worker import DeviceWorker
 from neuron.sources.loader import unload
 from tests.conftest import needs_llama_cpp
 from tests.engine_kit import ENGINES, answer, cpu_worker, load_model
@@ -34,12 +33,6 @@ def model(request, tiny_model_dir) -> Iterator[LoadedModel]:
     loaded = load_model(request.param, tiny_model_dir, options)
     yield loaded
     unload(loaded)
-
-
-@pytest.fixture
-def worker() -> Iterator[DeviceWorker]:
-    with cpu_worker(max_batch=4) as worker:
-        yield worker
 
 
 def test_a_running_stream_gets_a_token_for_every_chunk_of_a_long_prompt(worker, model) -> None:

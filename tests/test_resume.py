@@ -37,12 +37,6 @@ def model(request, tiny_model_dir) -> Iterator[LoadedModel]:
     unload(loaded)
 
 
-@pytest.fixture
-def worker() -> Iterator[DeviceWorker]:
-    with cpu_worker(max_batch=4) as worker:
-        yield worker
-
-
 def _run(worker: DeviceWorker, model: LoadedModel, job: InferenceJob) -> tuple[list[Text], Finished]:
     async def go() -> tuple[list[Text], Finished]:
         outputs = [out async for out in worker.start_job(job, model).outputs()]
