@@ -53,3 +53,8 @@ def test_a_prefix_nobody_holds_changes_nothing() -> None:
 def test_equal_holders_rank_the_same_whatever_order_they_come_in() -> None:
     holders = [_holder("a", 1, ["sys"], last_used=5.0), _holder("b", 1, ["sys"], last_used=5.0), _holder("c", 1)]
     assert rank_holders(holders, {}, CHAIN) == rank_holders(list(reversed(holders)), {}, CHAIN) == ["a", "c", "b"]
+
+
+def test_a_suspected_holder_goes_last_however_warm_or_idle() -> None:
+    holders = [_holder("a", 0, ["sys+u1+a1"]), _holder("b", 2), _holder("c", 1)]
+    assert rank_holders(holders, {}, CHAIN, suspects={"a"}) == ["c", "b", "a"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 _CONNECTION_POLL_S = 0.05
 _ASK_S = 0.5  # how long a silent node has to say whether it still has a job
+# A node that fell silent on one of this gateway's jobs, or did not accept one in time, is tried
+# last for this long: it is frozen or cut off until its heartbeat says otherwise (or expires).
+_SUSPECT_S = 10.0
 
 
 async def _abandon(stream: JobStream) -> None:
@@ -98,6 +102,7 @@ class Dispatcher:
         `reconnect_wait`: how long a job waits for a NATS connection being re-established."""
         self._client = client
         self._control = control
+        self._suspects: dict[str, float] = {}  # node -> when it last fell silent on a job of ours
         self._reconnect_wait = reconnect_wait
         self._cache_aware = cache_aware
         self._fleet = fleet
@@ -128,6 +133,7 @@ class Dispatcher:
                     opened = await self._opened(stream, node)
                 except NodeSilent as exc:
                     log.info("job %s: %s; trying the other holders", job.job_id, exc.message)
+                    self._suspect(node)
                     silent.append((node, stream))
                     continue
                 except JobFailed as exc:
@@ -138,6 +144,8 @@ class Dispatcher:
                     continue
                 except (NoCapacity, TransportError) as exc:
                     log.info("job %s not taken by %s: %s", job.job_id, node or "the queue group", exc)
+                    if exc.code is ErrorCode.timeout:  # it did not even accept
+                        self._suspect(node)
                     continue
                 return opened
             while silent:
@@ -198,6 +206,8 @@ class Dispatcher:
         on its own node again, if that is not plainly still running it (a silent node that still has
         the job, or does not answer, is slow or frozen: None, keep waiting on it)."""
         again = job.model_copy(update={"job_id": uuid.uuid4().hex, "resume": generated or None})
+        if silent:
+            self._suspect(lost.node)
         try:
             return await self.open(again, avoid=lost.node)
         except CortexError as exc:
@@ -234,7 +244,13 @@ class Dispatcher:
             self._usage.withdrawn(node, model)
 
     def _ranked(self, holders: list[Holder], model: str, chain: list[str]) -> list[str]:
-        return rank_holders(holders, self._usage.in_flight(model), chain)
+        now = time.monotonic()
+        self._suspects = {node: at for node, at in self._suspects.items() if now - at < _SUSPECT_S}
+        return rank_holders(holders, self._usage.in_flight(model), chain, suspects=self._suspects.keys())
+
+    def _suspect(self, node: str | None) -> None:
+        if node is not None:
+            self._suspects[node] = time.monotonic()
 
     def _candidates(self, model: str, holders: list[Holder], chain: list[str]) -> Iterator[str | None]:
         """The holders in rank order (the one holding the job's prefix warm first, if not much busier;

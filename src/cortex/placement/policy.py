@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from cortex.placement.fleet import Holder
 from cortex.protocol.prefix import longest_match
@@ -18,6 +18,7 @@ def rank_holders(
     local_in_flight: Mapping[str, int],
     chain: list[str] | None = None,
     *,
+    suspects: Collection[str] = (),
     affinity_slack: int = AFFINITY_SLACK,
 ) -> list[str]:
     """Holders in the order a job should try them.
@@ -28,6 +29,8 @@ def rank_holders(
     `affinity_slack` of the least loaded (ties: the less loaded); every other holder follows,
     least loaded first. Ties between equal loads go to the node that used the model longest ago,
     spreading work across equal nodes; every gateway that sees the same heartbeats ranks alike.
+    `suspects` (nodes this gateway has seen fall silent: frozen or cut off, their heartbeats not yet
+    expired) go last, in the same order among themselves.
     """
 
     def load(h: Holder) -> int:
@@ -46,4 +49,4 @@ def rank_holders(
         if warmth(best):
             ranked.remove(best)
             ranked.insert(0, best)
-    return [h.node for h in ranked]
+    return sorted((h.node for h in ranked), key=lambda node: node in suspects)  # stable
