@@ -224,6 +224,7 @@ def run(
     *,
     max_tokens: int = 32,
     rounds: int = 1,
+    settle_s: float = SETTLE_S,
     neuron_env: dict[str, str] | None = None,
 ) -> list[Outcome]:
     """Runs the faults (`rounds` times over) under load; one Outcome per fault run."""
@@ -235,14 +236,14 @@ def run(
         fleet.wait_holders({VICTIM, OTHER})
         outcomes = []
         with Load(f"{fleet.url}/v1", model, clients=4, max_tokens=max_tokens) as load:
-            time.sleep(SETTLE_S)
+            time.sleep(settle_s)
             for fault in schedule * rounds:
                 moved_before = fleet.moved()
                 began, began_wall = time.monotonic(), time.time()
                 fault.start(fleet)
                 time.sleep(fault.hold_s)
                 fault.end(fleet)
-                time.sleep(SETTLE_S)
+                time.sleep(settle_s)
                 ended = time.monotonic()
                 outcome = _outcome(fault.name, load.requests, began, ended, fleet.moved() - moved_before)
                 outcome.noticed_s = fleet.first_move_after(began_wall)

@@ -10,8 +10,8 @@ from bench import chaos
 
 
 def test_no_request_fails_or_hangs_while_a_node_or_nats_fails(tmp_path: Path, models_toml: Path) -> None:
-    schedule = chaos.faults(stop_s=5.0, nats_s=3.0)
-    outcomes = chaos.run(tmp_path, models_toml, "test/tiny-move", schedule, max_tokens=400)
+    schedule = chaos.faults(stop_s=3.0, nats_s=2.0)
+    outcomes = chaos.run(tmp_path, models_toml, "test/tiny-move", schedule, max_tokens=400, settle_s=2.0)
     print("\n" + chaos.table(outcomes))
     assert [o.fault for o in outcomes] == [f.name for f in schedule]
     for outcome in outcomes:

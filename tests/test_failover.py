@@ -23,14 +23,27 @@ BODY = {
 }
 
 
-@pytest.fixture
-def holders(spawn, nats_url, models_toml, gateway) -> Iterator[dict[str, Proc]]:
-    nodes = {name: start_neuron(spawn, nats_url, models_toml, name, MODEL) for name in ("mv1", "mv2")}
-    wait_until(lambda: sorted(gateway.models().get(MODEL, [])) == ["mv1", "mv2"], 60, f"{MODEL} on both nodes")
+NODES = ("mv1", "mv2")
+
+
+@pytest.fixture(scope="module")
+def fleet_nodes(spawn, nats_url, models_toml, gateway) -> Iterator[dict[str, Proc]]:
+    nodes: dict[str, Proc] = {}
     yield nodes
     for proc in nodes.values():
         proc.stop(signal.SIGKILL)
     wait_until(lambda: MODEL not in gateway.models(), 10, "the nodes to leave the view")
+
+
+@pytest.fixture
+def holders(fleet_nodes, spawn, nats_url, models_toml, gateway) -> dict[str, Proc]:
+    """Both nodes serving MODEL: started, or started again where a test killed one."""
+    for name in NODES:
+        if name not in fleet_nodes or fleet_nodes[name].popen.poll() is not None:
+            wait_until(lambda name=name: name not in gateway.models().get(MODEL, []), 10, f"{name} to leave")
+            fleet_nodes[name] = start_neuron(spawn, nats_url, models_toml, name, MODEL)
+    wait_until(lambda: sorted(gateway.models().get(MODEL, [])) == list(NODES), 60, f"{MODEL} on both nodes")
+    return fleet_nodes
 
 
 def _undisturbed(gateway: Gateway) -> str:

@@ -343,9 +343,9 @@ def jobs_on_node(server: str) -> list[dict] | None:
 
 
 @contextlib.contextmanager
-def streaming_job(fleet: Fleet, server: str) -> Iterator[Iterator[str]]:
+def streaming_job(fleet: Fleet, server: str, max_tokens: int = LONG["max_tokens"]) -> Iterator[Iterator[str]]:
     """A long streamed completion, held open while the node generates it; yields the rest of its lines."""
-    body = {**LONG, "stream": True}
+    body = {**LONG, "stream": True, "max_tokens": max_tokens}
     with httpx.stream("POST", f"{fleet.gateway.url}/v1/chat/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()
         for _ in range(5):
@@ -412,7 +412,7 @@ def test_a_node_that_reconnects_mid_job_drops_the_job_it_may_no_longer_answer_an
     so the node stops generating them (instead of running to max_tokens for nobody) and tells the
     gateway on cortex.events.job_lost. The gateway sends the rest of the job again, as a
     continuation, over the node's new connection: the client's answer goes on to its end."""
-    with streaming_job(fleet, nats_server.url) as lines:
+    with streaming_job(fleet, nats_server.url, max_tokens=2000) as lines:
         first = jobs_on_node(nats_server.url)
         assert first is not None
         kick(nats_server, f"neuron {NODE}")
