@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import chaos, coldstart, constrained, engines, node, prefix, quickstart, throughput
+from bench import chaos, coldstart, constrained, engines, fleet_sim, node, prefix, quickstart, throughput
 
 BENCHMARKS = {
     "throughput": throughput.main,
@@ -16,6 +16,7 @@ BENCHMARKS = {
     "prefix": prefix.main,
     "node": node.main,
     "chaos": chaos.main,
+    "fleet": fleet_sim.main,
 }
 
 

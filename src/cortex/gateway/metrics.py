@@ -8,6 +8,7 @@ Label values are bounded: `model` is always a catalogue id or a model some node 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -15,13 +16,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cortex.placement.fleet import FleetView
-from cortex.protocol.messages import ModelState
+from cortex.protocol.messages import Heartbeat, ModelState
 
 # Seconds: from a few ms (cached, tiny models) to minutes (long generations, cold loads).
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # Between two tokens: ~1 ms (a small model on a big GPU) to ~1 s (a big model on a CPU).
 _INTER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 _MB = 1024 * 1024
+_HEARTBEAT_LAG = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
 
 
 class GatewayMetrics:
@@ -32,6 +34,13 @@ class GatewayMetrics:
             "cortex_requests",
             "Requests by outcome (HTTP status; 499: the client left).",
             ["model", "node", "api", "status"],
+            registry=r,
+        )
+        self.heartbeat_lag = Histogram(
+            "cortex_heartbeat_lag_seconds",
+            "A heartbeat's sending (by its node's clock) to its entering this gateway's view: how fresh "
+            "routing is (clock skew between hosts included).",
+            buckets=_HEARTBEAT_LAG,
             registry=r,
         )
         self.moved = Counter(
@@ -110,6 +119,9 @@ class GatewayMetrics:
         self.evictions = Counter(
             "cortex_evictions", "Models this gateway evicted, by strategy.", ["reason"], registry=r
         )
+
+    def heartbeat_seen(self, heartbeat: Heartbeat) -> None:
+        self.heartbeat_lag.observe(max(time.time() - heartbeat.sent_at, 0.0))
 
     def watch_fleet(self, fleet: FleetView) -> Callable[[], None]:
         """Reports the fleet's gauges from `fleet` at each scrape; returns a function that stops it."""

@@ -144,7 +144,7 @@ async def _build(
     connection = await connect(nats.servers, "cortex gateway", fail_fast=True, **nats.connect_options())
     stack.push_async_callback(_drain, connection)
 
-    fleet = FleetView()
+    fleet = FleetView(on_heartbeat=metrics.heartbeat_seen)
     stack.callback(metrics.watch_fleet(fleet))
     await nodes_bucket(connection, replicas=nats.kv_replicas)  # fail the start here, not in the watch
 

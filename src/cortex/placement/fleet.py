@@ -52,7 +52,9 @@ class Holder:
 
 
 class FleetView:
-    def __init__(self) -> None:
+    def __init__(self, on_heartbeat: Callable[[Heartbeat], None] = lambda _: None) -> None:
+        """`on_heartbeat`: told of each heartbeat as it enters the view (a gateway times its lag)."""
+        self._on_heartbeat = on_heartbeat
         self._nodes: dict[str, NodeRecord] = {}
         # Nodes that left -> lost (True) or stopped cleanly (False: their last heartbeat said draining).
         self._gone: dict[str, bool] = {}
@@ -77,6 +79,7 @@ class FleetView:
         self._gone.pop(node, None)
         self._last_heard = time.monotonic()
         self._nodes[node] = NodeRecord(heartbeat, self._last_heard)
+        self._on_heartbeat(heartbeat)
 
     async def follow(self, updates: AsyncIterator[tuple[str, bytes | None] | None]) -> None:
         async for update in updates:
