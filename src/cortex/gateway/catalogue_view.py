@@ -40,7 +40,7 @@ def model_entry(gw: Gateway, model_id: str) -> dict[str, Any]:
     estimates = [n for n in needs.values() if isinstance(n, int)]
     if entry["memory_mb"] is None and estimates:
         entry["memory_mb"] = max(estimates)
-        was_measured = any(e.measured for hb in nodes for e in hb.estimates if e.model == model_id)
+        was_measured = any((e := hb.estimate(model_id)) is not None and e.measured for hb in nodes)
         entry["memory_source"] = "catalogue" if spec.memory_mb else "measured" if was_measured else "estimate"
     entry["placeable_on"] = sorted(hb.node for hb in nodes if planner.fits(spec, hb, gw.settings.eviction.strategy))
     refusals = [n for n in needs.values() if isinstance(n, Refusal)]

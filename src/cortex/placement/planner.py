@@ -33,7 +33,7 @@ def need_on(spec: ModelSpec, node: Heartbeat) -> int | Refusal | None:
     A refusal when the node's preflight refused it; None when the node has no estimate (it
     does not know the model): then the node checks the fit itself when asked to load.
     """
-    estimate = next((e for e in node.estimates if e.model == spec.id), None)
+    estimate = node.estimate(spec.id)
     if estimate is not None and estimate.refusal is not None:
         return estimate.refusal
     if estimate is not None and estimate.measured:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from enum import StrEnum
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
@@ -371,6 +372,15 @@ class Heartbeat(_Wire):
     def takes_work(self) -> bool:
         """Whether gateways may send it jobs and loads: not stopping, and its jobs making progress."""
         return not self.draining and not self.stalled
+
+    def estimate(self, model_id: str) -> Estimate | None:
+        """Its estimate for a catalogue model (a gateway listing the models asks for every catalogue
+        model on every node, and a heartbeat carries one per catalogue model: indexed once)."""
+        return self._estimates_by_model.get(model_id)
+
+    @cached_property
+    def _estimates_by_model(self) -> dict[str, Estimate]:
+        return {e.model: e for e in self.estimates}
 
 
 # --- control service (nats.micro `neuron`, subjects <prefix>.node.<node>.<verb>) -----------------
