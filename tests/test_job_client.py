@@ -33,14 +33,14 @@ async def test_job_lost_counts_only_from_the_node_running_the_job(nats_url: str)
     try:
         await nc.subscribe(subjects.infer_node(job.model, "b"), cb=node_b)
         await nc.flush()
-        events = (await client.submit(job, "b")).__aiter__()
-        assert isinstance(await anext(events), Accepted)
+        stream = await client.submit(job, "b")
+        assert isinstance(await stream.next(), Accepted)
         await lost("a")  # an earlier try of the same job on another node: not this one's business
         await nc.publish(replies[0], Delta(job_id=job.job_id, seq=1, text="hi", tokens=1).to_bytes())
-        assert isinstance(await anext(events), Delta)
+        assert isinstance(await stream.next(), Delta)
         await lost("b")
         with pytest.raises(TransportError, match="node b can no longer send job"):
-            await anext(events)
+            await stream.next()
     finally:
         await client.aclose()
         await connection.aclose()

@@ -40,7 +40,7 @@ async def _abandon(stream: JobStream) -> None:
     """Stops a job that will not be used, wherever it got to, without waiting on its node (which
     may be frozen or gone), and stops listening to it."""
     with contextlib.suppress(TransportError, NoCapacity):
-        await stream.cancel_soon()
+        await stream.cancel(wait=False)
     stream.close()
 
 
@@ -154,9 +154,7 @@ class Dispatcher:
                     return await self._opened(stream, node, patient=True)
         finally:
             for node, stream in silent:  # another took the job, or it failed
-                self._withdraw(node, job.model)
-                with anyio.CancelScope(shield=True):
-                    await _abandon(stream)
+                await self._drop(stream, node)
         if busy:
             raise NoCapacity(
                 f"every node serving {job.model} is at capacity; retry shortly", code=ErrorCode.busy, retryable=True
@@ -231,13 +229,18 @@ class Dispatcher:
             raise  # still counted and running: the caller decides
         except BaseException:
             # Refused, failed, lost, or cancelled (the client left) while the job waited or prefilled.
-            self._withdraw(node, stream.job.model)
-            with anyio.CancelScope(shield=True):
-                await _abandon(stream)
+            await self._drop(stream, node)
             raise
         if node is None:  # sent to the queue group: counted once we know who took it
             self._usage.started(stream.node or "?", stream.job.model)
         return OpenJob(stream, first, self._usage)
+
+    async def _drop(self, stream: JobStream, node: str | None) -> None:
+        """A job sent to `node` that will not be used: no longer counted there, and stopped (shielded:
+        this also runs while the request is being cancelled)."""
+        self._withdraw(node, stream.job.model)
+        with anyio.CancelScope(shield=True):
+            await _abandon(stream)
 
     def _withdraw(self, node: str | None, model: str) -> None:
         if node is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -80,16 +80,6 @@ class JobStream:
         self._silent_after: float | None = None  # set by `accepted`, from the node's promise
         self._heard_at = 0.0  # the loop's time of the last message read, or of the last NodeSilent
         self._next_seq = 0
-
-    def __aiter__(self) -> AsyncGenerator[JobEvent, None]:
-        return self._events()
-
-    async def _events(self) -> AsyncGenerator[JobEvent, None]:
-        try:
-            while (event := await self.next()) is not None:
-                yield event
-        finally:
-            self.close()
 
     def close(self) -> None:
         """Stops listening to the job (its later events are dropped). Safe to call twice."""
@@ -186,16 +176,12 @@ class JobStream:
         """More of this job's messages have arrived and wait to be read."""
         return not self._queue.empty()
 
-    async def cancel(self) -> bool:
-        """Ask the node to stop this job. Returns whether the node still had it."""
+    async def cancel(self, *, wait: bool = True) -> bool:
+        """Ask the node to stop this job. Returns whether the node still had it (`wait=False`: sends
+        the cancel without waiting for the node's answer, and returns False)."""
         if self.finished:
             return False
-        return await self._client.cancel(self.node or self.target, self.job.job_id)
-
-    async def cancel_soon(self) -> None:
-        """Asks the node to stop this job without waiting for its answer (it may be frozen or gone)."""
-        if not self.finished:
-            await self._client.cancel_soon(self.node or self.target, self.job.job_id)
+        return await self._client.cancel(self.node or self.target, self.job.job_id, wait=wait)
 
 
 class JobClient:
@@ -291,21 +277,18 @@ class JobClient:
     def connected(self) -> bool:
         return self._nc.is_connected
 
-    async def cancel_soon(self, node: str | None, job_id: str) -> None:
-        """Sends a cancel and does not wait: the node's answer goes to an inbox token no job has."""
-        body = CancelRequest(job_id=job_id).to_bytes()
-        with map_nats_errors(f"cancelling job {job_id} on {node or 'any node'}"):
-            if node is None:
-                await self._nc.publish(self._subjects.cancel_any(), body)
-            else:
-                await self._nc.publish(self._subjects.control(node, "cancel"), body, reply=f"{self._prefix}.cancel")
-
-    async def cancel(self, node: str | None, job_id: str) -> bool:
-        """Stops a job on its node; with no node known, asks every neuron. True if a node had it."""
+    async def cancel(self, node: str | None, job_id: str, *, wait: bool = True) -> bool:
+        """Stops a job on its node; with no node known, asks every neuron. True if a node had it.
+        `wait=False`: sends the cancel and returns False at once (the node may be frozen or gone;
+        its answer goes to an inbox token no job has)."""
         body = CancelRequest(job_id=job_id).to_bytes()
         with map_nats_errors(f"cancelling job {job_id} on {node or 'any node'}"):
             if node is None:
                 await self._nc.publish(self._subjects.cancel_any(), body)
                 return False
-            reply = await self._nc.request(self._subjects.control(node, "cancel"), body, timeout=2.0)
+            subject = self._subjects.control(node, "cancel")
+            if not wait:
+                await self._nc.publish(subject, body, reply=f"{self._prefix}.cancel")
+                return False
+            reply = await self._nc.request(subject, body, timeout=2.0)
         return CancelReply.model_validate_json(reply.data).found
