@@ -31,9 +31,14 @@ log = logging.getLogger(__name__)
 
 _CONNECTION_POLL_S = 0.05
 _ASK_S = 0.5  # how long a silent node has to say whether it still has a job
+_RESUBSCRIBE_S = 1.0  # a node reconnects every 0.5 s and subscribes again at once
 # A node that fell silent on one of this gateway's jobs, or did not accept one in time, is tried
 # last for this long: it is frozen or cut off until its heartbeat says otherwise (or expires).
 _SUSPECT_S = 10.0
+
+
+class _NobodySubscribed(NoCapacity):
+    """Every holder the job was sent to had no subscription for it (NATS: no responders)."""
 
 
 async def _abandon(stream: JobStream) -> None:
@@ -119,9 +124,19 @@ class Dispatcher:
         """Sends the job to the best holder that takes it (never `avoid`), and reads it up to its first
         output. A holder that accepts the job and then falls silent is set aside while the others are
         tried; if none of them takes it, it is waited on again (a node may be slow, not dead)."""
+        try:
+            return await self._try_holders(job, avoid)
+        except _NobodySubscribed:
+            # Every holder in view answered "no responders": right after a NATS reconnect (this
+            # gateway's came back first) the nodes may not have subscribed again yet. Once more,
+            # after they have had the time to.
+            await asyncio.sleep(_RESUBSCRIBE_S)
+            return await self._try_holders(job, avoid)
+
+    async def _try_holders(self, job: InferenceJob, avoid: str | None) -> OpenJob:
         holders = self._fleet.holders(job.model)
         chain = prefix_chain(job) if self._cache_aware else []
-        busy = 0
+        busy = sent = unsubscribed = 0
         silent: list[tuple[str | None, JobStream]] = []
         try:
             for node in self._candidates(job.model, holders, chain):
@@ -129,6 +144,7 @@ class Dispatcher:
                     continue
                 if (stream := await self._send(job, node)) is None:
                     continue
+                sent += 1
                 try:
                     opened = await self._opened(stream, node)
                 except NodeSilent as exc:
@@ -144,6 +160,7 @@ class Dispatcher:
                     continue
                 except (NoCapacity, TransportError) as exc:
                     log.info("job %s not taken by %s: %s", job.job_id, node or "the queue group", exc)
+                    unsubscribed += isinstance(exc, NoCapacity)  # NATS: no responders
                     if exc.code is ErrorCode.timeout:  # it did not even accept
                         self._suspect(node)
                     continue
@@ -159,6 +176,8 @@ class Dispatcher:
             raise NoCapacity(
                 f"every node serving {job.model} is at capacity; retry shortly", code=ErrorCode.busy, retryable=True
             )
+        if holders and sent and unsubscribed == sent:
+            raise _NobodySubscribed(f"the nodes serving {job.model} did not accept the job; retry shortly")
         if holders:
             raise NoCapacity(f"the nodes serving {job.model} did not accept the job; retry shortly")
         raise NoCapacity(
