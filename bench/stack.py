@@ -26,29 +26,63 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None
 
 
 class Stack:
-    """Started in a work folder; every process it spawned is stopped when it closes."""
+    """Started in a work folder; every process it spawned is stopped when it closes.
 
-    def __init__(self, root: Path) -> None:
+    `servers`: one nats-server, or that many clustered on loopback (JetStream over all of them).
+    """
+
+    def __init__(self, root: Path, servers: int = 1) -> None:
         self.root = root
         self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-        self._ports = natsserver.free_port(), natsserver.free_port()
-        self.nats_url = f"nats://127.0.0.1:{self._ports[0]}"
-        self._nats: subprocess.Popen[bytes] | None = None
+        # (client, monitoring, cluster) ports of each server
+        self._ports = [(natsserver.free_port(), natsserver.free_port(), natsserver.free_port()) for _ in range(servers)]
+        self.nats_urls = [f"nats://127.0.0.1:{client}" for client, _, _ in self._ports]
+        self.nats_url = self.nats_urls[0]
+        self.monitor_urls = [f"http://127.0.0.1:{http}" for _, http, _ in self._ports]  # /varz, /connz ...
+        self.monitor_url = self.monitor_urls[0]
+        self._nats: list[subprocess.Popen[bytes]] = []
         self.nats_up()
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def nats_up(self) -> None:
-        """Starts the nats-server (again: same ports, same store)."""
-        port, http_port = self._ports
-        log = self.root / "nats.log"
-        self._nats = natsserver.start(port=port, http_port=http_port, workdir=self.root, log_file=log)
+        """Starts the nats-server(s) (again: same ports, same store)."""
+        if len(self._ports) == 1:
+            port, http_port, _ = self._ports[0]
+            log = self.root / "nats.log"
+            self._nats = [natsserver.start(port=port, http_port=http_port, workdir=self.root, log_file=log)]
+            return
+        for i, (port, http_port, _) in enumerate(self._ports):
+            workdir = self.root / f"nats-{i}"
+            workdir.mkdir(parents=True, exist_ok=True)
+            config = workdir / "nats.conf"
+            config.write_text(self._cluster_config(i))
+            log = workdir / "nats.log"
+            self._nats.append(
+                natsserver.start(port=port, http_port=http_port, workdir=workdir, config=config, log_file=log)
+            )
+
+        def meta_leader(url: str) -> bool:
+            return bool(httpx.get(f"{url}/jsz", timeout=2).json().get("meta_cluster", {}).get("leader"))
+
+        wait_for(lambda: all(meta_leader(url) for url in self.monitor_urls), 60, "a JetStream meta leader")
+
+    def _cluster_config(self, i: int) -> str:
+        routes = ", ".join(f'"nats-route://127.0.0.1:{c}"' for j, (_, _, c) in enumerate(self._ports) if j != i)
+        return (
+            f'server_name: "s{i}"\njetstream {{ store_dir: "store" }}\n'
+            f'cluster {{ name: "cortex-bench", listen: "127.0.0.1:{self._ports[i][2]}", routes: [{routes}] }}\n'
+        )
 
     def nats_down(self) -> None:
-        """Kills the nats-server (SIGKILL: nothing said to the clients)."""
-        if self._nats is not None:
-            self._nats.kill()
-            self._nats.wait(10)
-            self._nats = None
+        """Kills the nats-server(s) (SIGKILL: nothing said to the clients)."""
+        for proc in self._nats:
+            proc.kill()
+            proc.wait(10)
+        self._nats = []
+
+    @property
+    def nats_pids(self) -> list[int]:
+        return [proc.pid for proc in self._nats]
 
     def signal(self, name: str, sig: int) -> None:
         self._procs[name].send_signal(sig)
@@ -79,21 +113,29 @@ class Stack:
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    def gateway(self, models_toml: Path | None = None, env: dict[str, str] | None = None) -> tuple[str, int]:
-        """Starts the gateway (`env`: its settings, CORTEX_GATEWAY__...); its (host, port) once it answers /health."""
+    def gateway(
+        self,
+        models_toml: Path | None = None,
+        env: dict[str, str] | None = None,
+        *,
+        name: str = "gateway",
+        nats_url: str | None = None,
+    ) -> tuple[str, int]:
+        """Starts a gateway (`env`: its settings, CORTEX_GATEWAY__...; on `nats_url`, else the first
+        server); its (host, port) once it answers /health."""
         port = natsserver.free_port()
-        args = ["cortex.cli", "serve", "--nats", self.nats_url, "--listen", f"127.0.0.1:{port}"]
+        args = ["cortex.cli", "serve", "--nats", nats_url or self.nats_url, "--listen", f"127.0.0.1:{port}"]
         if models_toml is not None:
             args += ["--models-config", str(models_toml)]
-        self.spawn("gateway", args, {"CORTEX_GATEWAY__METRICS_LISTEN": "", **(env or {})})
+        self.spawn(name, args, {"CORTEX_GATEWAY__METRICS_LISTEN": "", **(env or {})})
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200, 60, "the gateway")
         return "127.0.0.1", port
 
     def close(self) -> None:
         for name in list(self._procs):
             self.stop(name)
-        if self._nats is not None:
-            natsserver.stop(self._nats)
+        for proc in self._nats:
+            natsserver.stop(proc)
 
 
 @contextlib.contextmanager

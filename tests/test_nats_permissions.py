@@ -130,6 +130,7 @@ def test_the_inbox_prefix_is_the_users_own_by_default() -> None:
 
 REFUSED_PUBLISH = [
     (NODE, f"$KV.{NODES_BUCKET}.{OTHER}"),  # another node's heartbeat
+    (NODE, f"$KV.{NODES_BUCKET}.{OTHER}.estimates"),  # or its estimates
     (NODE, f"$JS.API.STREAM.PURGE.KV_{NODES_BUCKET}"),  # every node's heartbeat at once
     (NODE, f"$JS.API.STREAM.DELETE.KV_{NODES_BUCKET}"),
     (NODE, f"$JS.API.STREAM.UPDATE.KV_{NODES_BUCKET}"),

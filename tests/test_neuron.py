@@ -146,6 +146,23 @@ def test_heartbeat_is_in_the_kv_bucket(nats_url, neuron) -> None:
     assert hb["interval_s"] == 1.0
 
 
+def test_estimates_are_a_key_of_their_own_written_when_they_change(nats_url, neuron) -> None:
+    async def read() -> tuple:
+        nc = await nats.connect(nats_url)
+        try:
+            kv = await nc.jetstream().key_value("cortex_nodes")
+            before = await kv.get("t1.estimates"), await kv.get("t1")
+            await asyncio.sleep(2.5)  # two and a half heartbeat intervals
+            return before, (await kv.get("t1.estimates"), await kv.get("t1"))
+        finally:
+            await nc.close()
+
+    (estimates, beat), (estimates_after, beat_after) = asyncio.run(read())
+    assert beat_after.revision > beat.revision and estimates_after.revision == estimates.revision
+    assert "test/tiny-llama" in [e["model"] for e in json.loads(estimates.value)["estimates"]]
+    assert "estimates" not in json.loads(beat_after.value)
+
+
 async def test_broadcast_cancel_stops_a_job_whose_node_the_sender_does_not_know(nats_url, neuron) -> None:
     nc = await nats.connect(nats_url)
     try:

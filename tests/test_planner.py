@@ -97,6 +97,27 @@ def test_a_stalled_node_gets_no_load() -> None:
     roomy = _node("a", [_gpu(0, 8000, 6000)], [], stalled=True)
     tight = _node("b", [_gpu(0, 8000, 1500)], [])
     assert planner.plan(SPEC, [roomy, tight], "lru").node == "b"
-    assert not planner.fits(SPEC, roomy, "lru")
+    assert not planner.fits(SPEC, roomy, planner.room(roomy, SPEC.devices))
     with pytest.raises(NoCapacity, match="stopping or stalled"):
         planner.plan(SPEC, [roomy], "lru")
+
+
+@pytest.mark.parametrize(
+    ("models", "free"),
+    [
+        ([], 1500),  # fits now
+        ([], 500),  # no room, nothing to evict
+        ([_model("idle", "cuda:0", 700)], 500),  # fits once the idle model goes
+        ([_model("pinned", "cuda:0", 700, pinned=True)], 500),  # a pinned model stays
+        ([_model("busy", "cuda:0", 700, in_flight=1)], 500),  # so does a busy one
+        ([_model("idle", "cuda:1", 700)], 500),  # evicting on another device makes no room here
+    ],
+)
+def test_fits_by_the_room_a_node_could_make_agrees_with_planning(models: list[ModelStatus], free: int) -> None:
+    node = _node("a", [_gpu(0, 8000, free), _gpu(1, 8000, 0)], models)
+    try:
+        planner.plan(SPEC, [node], "lru")
+        placed = True
+    except NoCapacity:
+        placed = False
+    assert planner.fits(SPEC, node, planner.room(node, SPEC.devices)) is placed

@@ -85,6 +85,7 @@ class Node:
             settings.node,
             settings.heartbeat_interval,
             self.view.snapshot,
+            self.view.estimates,
             reopen=lambda: nodes_bucket(connection, replicas=replicas),
         )
 

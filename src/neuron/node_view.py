@@ -1,5 +1,5 @@
 """This node as the fleet sees it: its devices (each one's budget, less what the models here
-take), each model's status, the memory estimates, and the heartbeat that carries them all.
+take), each model's status, and the memory estimates: the heartbeat and the estimates record.
 
 Only reads: the model table, the job relay and the pins own what is shown here.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-from cortex.protocol.messages import DeviceInfo, Estimate, Heartbeat, ModelStatus
+from cortex.protocol.messages import DeviceInfo, Estimate, Heartbeat, ModelStatus, NodeEstimates
 from cortex.transport.connection import Connection
 from neuron import __version__
 from neuron.config import NeuronSettings
@@ -103,10 +103,12 @@ class NodeView:
             max_queue=self._settings.max_queue,
             devices=list(self.device_views().values()),
             models=[self.model_status(e, rates.get(e.spec.id, 0.0)) for e in self._models.entries()],
-            estimates=self._estimates.values(),
         )
         self._metrics.observe(heartbeat)
         return heartbeat
+
+    def estimates(self) -> NodeEstimates:
+        return NodeEstimates(node=self._settings.node, estimates=self._estimates.values())
 
     def health(self) -> tuple[bool, dict[str, object]]:
         """For /healthz, on the telemetry thread: plain attribute reads only."""

@@ -21,7 +21,7 @@ from cortex.fleet_report.report import FleetReport, build_report
 from cortex.fleet_report.text import render
 from cortex.protocol.catalogue import Catalogue
 from cortex.protocol.errors import CortexError
-from cortex.protocol.subjects import NODES_BUCKET, PINS_BUCKET
+from cortex.protocol.subjects import HEARTBEAT_KEYS, NODES_BUCKET, PINS_BUCKET
 from cortex.transport.connection import Connection, connect
 from cortex.transport.kv import Bucket, existing_bucket
 from cortex.transport.watch import snapshot
@@ -136,16 +136,16 @@ class _Reader:
         self._catalogue = catalogue
         self._buckets: dict[str, Bucket] = {}
 
-    async def _values(self, bucket: str) -> dict[str, bytes] | None:
+    async def _values(self, bucket: str, keys: str = ">") -> dict[str, bytes] | None:
         kv = self._buckets.get(bucket) or await existing_bucket(self._nc, bucket)
         if kv is None:
             return None
         self._buckets[bucket] = kv
-        return await snapshot(kv)
+        return await snapshot(kv, keys)
 
     async def report(self) -> FleetReport:
         problems = []
-        nodes = await self._values(NODES_BUCKET)
+        nodes = await self._values(NODES_BUCKET, HEARTBEAT_KEYS)  # not the estimates records: never shown
         if nodes is None:
             problems.append(
                 f"KV bucket {NODES_BUCKET} does not exist on this NATS server: no neuron has ever connected to it "

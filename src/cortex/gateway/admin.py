@@ -109,7 +109,7 @@ async def load(body: LoadBody, request: Request) -> JSONResponse:
         with contextlib.suppress(TimeoutError):  # the node said ready; its heartbeat is on the way
             await gw.fleet.wait_for(lambda f: body.node in dict(f.statuses(spec.id, ModelState.ready)), 10)
     log.info("admin: loaded %s", spec.id)
-    return JSONResponse(model_entry(gw, spec.id))
+    return JSONResponse(model_entry(gw.catalogue, gw.fleet, spec.id))
 
 
 @router.post("/unload")
@@ -135,7 +135,7 @@ async def pin(body: PinBody, request: Request) -> JSONResponse:
     log.info("admin: pinned %s on %s", spec.id, body.node)
     with contextlib.suppress(TimeoutError):  # the load itself may take longer; the pin stands
         await gw.fleet.wait_for(lambda f: _pinned_on(f, spec.id, body.node), _PIN_SEEN_TIMEOUT_S)
-    return JSONResponse(model_entry(gw, spec.id))
+    return JSONResponse(model_entry(gw.catalogue, gw.fleet, spec.id))
 
 
 def _pinned_on(fleet: FleetView, model_id: str, node: str) -> bool:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import anyio
 
+from cortex.gateway.metrics import GatewayMetrics
 from cortex.placement.fleet import FleetView, Holder
 from cortex.placement.policy import rank_holders
 from cortex.placement.usage import LocalUsage
@@ -97,6 +98,7 @@ class Dispatcher:
         fleet: FleetView,
         usage: LocalUsage,
         control: ControlClient,
+        metrics: GatewayMetrics,
         *,
         accept_timeout: float,
         idle_timeout: float,
@@ -107,6 +109,7 @@ class Dispatcher:
         `reconnect_wait`: how long a job waits for a NATS connection being re-established."""
         self._client = client
         self._control = control
+        self._metrics = metrics
         self._suspects: dict[str, float] = {}  # node -> when it last fell silent on a job of ours
         self._reconnect_wait = reconnect_wait
         self._cache_aware = cache_aware
@@ -134,12 +137,15 @@ class Dispatcher:
             return await self._try_holders(job, avoid)
 
     async def _try_holders(self, job: InferenceJob, avoid: str | None) -> OpenJob:
+        began = time.perf_counter()
         holders = self._fleet.holders(job.model)
         chain = prefix_chain(job) if self._cache_aware else []
+        ranked = self._ranked(holders, job.model, chain)
+        self._metrics.decisions.labels("route").observe(time.perf_counter() - began)
         busy = sent = unsubscribed = 0
         silent: list[tuple[str | None, JobStream]] = []
         try:
-            for node in self._candidates(job.model, holders, chain):
+            for node in self._candidates(job.model, ranked, chain):
                 if node is not None and node == avoid:
                     continue
                 if (stream := await self._send(job, node)) is None:
@@ -274,11 +280,10 @@ class Dispatcher:
         if node is not None:
             self._suspects[node] = time.monotonic()
 
-    def _candidates(self, model: str, holders: list[Holder], chain: list[str]) -> Iterator[str | None]:
-        """The holders in rank order (the one holding the job's prefix warm first, if not much busier;
-        then least loaded first); then, once, any that appeared while those were tried (a job whose
-        node died before its first token goes to a node that has loaded the model since)."""
-        ranked = self._ranked(holders, model, chain)
+    def _candidates(self, model: str, ranked: list[str], chain: list[str]) -> Iterator[str | None]:
+        """The holders in rank order (`ranked`: the one holding the job's prefix warm first, if not much
+        busier; then least loaded first); then, once, any that appeared while those were tried (a job
+        whose node died before its first token goes to a node that has loaded the model since)."""
         # With no holder in view (a gateway that just started, say), the queue group may still have one.
         if ranked:
             yield from ranked

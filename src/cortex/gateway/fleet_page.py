@@ -6,12 +6,13 @@ publish to every NATS client (nodes, devices, models, load), nothing a request c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from functools import cache
 from importlib import resources
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, Response
 
 from cortex.fleet_report import bucket_values
 from cortex.fleet_report.report import FleetReport, Sighting, build_report
@@ -24,9 +25,10 @@ router = APIRouter()
 
 
 @router.get("/fleet.json")
-async def fleet_json(request: Request) -> JSONResponse:
-    report = await fleet_report(gateway_for(request))
-    return JSONResponse(report.model_dump(mode="json"), headers={"Cache-Control": "no-store"})
+async def fleet_json(request: Request) -> Response:
+    # Off the event loop: with a thousand nodes the report takes a tenth of a second to build.
+    body = await asyncio.to_thread(lambda: fleet_report(gateway_for(request)).model_dump_json().encode())
+    return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
 @router.get("/fleet")
@@ -34,7 +36,7 @@ async def fleet_page() -> HTMLResponse:
     return HTMLResponse(_page(), headers={"Cache-Control": "no-store"})
 
 
-async def fleet_report(gw: Gateway) -> FleetReport:
+def fleet_report(gw: Gateway) -> FleetReport:
     pinned = bucket_values.with_catalogue_pins(bucket_values.pins(gw.pins.values), gw.catalogue)
     problems = [] if gw.connected else ["The gateway has lost its NATS connection: this view may be out of date."]
     return build_report(_sightings(gw.fleet), pinned, problems=problems)

@@ -24,6 +24,7 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 _INTER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 _MB = 1024 * 1024
 _HEARTBEAT_LAG = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+_DECISION = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
 class GatewayMetrics:
@@ -41,6 +42,14 @@ class GatewayMetrics:
             "A heartbeat's sending (by its node's clock) to its entering this gateway's view: how fresh "
             "routing is (clock skew between hosts included).",
             buckets=_HEARTBEAT_LAG,
+            registry=r,
+        )
+        self.decisions = Histogram(
+            "cortex_routing_decision_seconds",
+            "Time to decide where a job goes (`route`: ranking the holders of its model) or where a model "
+            "that is not loaded goes (`place`: planning over every node): work that grows with the fleet.",
+            ["decision"],
+            buckets=_DECISION,
             registry=r,
         )
         self.moved = Counter(

@@ -75,7 +75,11 @@ class Placer:
         return pending
 
     def _plan(self, spec: ModelSpec) -> Placement:
-        return planner.plan(spec, [self._usage.merged(hb) for hb in self._fleet.nodes()], self._strategy)
+        began = time.perf_counter()
+        try:
+            return planner.plan(spec, [self._usage.merged(hb) for hb in self._fleet.nodes()], self._strategy)
+        finally:
+            self._metrics.decisions.labels("place").observe(time.perf_counter() - began)
 
     async def _load_and_wait(self, spec: ModelSpec) -> None:
         # One decision about room at a time in this gateway: two loads must not count the same free memory.
@@ -188,12 +192,9 @@ class Placer:
 
 def _failure(fleet: FleetView, model_id: str, node: str | None, since: float) -> tuple[str, str] | None:
     """A failed load of ours: on the node we asked (after we asked), or anywhere if it was not ours."""
-    for hb in fleet.nodes():
-        if node is not None and hb.node != node:
-            continue
-        for m in hb.models:
-            if m.id == model_id and m.state is ModelState.failed and m.since >= since:
-                return hb.node, m.error or "load failed"
+    for where, m in fleet.statuses(model_id, ModelState.failed):
+        if (node is None or where == node) and m.since >= since:
+            return where, m.error or "load failed"
     return None
 
 

@@ -106,17 +106,16 @@ async def health(request: Request) -> JSONResponse:
 
 
 @v1.get("/models")
-async def list_models(request: Request) -> JSONResponse:
+async def list_models(request: Request) -> Response:
     gw = gateway_for(request)
-    ids = sorted({s.id for s in gw.catalogue.models} | gw.fleet.known_models())
-    ids = [m for m in ids if auth.may_use(request, gw.model_names(m))]
-    return JSONResponse({"object": "list", "data": [model_entry(gw, m) for m in ids]})
+    body = await gw.listing.body(lambda m: auth.may_use(request, gw.model_names(m)))
+    return Response(body, media_type="application/json")
 
 
 @v1.get("/models/{model:path}")
 async def get_model(model: str, request: Request) -> JSONResponse:
     gw = gateway_for(request)
-    return JSONResponse(model_entry(gw, _model(request, gw, model)))
+    return JSONResponse(model_entry(gw.catalogue, gw.fleet, _model(request, gw, model)))
 
 
 @v1.post("/chat/completions", responses=_OPENAI_ERRORS)

@@ -22,8 +22,10 @@ from starlette.requests import Request
 
 from cortex.config.addresses import split_host_port
 from cortex.config.gateway import CortexSettings
+from cortex.gateway.catalogue_view import model_entries
 from cortex.gateway.dispatch import Dispatcher
 from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.model_listing import ModelListing
 from cortex.gateway.placer import Placer
 from cortex.gateway.response_store import ResponseStore
 from cortex.placement.fleet import FleetView
@@ -77,6 +79,7 @@ class Gateway:
         self.control = control
         self.pins = pins
         self.responses = responses  # stored /v1/responses, in NATS
+        self.listing = ModelListing(lambda: model_entries(catalogue, fleet, self.model_ids()))
         self._stack = stack
         self._closed = False
 
@@ -103,6 +106,10 @@ class Gateway:
         body = {"status": "ok" if self.connected else "nats_disconnected", "gateway": self.name}
         return self.connected, {**body, "nodes": len(self.fleet.nodes())}
 
+    def model_ids(self) -> list[str]:
+        """Every model /v1/models lists: the catalogue's and whatever the nodes report."""
+        return sorted({s.id for s in self.catalogue.models} | self.fleet.known_models())
+
     def model_names(self, model_id: str) -> tuple[str, ...]:
         """The names an API key's `models` may match: the id and the catalogue's aliases."""
         spec = self.catalogue.resolve(model_id)
@@ -112,7 +119,7 @@ class Gateway:
         spec = self.catalogue.resolve(name)
         if spec is not None:
             return spec.id
-        if name in self.fleet.known_models():
+        if self.fleet.knows(name):
             return name
         raise ModelNotFound(f"the model `{name}` does not exist; GET /v1/models lists the models served here")
 
@@ -163,6 +170,7 @@ async def _build(
         fleet,
         usage,
         control,
+        metrics,
         accept_timeout=gw.accept_timeout,
         idle_timeout=gw.idle_timeout,
         reconnect_wait=gw.reconnect_wait,

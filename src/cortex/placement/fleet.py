@@ -1,4 +1,6 @@
-"""FleetView: every node's latest heartbeat, from the KV watcher, held in memory.
+"""FleetView: every node's latest heartbeat, from the KV watcher, held in memory, joined to the
+node's estimates record (`<node>.estimates`, written only when it changes), with each model's
+nodes indexed as heartbeats arrive: routing asks on every request, and must not walk the fleet.
 
 Liveness is judged by local receive time, not the sender's clock: a node whose heartbeat
 has not been refreshed for three of its intervals (plus a grace second) is treated as gone
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from cortex.protocol.messages import Heartbeat, ModelState, ModelStatus
+from cortex.protocol.messages import Heartbeat, ModelState, ModelStatus, NodeEstimates
+from cortex.protocol.subjects import estimates_node
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +59,29 @@ class FleetView:
         """`on_heartbeat`: told of each heartbeat as it enters the view (a gateway times its lag)."""
         self._on_heartbeat = on_heartbeat
         self._nodes: dict[str, NodeRecord] = {}
+        # Each node's estimates record (`<node>.estimates`), kept apart from its heartbeats: it is
+        # written only when it changes, so it may come before the node's first heartbeat.
+        self._estimates: dict[str, NodeEstimates] = {}
+        # model id -> node -> its status there, whatever its state: routing asks for a model's
+        # holders on every request, and must not walk the whole fleet.
+        self._by_model: dict[str, dict[str, ModelStatus]] = {}
         # Nodes that left -> lost (True) or stopped cleanly (False: their last heartbeat said draining).
         self._gone: dict[str, bool] = {}
         self._last_heard = 0.0
         self.synced = asyncio.Event()
         self._changed = asyncio.Condition()
 
-    def apply(self, node: str, payload: bytes | None) -> None:
-        if payload is None:
-            record = self._nodes.pop(node, None)
-            if record is not None:
-                log.info("node %s left the fleet", node)
-                self._gone[node] = not record.heartbeat.draining
-            return
+    def apply(self, key: str, payload: bytes | None) -> None:
+        """One change of KV cortex_nodes: a node's heartbeat (key: the node), or its estimates."""
+        node = estimates_node(key)
+        if node is not None:
+            self._apply_estimates(node, payload)
+        elif payload is None:
+            self._remove(key)
+        else:
+            self._apply_heartbeat(key, payload)
+
+    def _apply_heartbeat(self, node: str, payload: bytes) -> None:
         try:
             heartbeat = Heartbeat.model_validate_json(payload)
         except ValidationError as exc:
@@ -78,8 +91,59 @@ class FleetView:
             log.info("node %s joined the fleet", node)
         self._gone.pop(node, None)
         self._last_heard = time.monotonic()
+        estimates = self._estimates.get(node)
+        if estimates is not None:
+            heartbeat.join(estimates)  # just parsed, seen by no one yet: no copy needed
+        self._index(node, heartbeat)
         self._nodes[node] = NodeRecord(heartbeat, self._last_heard)
         self._on_heartbeat(heartbeat)
+
+    def _remove(self, node: str) -> None:
+        record = self._nodes.pop(node, None)
+        if record is not None:
+            log.info("node %s left the fleet", node)
+            self._gone[node] = not record.heartbeat.draining
+            self._unindex(node, record.heartbeat.models)
+
+    def _apply_estimates(self, node: str, payload: bytes | None) -> None:
+        if payload is None:
+            self._estimates.pop(node, None)
+            return
+        try:
+            estimates = NodeEstimates.model_validate_json(payload)
+        except ValidationError as exc:
+            log.warning("ignoring malformed estimates of %s: %s", node, exc.errors()[0]["msg"])
+            return
+        self._estimates[node] = estimates
+        record = self._nodes.get(node)
+        if record is not None:
+            heartbeat = record.heartbeat.model_copy()  # the one in the view may be in a reader's hands
+            heartbeat.join(estimates)
+            self._nodes[node] = NodeRecord(heartbeat, record.seen_at)
+
+    def _index(self, node: str, heartbeat: Heartbeat) -> None:
+        previous = self._nodes.get(node)
+        if previous is not None:
+            models = {m.id for m in heartbeat.models}
+            self._unindex(node, [m for m in previous.heartbeat.models if m.id not in models])
+        for m in heartbeat.models:
+            self._by_model.setdefault(m.id, {})[node] = m
+
+    def _unindex(self, node: str, models: list[ModelStatus]) -> None:
+        for m in models:
+            nodes = self._by_model.get(m.id)
+            if nodes is not None and nodes.pop(node, None) is not None and not nodes:
+                del self._by_model[m.id]
+
+    def _live(self, model_id: str) -> list[tuple[NodeRecord, ModelStatus]]:
+        """Every live node that has the model (in any state), with its status there."""
+        now, last = time.monotonic(), self._last_heard
+        # list(): a metrics scrape reads this from another thread while heartbeats arrive.
+        return [
+            (record, m)
+            for node, m in list(self._by_model.get(model_id, {}).items())
+            if (record := self._nodes.get(node)) is not None and record.alive(now, last)
+        ]
 
     async def follow(self, updates: AsyncIterator[tuple[str, bytes | None] | None]) -> None:
         async for update in updates:
@@ -132,39 +196,33 @@ class FleetView:
             return node not in self._gone
         return record.alive(time.monotonic(), self._last_heard)
 
-    def _serving(self) -> list[Holder]:
-        """Every (node, model) where the model is ready and the node takes jobs (not stopping, not stalled)."""
-        return [
-            Holder(hb.node, m) for hb in self.nodes() if hb.takes_work for m in hb.models if m.state is ModelState.ready
-        ]
-
     def holders(self, model_id: str) -> list[Holder]:
-        return [h for h in self._serving() if h.model.id == model_id]
+        """Every live node where the model is ready and which takes jobs (not stopping, not stalled)."""
+        return [
+            Holder(r.heartbeat.node, m)
+            for r, m in self._live(model_id)
+            if m.state is ModelState.ready and r.heartbeat.takes_work
+        ]
 
     def ready_models(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for h in self._serving():
-            out.setdefault(h.model.id, []).append(h.node)
+        for model_id in list(self._by_model):
+            if holders := self.holders(model_id):
+                out[model_id] = [h.node for h in holders]
         return out
 
     def known_models(self) -> set[str]:
         """Every model some live node reports, in any state."""
-        return {m.id for hb in self.nodes() for m in hb.models}
+        return {model_id for model_id in list(self._by_model) if self.knows(model_id)}
+
+    def knows(self, model_id: str) -> bool:
+        """Whether some live node reports the model, in any state."""
+        return bool(self._live(model_id))
 
     def statuses(self, model_id: str, state: ModelState | None = None) -> list[tuple[str, ModelStatus]]:
         """(node, status) for every live node that has the model, in `state` if given."""
-        return [
-            (hb.node, m)
-            for hb in self.nodes()
-            for m in hb.models
-            if m.id == model_id and (state is None or m.state is state)
-        ]
+        return [(r.heartbeat.node, m) for r, m in self._live(model_id) if state is None or m.state is state]
 
     def failed_on(self, model_id: str) -> list[tuple[str, str]]:
         """(node, error) for every node where loading the model failed."""
-        return [
-            (hb.node, m.error or "load failed")
-            for hb in self.nodes()
-            for m in hb.models
-            if m.id == model_id and m.state is ModelState.failed
-        ]
+        return [(node, m.error or "load failed") for node, m in self.statuses(model_id, ModelState.failed)]

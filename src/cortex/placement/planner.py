@@ -77,11 +77,24 @@ def _option(node: Heartbeat, spec: ModelSpec, need: int, strategy: Strategy) -> 
     return min(options, key=lambda o: o.rank, default=None)
 
 
-def _fit(node: Heartbeat, devices: list[DeviceInfo], need: int, strategy: Strategy) -> _Option | None:
-    ids = [d.id for d in devices]
+def _option_now(node: Heartbeat, spec: ModelSpec, need: int) -> _Option | None:
+    """The best way to fit the model on this node without evicting anything."""
+    options = [o for g in _device_groups(node.devices, spec.devices) if (o := _fit_now(node, g, need))]
+    return min(options, key=lambda o: o.rank, default=None)
+
+
+def _fit_now(node: Heartbeat, devices: list[DeviceInfo], need: int) -> _Option | None:
     free = sum(d.free_mb for d in devices)
     if need <= free:
-        return _Option(Placement(node.node, need, ids), (0, 0, 0, 0.0, -(free - need)))
+        return _Option(Placement(node.node, need, [d.id for d in devices]), (0, 0, 0, 0.0, -(free - need)))
+    return None
+
+
+def _fit(node: Heartbeat, devices: list[DeviceInfo], need: int, strategy: Strategy) -> _Option | None:
+    if (now := _fit_now(node, devices, need)) is not None:
+        return now
+    ids = [d.id for d in devices]
+    free = sum(d.free_mb for d in devices)
     victims: list[ModelStatus] = []
     for model in eviction_order([m for m in node.models if _on(m, ids)], strategy):
         victims.append(model)
@@ -114,12 +127,27 @@ def _device_group(devices: list[DeviceInfo], count: int) -> list[DeviceInfo] | N
     return None
 
 
-def fits(spec: ModelSpec, node: Heartbeat, strategy: Strategy) -> bool:
-    """Whether the model could be placed on this node now, evicting what may be displaced."""
+def room(node: Heartbeat, devices: int) -> int | None:
+    """The most memory the node could make for a model over `devices` devices: what is free plus
+    what evicting every model that may be displaced frees, on its best device (group); None when
+    it has too few devices. Evicting in any order frees the same in the end, so the strategy
+    does not matter here."""
+    best = None
+    for group in _device_groups(node.devices, devices):
+        ids = [d.id for d in group]
+        made = sum(d.free_mb for d in group) + sum(_freed(m, ids) for m in node.models if evictable(m) and _on(m, ids))
+        best = made if best is None else max(best, made)
+    return best
+
+
+def fits(spec: ModelSpec, node: Heartbeat, room_mb: int | None) -> bool:
+    """Whether the model could be placed on this node now, evicting what may be displaced.
+    `room_mb`: `room(node, spec.devices)`, worked out once per node by a caller asking about
+    many models."""
     need = need_on(spec, node)
-    if not node.takes_work or isinstance(need, Refusal):
+    if not node.takes_work or isinstance(need, Refusal) or room_mb is None:
         return False
-    return _option(node, spec, need or 0, strategy) is not None
+    return (need or 0) <= room_mb
 
 
 def plan(spec: ModelSpec, nodes: list[Heartbeat], strategy: Strategy) -> Placement:
@@ -131,26 +159,27 @@ def plan(spec: ModelSpec, nodes: list[Heartbeat], strategy: Strategy) -> Placeme
             why = "every node is stopping or stalled (its jobs make no progress); retry shortly"
         message = f"{spec.id} is not loaded, and no node is up to load it; {why}"
         raise NoCapacity(message, code=ErrorCode.model_not_loaded)
-    options: list[_Option] = []
     refusals: list[Refusal] = []
     sizes: dict[str, int] = {}
-    known = [n for n in (need_on(spec, node) for node in candidates) if isinstance(n, int)]
-    for node in candidates:
-        need = need_on(spec, node)
+    needs = [(node, need_on(spec, node)) for node in candidates]
+    known = [n for _, n in needs if isinstance(n, int)]
+    for node, need in needs:
         if isinstance(need, Refusal):
             refusals.append(need)
             continue
         # A node that has not sized the model yet: assume what the others found (it checks the fit itself).
-        need = need if need is not None else max(known, default=0)
-        sizes[node.node] = need
-        option = _option(node, spec, need, strategy)
-        if option is not None:
-            options.append(option)
+        sizes[node.node] = need if need is not None else max(known, default=0)
+    sized = [n for n in candidates if n.node in sizes]
+    # Room now anywhere beats any eviction (every such option ranks first): with a thousand nodes,
+    # working out evictions on each is most of the time a cold load's decision would take.
+    options = [o for n in sized if (o := _option_now(n, spec, sizes[n.node]))]
+    if not options:
+        options = [o for n in sized if (o := _option(n, spec, sizes[n.node], strategy))]
     if options:
         return min(options, key=lambda o: o.rank).placement
     if refusals and not sizes:
         raise Refused(refusals[0])
-    raise _no_room(spec, [n for n in candidates if n.node in sizes], sizes)
+    raise _no_room(spec, sized, sizes)
 
 
 def _no_room(spec: ModelSpec, nodes: list[Heartbeat], sizes: dict[str, int]) -> NoCapacity:

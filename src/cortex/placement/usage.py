@@ -46,6 +46,8 @@ class LocalUsage:
 
     def merged(self, heartbeat: Heartbeat) -> Heartbeat:
         """The heartbeat with each model's in-flight count and last use at least what we know."""
+        if not any((heartbeat.node, status.id) in self._last_used for status in heartbeat.models):
+            return heartbeat  # nothing sent there by this gateway (most nodes, in a large fleet)
         models = []
         for status in heartbeat.models:
             key = (heartbeat.node, status.id)

@@ -11,7 +11,7 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, field_validator, model_validator
 
 from cortex.protocol.errors import ErrorCode
 from cortex.protocol.subjects import NODE_NAME_PATTERN
@@ -366,7 +366,18 @@ class Heartbeat(_Wire):
     max_queue: int
     devices: list[DeviceInfo]
     models: list[ModelStatus]
-    estimates: list[Estimate] = Field(default_factory=list, description="One per catalogue model this node knows.")
+    _estimates_index: tuple[list[Estimate], dict[str, Estimate]] | None = PrivateAttr(None)
+    estimates: list[Estimate] = Field(
+        default_factory=list,
+        description="Older neurons sent their estimates here; they now have their own key (`NodeEstimates`), "
+        "and a gateway's view fills this in from it.",
+    )
+
+    def to_bytes(self) -> bytes:
+        # Every node sends one every couple of seconds, so fields at their defaults are left out
+        # (a reader fills them in); `v` never is.
+        rest = self.model_dump_json(exclude_none=True, exclude_defaults=True, exclude={"v"})
+        return f'{{"v":{self.v},{rest[1:]}'.encode()
 
     @property
     def takes_work(self) -> bool:
@@ -375,11 +386,32 @@ class Heartbeat(_Wire):
 
     def estimate(self, model_id: str) -> Estimate | None:
         """Its estimate for a catalogue model (a gateway listing the models asks for every catalogue
-        model on every node, and a heartbeat carries one per catalogue model: indexed once)."""
-        return self._estimates_by_model.get(model_id)
+        model on every node, and there is one per catalogue model: indexed once per list)."""
+        # Keyed by the list itself: a copy with other estimates (model_copy keeps private
+        # attributes) must not read the old index.
+        index = self._estimates_index
+        if index is None or index[0] is not self.estimates:
+            index = self._estimates_index = (self.estimates, {e.model: e for e in self.estimates})
+        return index[1].get(model_id)
+
+    def join(self, estimates: NodeEstimates) -> None:
+        """Takes its node's estimates record (a gateway's view does, for each heartbeat), index and all:
+        built once per record, not once per heartbeat."""
+        self.estimates = estimates.estimates
+        self._estimates_index = (estimates.estimates, estimates.by_model)
+
+
+class NodeEstimates(_Wire):
+    """A node's memory estimates, one per catalogue model it knows, in KV cortex_nodes under
+    `<node>.estimates`: written when they change (and again well before their TTL), not with every
+    heartbeat, whose size they would otherwise make (hundreds of bytes per catalogue model)."""
+
+    v: int = PROTOCOL_VERSION
+    node: str
+    estimates: list[Estimate]
 
     @cached_property
-    def _estimates_by_model(self) -> dict[str, Estimate]:
+    def by_model(self) -> dict[str, Estimate]:
         return {e.model: e for e in self.estimates}
 
 

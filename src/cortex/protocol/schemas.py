@@ -15,6 +15,7 @@ SCHEMAS: dict[str, type[BaseModel] | TypeAdapter[Any]] = {
     "job": m.InferenceJob,
     "job-event": m.JOB_EVENT,
     "heartbeat": m.Heartbeat,
+    "node-estimates": m.NodeEstimates,
     "control-load-request": m.LoadRequest,
     "control-unload-request": m.UnloadRequest,
     "control-cancel-request": m.CancelRequest,

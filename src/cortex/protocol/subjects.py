@@ -51,6 +51,20 @@ def model_id_from_key(key: str) -> str:
 # Node names are used as subject tokens and KV keys as they are.
 NODE_NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 
+# In KV cortex_nodes, a node's heartbeat is under its name (one token: watch `*` for heartbeats
+# alone) and its memory estimates, written when they change, under `<node>.estimates`.
+HEARTBEAT_KEYS = "*"
+_ESTIMATES_SUFFIX = ".estimates"
+
+
+def estimates_key(node: str) -> str:
+    return node + _ESTIMATES_SUFFIX
+
+
+def estimates_node(key: str) -> str | None:
+    """The node whose estimates the key holds; None for any other key (a heartbeat)."""
+    return key.removesuffix(_ESTIMATES_SUFFIX) if key.endswith(_ESTIMATES_SUFFIX) else None
+
 
 @dataclass(frozen=True)
 class Subjects:

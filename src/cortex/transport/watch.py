@@ -72,8 +72,12 @@ async def watch_bucket(
     try:
         with map_nats_errors(f"watching KV bucket {bucket.name}"):
             info = await sub.consumer_info()
-        # Only data reaches `updates` (nats-py's own delivered count includes idle heartbeats).
-        snapshot_done = info.num_pending == 0 and updates.empty()
+        # Nothing pending and nothing delivered: the bucket is empty. Anything the server delivered
+        # before it answered may not have reached `updates` yet (nats-py hands messages to our
+        # callback from a task of its own), so then the end of the snapshot is the message that
+        # says nothing is pending after it.
+        delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+        snapshot_done = info.num_pending == 0 and delivered == 0
         if snapshot_done:
             yield None
         while True:
@@ -101,12 +105,13 @@ def _kv_removal(msg: Msg) -> bool:
     )
 
 
-async def snapshot(bucket: Bucket) -> dict[str, bytes]:
-    """Every key's current value, read once (a watch stopped after its initial replay)."""
+async def snapshot(bucket: Bucket, keys: str = ">") -> dict[str, bytes]:
+    """Every key's current value (of those matching `keys`), read once (a watch stopped after its
+    initial replay)."""
     values: dict[str, bytes] = {}
     try:
         async with asyncio.timeout(_SNAPSHOT_TIMEOUT_S):
-            async with contextlib.aclosing(watch_bucket(bucket)) as updates:
+            async with contextlib.aclosing(watch_bucket(bucket, keys)) as updates:
                 async for update in updates:
                     if update is None:
                         break
