@@ -65,3 +65,18 @@ def test_a_draining_node_holds_nothing_for_routing() -> None:
     assert fleet.holders("org/m") == []
     fleet.apply("a", heartbeat("a", model("org/m")).to_bytes())
     assert [h.node for h in fleet.holders("org/m")] == ["a"]
+
+
+def test_a_model_a_node_no_longer_reports_is_not_found_there() -> None:
+    fleet = FleetView()
+    fleet.apply("a", heartbeat("a", model("org/m"), model("org/n")).to_bytes())
+    fleet.apply("a", heartbeat("a", model("org/n")).to_bytes())
+    assert fleet.statuses("org/m") == [] and not fleet.knows("org/m") and fleet.known_models() == {"org/n"}
+
+
+def test_a_node_that_left_and_came_back_holds_only_what_it_reports_now() -> None:
+    fleet = FleetView()
+    fleet.apply("a", heartbeat("a", model("org/m")).to_bytes())
+    fleet.apply("a", None)
+    fleet.apply("a", heartbeat("a").to_bytes())
+    assert fleet.holders("org/m") == [] and fleet.statuses("org/m") == []

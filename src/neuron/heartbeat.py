@@ -67,6 +67,8 @@ class Heartbeater:
         (which may have come back empty: the estimates are put again too)."""
         self._estimates_put = None
         self._estimates_retry_at = 0.0
+        if self._estimates_task is not None:
+            self._estimates_task.cancel()  # a put from before the outage: the next beat puts them again
         self._wake.set()
 
     async def beat(self) -> None:
@@ -99,7 +101,7 @@ class Heartbeater:
     async def _put_estimates(self, payload: bytes) -> None:
         try:
             await self._kv.put(estimates_key(self._node), payload, ttl=ESTIMATES_TTL_S)
-        except (TimeoutError, TransportError) as exc:
+        except Exception as exc:  # whatever it is, the heartbeats go on; logged, and tried again
             self._estimates_retry_at = time.monotonic() + _ESTIMATES_RETRY_S
             log.warning(
                 "this node's memory estimates could not be written to KV %s (%s); gateways place models "
@@ -140,7 +142,7 @@ class Heartbeater:
         async with self._lock:
             if self._estimates_task is not None:
                 self._estimates_task.cancel()  # a put still under way must not write the key back
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._estimates_task
             with contextlib.suppress(CortexError, asyncio.TimeoutError):
                 await self._kv.delete(self._node)

@@ -26,8 +26,10 @@ router = APIRouter()
 
 @router.get("/fleet.json")
 async def fleet_json(request: Request) -> Response:
+    gw = gateway_for(request)
+    pins = dict(gw.pins.values)  # taken here: the pins watch changes it on the event loop
     # Off the event loop: with a thousand nodes the report takes a tenth of a second to build.
-    body = await asyncio.to_thread(lambda: fleet_report(gateway_for(request)).model_dump_json().encode())
+    body = await asyncio.to_thread(lambda: fleet_report(gw, pins).model_dump_json().encode())
     return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
@@ -36,8 +38,9 @@ async def fleet_page() -> HTMLResponse:
     return HTMLResponse(_page(), headers={"Cache-Control": "no-store"})
 
 
-def fleet_report(gw: Gateway) -> FleetReport:
-    pinned = bucket_values.with_catalogue_pins(bucket_values.pins(gw.pins.values), gw.catalogue)
+def fleet_report(gw: Gateway, pins: dict[str, bytes]) -> FleetReport:
+    """`pins`: KV cortex_pins' values, as the gateway's pins watch holds them."""
+    pinned = bucket_values.with_catalogue_pins(bucket_values.pins(pins), gw.catalogue)
     problems = [] if gw.connected else ["The gateway has lost its NATS connection: this view may be out of date."]
     return build_report(_sightings(gw.fleet), pinned, problems=problems)
 
