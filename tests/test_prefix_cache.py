@@ -72,6 +72,12 @@ def _conversation(worker: DeviceWorker, model: LoadedModel) -> list[tuple[str, F
     return results
 
 
+def _unload(worker: DeviceWorker, loaded: LoadedModel) -> None:
+    """On the device thread, as the neuron does: the step that finished the last job may still be
+    releasing its cache there (freeing the model under it crashed llama.cpp)."""
+    asyncio.run(worker.call(unload, loaded))
+
+
 def _settled(worker: DeviceWorker) -> None:
     """Waits until the device thread is past the step that finished the last job (and stored it)."""
     asyncio.run(worker.call(lambda: None))
@@ -92,7 +98,7 @@ def test_answers_are_the_same_without_the_cache(engine, tiny_model_dir, worker, 
     try:
         without = _conversation(worker, cold)
     finally:
-        unload(cold)
+        _unload(worker, cold)
     with_cache = _conversation(worker, model)
     assert [text for text, _ in with_cache] == [text for text, _ in without]
     assert all(done.cached_tokens == 0 for _, done in without)
@@ -157,7 +163,7 @@ def test_running_sequences_take_the_room_of_kept_prefixes(engine, tiny_model_dir
         [(_, kept)] = _run(worker, small, conversation(7))
         assert kept.cached_tokens > 300
     finally:
-        unload(small)
+        _unload(worker, small)
 
 
 class _OutOfMemoryOnce:
@@ -193,4 +199,4 @@ def test_out_of_device_memory_drops_the_cache_before_failing_a_job(tiny_model_di
         held = model.runtime.prefix.status().prefixes
         assert prefix_chain(before)[-1] not in held and prefix_chain(after)[-1] in held
     finally:
-        unload(model)
+        _unload(worker, model)
