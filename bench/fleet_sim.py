@@ -304,8 +304,12 @@ def _quantiles(counts: Counter[float]) -> tuple[float, float]:
 @dataclass(frozen=True)
 class Gateway:
     name: str
-    url: str
+    port: int
     metrics_url: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def metrics(self) -> str:
         return httpx.get(self.metrics_url, timeout=10).text
@@ -387,7 +391,7 @@ def _joined(n: int) -> list[Heartbeat]:
 def _placeable_on(spec: ModelSpec, n: int) -> list[str]:
     """Where a gateway should say a model no node holds could go: every node's estimate of it, weighed
     against the room that node could make."""
-    return [hb.node for hb in _joined(n) if planner.fits(spec, hb, planner.room(hb, spec.devices))]
+    return [hb.node for hb in _joined(n) if planner.fits(hb, planner.need_on(spec, hb), planner.room(hb, spec.devices))]
 
 
 def _placement_ms(n: int, times: int = 30) -> tuple[float, float]:
@@ -445,10 +449,10 @@ class Fleet:
         env = {"CORTEX_GATEWAY__METRICS_LISTEN": f"127.0.0.1:{metrics_port}", "CORTEX_NATS__KV_REPLICAS": str(replicas)}
         name = f"gateway-{i}"
         _, port = self.stack.gateway(_catalogue(root), env, name=name, nats_url=self.stack.nats_urls[i])
-        return Gateway(name, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
+        return Gateway(name, port, f"http://127.0.0.1:{metrics_port}/metrics")
 
     def requests_per_s(self, count: int) -> float:
-        return _requests(int(self.gateways[0].url.rsplit(":", 1)[1]), CONCURRENCY, count)
+        return _requests(self.gateways[0].port, CONCURRENCY, count)
 
     def close(self) -> None:
         self.stack.close()
@@ -503,7 +507,7 @@ class Fleet:
         lag_q = _quantiles(lag)
 
         before_route = _buckets(first.metrics(), "cortex_routing_decision_seconds")
-        rate = _requests(int(first.url.rsplit(":", 1)[1]), CONCURRENCY, requests)
+        rate = _requests(first.port, CONCURRENCY, requests)
         route = _buckets(first.metrics(), "cortex_routing_decision_seconds")
         route.subtract(before_route)
         route_q = _quantiles(route)

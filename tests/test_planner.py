@@ -97,7 +97,7 @@ def test_a_stalled_node_gets_no_load() -> None:
     roomy = _node("a", [_gpu(0, 8000, 6000)], [], stalled=True)
     tight = _node("b", [_gpu(0, 8000, 1500)], [])
     assert planner.plan(SPEC, [roomy, tight], "lru").node == "b"
-    assert not planner.fits(SPEC, roomy, planner.room(roomy, SPEC.devices))
+    assert not planner.fits(roomy, planner.need_on(SPEC, roomy), planner.room(roomy, SPEC.devices))
     with pytest.raises(NoCapacity, match="stopping or stalled"):
         planner.plan(SPEC, [roomy], "lru")
 
@@ -120,4 +120,4 @@ def test_fits_by_the_room_a_node_could_make_agrees_with_planning(models: list[Mo
         placed = True
     except NoCapacity:
         placed = False
-    assert planner.fits(SPEC, node, planner.room(node, SPEC.devices)) is placed
+    assert planner.fits(node, planner.need_on(SPEC, node), planner.room(node, SPEC.devices)) is placed

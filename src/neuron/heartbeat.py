@@ -65,11 +65,16 @@ class Heartbeater:
     def wake(self) -> None:
         """Beat now, not at the next interval: NATS is back and gateways are re-reading the bucket
         (which may have come back empty: the estimates are put again too)."""
+        self._estimates_lost()
+        self._wake.set()
+
+    def _estimates_lost(self) -> None:
+        """The bucket may no longer hold our estimates (NATS came back, maybe empty; the bucket was
+        made again): the next beat puts them at once, and a put from before is dropped."""
         self._estimates_put = None
         self._estimates_retry_at = 0.0
         if self._estimates_task is not None:
-            self._estimates_task.cancel()  # a put from before the outage: the next beat puts them again
-        self._wake.set()
+            self._estimates_task.cancel()
 
     async def beat(self) -> None:
         async with self._lock:
@@ -83,7 +88,7 @@ class Heartbeater:
                     raise
                 self._kv = await self._reopen()
                 log.info("heartbeat bucket %s opened again", NODES_BUCKET)
-                self._estimates_put = None
+                self._estimates_lost()
                 await self._kv.put(self._node, payload, ttl=self._ttl)
             self._put_estimates_if_due()
 

@@ -37,8 +37,9 @@ class _Fleet:
                 self.loaded.setdefault(m.id, []).append((hb.node, m))
         self._rooms: dict[tuple[str, int], int | None] = {}
 
-    def placeable_on(self, spec: ModelSpec) -> list[str]:
-        return sorted(hb.node for hb in self.nodes if planner.fits(spec, hb, self._room(hb, spec.devices)))
+    def placeable_on(self, spec: ModelSpec, needs: dict[str, int | Refusal | None]) -> list[str]:
+        """`needs`: node -> `planner.need_on(spec, node)`."""
+        return sorted(hb.node for hb in self.nodes if planner.fits(hb, needs[hb.node], self._room(hb, spec.devices)))
 
     def _room(self, hb: Heartbeat, devices: int) -> int | None:
         key = (hb.node, devices)
@@ -72,7 +73,7 @@ def _entry(catalogue: Catalogue, fleet: _Fleet, model_id: str) -> dict[str, Any]
         entry["memory_mb"] = max(estimates)
         was_measured = any((e := hb.estimate(model_id)) is not None and e.measured for hb in nodes)
         entry["memory_source"] = "catalogue" if spec.memory_mb else "measured" if was_measured else "estimate"
-    entry["placeable_on"] = fleet.placeable_on(spec)
+    entry["placeable_on"] = fleet.placeable_on(spec, needs)
     refusals = [n for n in needs.values() if isinstance(n, Refusal)]
     if refusals and len(refusals) == len(needs):
         entry["refusal"] = refusals[0].model_dump(exclude_none=True)

@@ -140,11 +140,10 @@ def room(node: Heartbeat, devices: int) -> int | None:
     return best
 
 
-def fits(spec: ModelSpec, node: Heartbeat, room_mb: int | None) -> bool:
-    """Whether the model could be placed on this node now, evicting what may be displaced.
-    `room_mb`: `room(node, spec.devices)`, worked out once per node by a caller asking about
-    many models."""
-    need = need_on(spec, node)
+def fits(node: Heartbeat, need: int | Refusal | None, room_mb: int | None) -> bool:
+    """Whether a model could be placed on this node now, evicting what may be displaced. `need`:
+    `need_on(spec, node)`; `room_mb`: `room(node, spec.devices)`: a caller asking about many
+    models works each out once."""
     if not node.takes_work or isinstance(need, Refusal) or room_mb is None:
         return False
     return (need or 0) <= room_mb
